@@ -1,0 +1,3 @@
+from grifo.cli import main
+
+raise SystemExit(main())

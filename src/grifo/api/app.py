@@ -1,0 +1,72 @@
+"""The gateway's HTTP surface: routes requests to the pipeline and turns errors into envelopes.
+
+Every response, errors included, carries `x-request-id`. Unknown exceptions become a 500 with no
+detail (the log has it, keyed by request id); client mistakes are always 4xx.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
+from grifo.http.message import Request, Response, StreamResponse
+from grifo.service import Gateway, new_request_id
+
+log = logging.getLogger("grifo.api")
+
+_INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
+
+
+class GatewayApp:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle(self, request: Request) -> Response | StreamResponse:
+        request_id = new_request_id()
+        try:
+            response = await self._route(request, request_id)
+        except GrifoError as exc:
+            response = Response(exc.status, exc.envelope())
+            if exc.status >= 500:
+                log.warning("%s %s -> %d %s", request_id, request.path, exc.status, exc.code)
+        except Exception:
+            log.exception("%s %s failed", request_id, request.path)
+            error = GrifoError(f"internal error; quote request id {request_id}")
+            response = Response(error.status, error.envelope())
+        response.headers.append((b"x-request-id", request_id.encode()))
+        return response
+
+    async def _route(self, request: Request, request_id: str) -> Response | StreamResponse:
+        path = request.path
+        if path in _INFERENCE:
+            if request.method != "POST":
+                raise MethodNotAllowedError(f"{path} accepts POST only")
+            return await self.gateway.infer(request, request_id)
+        if path in _GET:
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowedError(f"{path} accepts GET only")
+            return self._get(request)
+        raise NotFoundError(f"no route {request.method} {path}")
+
+    def _get(self, request: Request) -> Response:
+        if request.path == "/v1/models":
+            return self.gateway.list_models(request)
+        if request.path == "/healthz":
+            return Response(200, b'{"status":"ok"}')
+        if request.path == "/readyz":
+            return self._readyz()
+        return Response(
+            200, self.gateway.metrics.render(), content_type=b"text/plain; version=0.0.4"
+        )
+
+    def _readyz(self) -> Response:
+        import msgspec
+
+        points = {
+            p.name: {"ready": p.healthy, "jurisdiction": p.jurisdiction, "reason": p.reason}
+            for p in self.gateway.points
+        }
+        ready = self.gateway.ready()
+        body = msgspec.json.encode({"ready": ready, "points": points})
+        return Response(200 if ready else 503, body)

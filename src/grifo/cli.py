@@ -1,0 +1,171 @@
+"""The `grifo` command: serve a fabric, run one point, check a config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from grifo import __version__
+from grifo.config.load import ConfigError, default_config, load_config
+from grifo.config.model import EngineConfig, PointConfig
+
+_DESCRIPTION = """\
+grifo: an OpenAI-compatible inference fabric. It decides for every request where it may run
+(jurisdiction), where it runs fastest and cheapest, meters it and says where it ran.
+
+  grifo serve                       gateway + three local demo points (Lima, Frankfurt, Virginia)
+  grifo serve --config grifo.yaml   any topology described in YAML
+  grifo point --config grifo.yaml --name lima-edge --port 9001
+                                    one inference point on its own (e.g. on another machine)
+  grifo check-config grifo.yaml     validate a topology file and exit
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grifo", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"grifo {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway and the local points of a topology",
+        description="Run the gateway. Points with an `engine` section are started as local "
+        "processes; points with a `url` are reached over HTTP. Without --config, runs the "
+        "embedded demo topology and prints one API key per demo tenant.",
+    )
+    serve.add_argument("--config", type=Path, help="topology YAML (default: embedded demo)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default 8080)")
+    serve.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="SQLite ledger, keys and logs (default $GRIFO_STATE_DIR or ./.grifo)",
+    )
+
+    point = sub.add_parser(
+        "point",
+        help="run one inference point",
+        description="Run one inference point: an OpenAI-compatible server over a real engine, "
+        "with /health, /load and /metrics. Take its settings from a topology file (--config "
+        "and --name) or from flags.",
+    )
+    point.add_argument("--config", type=Path, help="topology YAML holding this point")
+    point.add_argument("--name", help="the point's name (in --config, or for a new point)")
+    point.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    point.add_argument("--port", type=int, default=9000, help="listen port (0: any free port)")
+    point.add_argument("--jurisdiction", help="ISO 3166-1 country code of the site (flags mode)")
+    point.add_argument("--site", default="local")
+    point.add_argument("--region", default="local")
+    point.add_argument("--tier", choices=["edge", "regional", "central"], default="edge")
+    point.add_argument(
+        "--engine",
+        choices=["llama_cpp", "fake", "proxy"],
+        default="llama_cpp",
+        help="llama_cpp (embedded), fake (tests) or proxy (an existing OpenAI-compatible server)",
+    )
+    point.add_argument("--model", default="smollm2", help="packaged model name or .gguf path")
+    point.add_argument("--threads", type=int, default=1)
+    point.add_argument("--upstream-url", help="for --engine proxy: http://host:port")
+    point.add_argument("--point-json", help=argparse.SUPPRESS)
+    point.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+
+    check = sub.add_parser("check-config", help="validate a topology file")
+    check.add_argument("config", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "point":
+            return _point(args)
+        config = load_config(args.config)
+        print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
+        return 0
+    except ConfigError as exc:
+        print(f"grifo: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(coro: object) -> None:
+    import uvloop
+
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from grifo.serve import serve
+
+    config = load_config(args.config) if args.config else default_config()
+    port = args.port if args.port is not None else config.gateway.port
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    try:
+        _run(serve(config, state_dir, args.host, port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"grifo: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _point_config(args: argparse.Namespace) -> PointConfig:
+    if args.point_json:
+        return msgspec.json.decode(args.point_json, type=PointConfig)
+    if args.config:
+        config = load_config(args.config)
+        for point in config.points:
+            if point.name == args.name:
+                return point
+        raise ConfigError(f"{args.config}: no point named {args.name!r}")
+    if not args.name or not args.jurisdiction:
+        raise ConfigError("give --config and --name, or --name and --jurisdiction")
+    engine = EngineConfig(
+        kind=args.engine,
+        model=args.model,
+        threads=args.threads,
+        upstream_url=args.upstream_url,
+        embeddings="none" if args.engine == "proxy" else "minilm",
+    )
+    from grifo.config.load import parse_config
+
+    raw = {
+        "points": [
+            {
+                "name": args.name,
+                "site": args.site,
+                "region": args.region,
+                "jurisdiction": args.jurisdiction.upper(),
+                "tier": args.tier,
+                "engine": msgspec.to_builtins(engine),
+            }
+        ]
+    }
+    return parse_config(msgspec.json.encode(raw).decode(), "flags").points[0]
+
+
+def _point(args: argparse.Namespace) -> int:
+    from grifo.point.server import serve_point
+
+    point = _point_config(args)
+    try:
+        _run(serve_point(point, args.host, args.port, args.parent_pid))
+    except KeyboardInterrupt:
+        pass
+    return 0

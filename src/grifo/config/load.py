@@ -1,0 +1,139 @@
+"""Read a topology YAML file into a validated `GrifoConfig`; every error names the bad field."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from grifo.config.model import GrifoConfig, PointConfig
+from grifo.jurisdictions import COUNTRIES, UnknownJurisdictionError, expand, merge_blocs
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where (`$.points[1].rtt_ms`) and why."""
+
+
+def load_config(path: Path) -> GrifoConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def default_config() -> GrifoConfig:
+    """The embedded demo topology shipped with grifo."""
+    text = resources.files("grifo.config").joinpath("default.yaml").read_text(encoding="utf-8")
+    return parse_config(text, "embedded default")
+
+
+def parse_config(text: str, source: str) -> GrifoConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    try:
+        config = msgspec.convert(data, GrifoConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    problems = check(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def check(config: GrifoConfig) -> list[str]:
+    """Rules the schema cannot state, each reported with the path of the offending field."""
+    problems: list[str] = []
+    try:
+        blocs = merge_blocs(config.blocs)
+    except UnknownJurisdictionError as exc:
+        return [f"$.blocs: {exc}"]
+    problems += _duplicates("points", [p.name for p in config.points])
+    problems += _duplicates("tenants", [t.name for t in config.tenants])
+    problems += _duplicates("keys", [k.id for k in config.keys])
+    for i, point in enumerate(config.points):
+        problems += _check_point(f"$.points[{i}]", point)
+    tenants = {t.name for t in config.tenants}
+    for i, tenant in enumerate(config.tenants):
+        try:
+            expand(tenant.allowed_jurisdictions or [], blocs)
+        except UnknownJurisdictionError as exc:
+            problems.append(f"$.tenants[{i}].allowed_jurisdictions: {exc}")
+    for i, key in enumerate(config.keys):
+        where = f"$.keys[{i}]"
+        if key.tenant not in tenants:
+            problems.append(f"{where}.tenant: no tenant named {key.tenant!r}")
+        if (key.sha256 is None) == (key.env is None):
+            problems.append(f"{where}: give exactly one of `sha256` or `env`")
+        elif key.env is not None and not os.environ.get(key.env):
+            problems.append(f"{where}.env: environment variable {key.env} is not set")
+    if not config.points:
+        problems.append("$.points: at least one point is required")
+    return problems
+
+
+def _duplicates(section: str, names: list[str]) -> list[str]:
+    return [
+        f"$.{section}: name {name!r} is used {n} times"
+        for name, n in Counter(names).items()
+        if n > 1
+    ]
+
+
+def _check_point(where: str, point: PointConfig) -> list[str]:
+    problems: list[str] = []
+    if point.jurisdiction not in COUNTRIES:
+        problems.append(
+            f"{where}.jurisdiction: {point.jurisdiction!r} is not an ISO 3166-1 alpha-2 "
+            "country code (a point is in one country; blocs belong to tenants)"
+        )
+    if (point.url is None) == (point.engine is None):
+        problems.append(f"{where}: give exactly one of `url` (a running point) or `engine`")
+    if point.url is not None and parse_point_url(point.url) is None:
+        problems.append(f"{where}.url: expected http://host:port, got {point.url!r}")
+    engine = point.engine
+    upstream = engine.upstream_url if engine is not None else None
+    if engine is not None and engine.kind == "proxy" and parse_point_url(upstream or "") is None:
+        problems.append(f"{where}.engine.upstream_url: a proxy engine needs http://host:port")
+    prices = [("default", point.prices.default), *point.prices.models.items()]
+    problems += [
+        f"{where}.prices.{name}.{field}: more precise than 1 micro-USD"
+        for name, price in prices
+        for field in ("input_usd_per_1m", "output_usd_per_1m")
+        if not _whole_micros(getattr(price, field))
+    ]
+    if not _whole_micros(point.prices.usd_per_hour):
+        problems.append(f"{where}.prices.usd_per_hour: more precise than 1 micro-USD")
+    return problems
+
+
+def _whole_micros(usd: float) -> bool:
+    micros = Decimal(str(usd)) * 1_000_000
+    return micros == micros.to_integral_value()
+
+
+def usd_to_micros(usd: float) -> int:
+    """Exact conversion of a configured USD amount (validated by `check`) to micro-USD."""
+    return int(Decimal(str(usd)) * 1_000_000)
+
+
+def parse_point_url(url: str) -> tuple[str, int] | None:
+    """(host, port) of an `http://host:port` URL, or None if it is not one."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        return None
+    return parts.hostname, port

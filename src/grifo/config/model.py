@@ -1,0 +1,88 @@
+"""The configuration schema (msgspec structs). Prices are written in USD and held in micro-USD."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Usd = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
+Tier = Literal["edge", "regional", "central"]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Unknown fields are errors: a typo must not silently change behaviour."""
+
+
+class ModelPrice(Base, kw_only=True):
+    input_usd_per_1m: Usd = 0.0
+    output_usd_per_1m: Usd = 0.0
+
+
+class Prices(Base, kw_only=True):
+    usd_per_hour: Usd = 0.0
+    default: ModelPrice = ModelPrice()
+    models: dict[str, ModelPrice] = {}
+
+
+class EngineConfig(Base, kw_only=True):
+    """A local engine that `grifo serve` starts as a point process."""
+
+    kind: Literal["llama_cpp", "fake", "proxy"] = "llama_cpp"
+    model: str = "smollm2"
+    model_id: str | None = None
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
+    embeddings: Literal["minilm", "fake", "none"] = "minilm"
+    upstream_url: str | None = None
+
+
+class PointConfig(Base, kw_only=True):
+    name: Name
+    site: str
+    region: str
+    jurisdiction: str
+    tier: Tier
+    rtt_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] = 0.0
+    url: str | None = None
+    engine: EngineConfig | None = None
+    prices: Prices = Prices()
+
+
+class TenantConfig(Base, kw_only=True):
+    name: Name
+    allowed_jurisdictions: list[str] | None = None
+    """None means unrestricted; an empty list allows nothing."""
+
+
+class KeyConfig(Base, kw_only=True):
+    tenant: Name
+    id: Name
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    env: str | None = None
+
+
+class PlacementConfig(Base, kw_only=True):
+    """How candidates are scored: expected latency in ms plus price converted to ms."""
+
+    ms_per_micro_usd: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    queue_ms_per_request: Annotated[float, msgspec.Meta(ge=0)] = 250.0
+
+
+class GatewayConfig(Base, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
+    health_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    demo_keys: bool = False
+    placement: PlacementConfig = PlacementConfig()
+
+
+class GrifoConfig(Base, kw_only=True):
+    points: list[PointConfig]
+    gateway: GatewayConfig = GatewayConfig()
+    blocs: dict[str, list[str]] = {}
+    tenants: list[TenantConfig] = []
+    keys: list[KeyConfig] = []

@@ -1,0 +1,1 @@
+"""Stage 6: send to the best candidate; before the first byte, fail over inside the allowed set."""

@@ -1,0 +1,153 @@
+"""The single error tree of grifo and its OpenAI-style envelope.
+
+    GrifoError (500 internal_error)
+    ├── ClientError (4xx: the caller can fix it)
+    │   ├── InvalidRequestError 400      ├── AuthenticationError 401
+    │   ├── PermissionDeniedError 403    ├── NotFoundError 404 / ModelNotFoundError 404
+    │   ├── MethodNotAllowedError 405    ├── RequestTimeoutError 408
+    │   ├── PayloadTooLargeError 413     └── HeadersTooLargeError 431
+    └── UpstreamError (5xx: a point or the fabric failed)
+        ├── NoCompliantPointError 503    ├── PointUnavailableError 503 (retryable)
+        └── PointProtocolError 502       └── PointTimeoutError 504
+
+Only `envelope()` turns an error into bytes; messages never carry secrets or stack traces.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class GrifoError(Exception):
+    """Base of every error grifo answers with; unknown exceptions are reported as this (500)."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+    def envelope(self) -> bytes:
+        """The OpenAI error object for this error, as JSON bytes."""
+        return envelope(self.message, self.type, self.code, self.param)
+
+
+def envelope(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return msgspec.json.encode(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+class ClientError(GrifoError):
+    """The request cannot be served as sent; retrying it unchanged fails again."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequestError(ClientError):
+    """Malformed JSON, wrong types, out-of-range or unsupported parameters."""
+
+
+class AuthenticationError(ClientError):
+    """Missing, malformed or unknown API key."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ClientError):
+    """The caller is known but may not do this (e.g. asks for a jurisdiction it is not allowed)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFoundError(ClientError):
+    """No such route."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The requested model is served by no point this caller may use."""
+
+    code = "model_not_found"
+
+
+class MethodNotAllowedError(ClientError):
+    """The route exists but not for this HTTP method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeoutError(ClientError):
+    """The client sent its request too slowly."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class PayloadTooLargeError(ClientError):
+    """The body is larger than the configured limit; it was not read."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class HeadersTooLargeError(ClientError):
+    """The request line and headers exceed the configured limit."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class UpstreamError(GrifoError):
+    """A point, or the fabric between gateway and points, failed."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class NoCompliantPointError(UpstreamError):
+    """No point that the request's jurisdictions allow is up; nothing was sent anywhere else."""
+
+    status = 503
+    code = "no_compliant_point"
+
+
+class PointUnavailableError(UpstreamError):
+    """A point refused or dropped the connection before sending a byte; another may serve it."""
+
+    status = 503
+    code = "point_unavailable"
+    retryable = True
+
+
+class PointTimeoutError(UpstreamError):
+    """A point did not answer in time."""
+
+    status = 504
+    code = "point_timeout"
+
+
+class PointProtocolError(UpstreamError):
+    """A point answered with something that is not a valid response."""
+
+    status = 502
+    code = "point_protocol_error"

@@ -1,0 +1,279 @@
+"""HTTP/1.1 client with a keep-alive pool per origin, on asyncio protocols and httptools.
+
+Owns connection reuse, streaming response bodies with read back-pressure, and translating socket
+failures into grifo's errors at this seam: a refused or dropped connection before the response
+head is `PointUnavailableError` (safe to try elsewhere), a silent peer is `PointTimeoutError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+import httptools
+
+from grifo.errors import PointProtocolError, PointTimeoutError, PointUnavailableError
+from grifo.http.message import Headers
+
+_HIGH_WATER = 1024 * 1024
+
+
+class UpstreamResponse:
+    """A response whose head has arrived; the body is read with `read()` or `iter_body()`."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn: _Connection | None = conn
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._error: Exception | None = None
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    # -- fed by the connection --------------------------------------------------------------
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self, error: Exception | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        self._conn = None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- consumer API -----------------------------------------------------------------------------
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Yield body bytes as they arrive (already de-chunked)."""
+        try:
+            while True:
+                if self._chunks:
+                    chunk = self._chunks.popleft()
+                    self._buffered -= len(chunk)
+                    if self._conn is not None and self._buffered <= _HIGH_WATER // 2:
+                        self._conn.resume()
+                    yield chunk
+                elif self._done:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                else:
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    await self._waiter
+                    self._waiter = None
+        finally:
+            self.close()
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return b"".join([chunk async for chunk in self.iter_body()])
+
+    def close(self) -> None:
+        """Abandon the rest of the body: the connection is closed, never reused half-read."""
+        if not self._done and self._conn is not None:
+            self._conn.abort()
+        self._finish(self._error)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._got_bytes = False
+        self.closed = False
+        self.reused = False
+
+    # -- asyncio protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        lost = PointUnavailableError("the point closed the connection before answering")
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(lost)
+        if self._response is not None:
+            self._response._finish(PointProtocolError("the point closed the connection mid-body"))
+            self._response = None
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            error = PointProtocolError("the point sent a malformed HTTP response")
+            if self._head is not None and not self._head.done():
+                self._head.set_exception(error)
+            if self._response is not None:
+                self._response._finish(error)
+            self.abort()
+
+    # -- parser callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._response = UpstreamResponse(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        if response is None:
+            return
+        response.status = self._parser.get_status_code()
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response, self._response = self._response, None
+        keep_alive = self._parser.should_keep_alive()
+        if response is not None:
+            response._finish()
+        self._head = None
+        if keep_alive and not self.closed:
+            self._pool._release(self)
+        else:
+            self.abort()
+
+    # -- used by the pool and the response ----------------------------------------------------
+    def send(self, payload: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self._transport is not None
+        self._got_bytes = False
+        self._head = asyncio.get_running_loop().create_future()
+        self._transport.write(payload)
+        return self._head
+
+    def pause(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._pool._forget(self)
+        if self._transport is not None:
+            self._transport.close()
+
+
+class ConnectionPool:
+    """Keep-alive connections to one origin (`host:port`)."""
+
+    def __init__(
+        self, host: str, port: int, *, max_idle: int = 256, connect_timeout_s: float = 2.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._host_header = f"{host}:{port}".encode("ascii")
+        self._idle: deque[_Connection] = deque()
+        self._max_idle = max_idle
+        self._connect_timeout_s = connect_timeout_s
+        self._all: set[_Connection] = set()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        head_timeout_s: float = 60.0,
+    ) -> UpstreamResponse:
+        """Send a request and wait for the response head.
+
+        Raises PointUnavailableError when the point cannot be reached or drops the connection
+        before its first byte (nothing was answered: another point may be tried), and
+        PointTimeoutError when the head does not arrive within `head_timeout_s`.
+        """
+        payload = self._encode(method, path, headers or [], body)
+        conn = self._idle.pop() if self._idle else None
+        if conn is not None:
+            try:
+                return await self._exchange(conn, payload, head_timeout_s)
+            except PointUnavailableError:
+                if conn._got_bytes:
+                    raise
+                # The point closed an idle connection as we reused it: one fresh try.
+        conn = await self._connect()
+        return await self._exchange(conn, payload, head_timeout_s)
+
+    async def _exchange(
+        self, conn: _Connection, payload: bytes, head_timeout_s: float
+    ) -> UpstreamResponse:
+        head = conn.send(payload)
+        try:
+            return await asyncio.wait_for(head, timeout=head_timeout_s)
+        except TimeoutError:
+            conn.abort()
+            raise PointTimeoutError(
+                f"the point did not answer within {head_timeout_s:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self), self.host, self.port),
+                timeout=self._connect_timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise PointUnavailableError(
+                f"cannot connect to the point at {self.host}:{self.port}"
+            ) from exc
+        self._all.add(conn)
+        return conn
+
+    def _encode(self, method: str, path: str, headers: Headers, body: bytes) -> bytes:
+        parts = [method.encode("ascii"), b" ", path.encode("ascii"), b" HTTP/1.1\r\nhost: "]
+        parts += (self._host_header, b"\r\ncontent-length: ", str(len(body)).encode("ascii"))
+        parts.append(b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"\r\n", body)
+        return b"".join(parts)
+
+    def _release(self, conn: _Connection) -> None:
+        if len(self._idle) < self._max_idle:
+            conn.reused = True
+            self._idle.append(conn)
+        else:
+            conn.abort()
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()

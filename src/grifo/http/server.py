@@ -1,0 +1,388 @@
+"""HTTP/1.1 server: an asyncio protocol per connection, parsed by httptools (llhttp, strict mode).
+
+Owns keep-alive, pipelining order, body and header limits checked before buffering, slow-client
+timeouts, chunked streaming with write back-pressure, and cancellation when the client leaves.
+It knows nothing about what a request means: that is the handler's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from grifo.errors import (
+    GrifoError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
+from grifo.http.message import Handler, Headers, Request, Response, StreamResponse
+
+log = logging.getLogger("grifo.http")
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus}
+_MAX_PIPELINED = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Limits against oversized and slow clients (see the hostile-input catalogue)."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+
+
+class _DateHeader:
+    """The `date:` line, formatted at most once per second."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            stamp = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+            self._line = b"date: " + stamp.encode("ascii") + b"\r\n"
+        return self._line
+
+
+_date = _DateHeader()
+
+
+def response_head(
+    status: int,
+    content_type: bytes,
+    headers: Headers,
+    content_length: int | None,
+    keep_alive: bool,
+) -> bytes:
+    """Status line and headers; chunked transfer encoding when `content_length` is None."""
+    parts = [
+        _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode("ascii"),
+        _date.line(),
+        b"content-type: ",
+        content_type,
+        b"\r\n",
+    ]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if content_length is None:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    else:
+        parts += (b"content-length: ", str(content_length).encode("ascii"), b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Abort(Exception):
+    """Raised inside parser callbacks to stop parsing with an HTTP error."""
+
+    def __init__(self, error: GrifoError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits, server: HttpServer) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._client = ""
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._pending: deque[tuple[Request, bool]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        self._in_message = False
+
+    # -- connection lifecycle -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        self._server.connections.add(self)
+        self._arm(self._limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server.connections.discard(self)
+        self._disarm()
+        self._writable.set()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still read the answer to what it already sent.
+        return self._task is not None and not self._task.done()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except _Abort as abort:
+            self._fail(abort.error)
+        except httptools.HttpParserUpgrade:
+            self._fail(InvalidRequestError("protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Abort):
+                self._fail(cause.error)
+            else:
+                self._fail(InvalidRequestError("malformed HTTP request"))
+
+    # -- parser callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_bytes = 0
+        if self._task is None or self._task.done():
+            self._arm(self._limits.header_timeout_s)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        if len(self._headers) >= self._limits.max_headers:
+            raise _Abort(HeadersTooLargeError("too many request headers"))
+        key = name.lower()
+        if key in self._headers:
+            # Repeated headers are joined, as RFC 9110 allows for list-valued fields.
+            self._headers[key] += b", " + value
+        else:
+            self._headers[key] = value
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+            raise _Abort(
+                PayloadTooLargeError(
+                    f"request body of {int(length)} bytes exceeds the limit of "
+                    f"{self._limits.max_body_bytes} bytes"
+                )
+            )
+        if self._headers.get(b"expect", b"").lower() == b"100-continue" and self._transport:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._task is None or self._task.done():
+            self._arm(self._limits.body_timeout_s)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Abort(
+                PayloadTooLargeError(
+                    f"request body exceeds the limit of {self._limits.max_body_bytes} bytes"
+                )
+            )
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        url = self._url.decode("latin-1")
+        path, _, query = url.partition("?")
+        request = Request(
+            method=self._parser.get_method().decode("ascii"),
+            path=path,
+            query=query,
+            headers=self._headers,
+            body=b"".join(self._body),
+            client=self._client,
+        )
+        self._pending.append((request, self._parser.should_keep_alive()))
+        if len(self._pending) > _MAX_PIPELINED and self._transport is not None:
+            self._transport.pause_reading()
+        if self._task is None or self._task.done():
+            self._disarm()
+            self._task = self._loop.create_task(self._serve_pending())
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _Abort(HeadersTooLargeError("request headers are too large"))
+
+    # -- timers -----------------------------------------------------------------------------
+    def _arm(self, delay_s: float) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(delay_s, self._on_timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._in_message:
+            self._fail(RequestTimeoutError("the request was not received in time"))
+        else:
+            self._close()
+
+    # -- responding ---------------------------------------------------------------------------
+    async def _serve_pending(self) -> None:
+        while self._pending and not self._closing:
+            request, keep_alive = self._pending.popleft()
+            keep_alive = keep_alive and not self._server.draining
+            try:
+                response = await self._handler(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handler failed for %s %s", request.method, request.path)
+                error = GrifoError("internal error")
+                response = Response(error.status, error.envelope())
+            if isinstance(response, StreamResponse):
+                await self._stream(response, keep_alive)
+            else:
+                self._write_response(response, keep_alive)
+            if not keep_alive:
+                self._close()
+                return
+            if self._transport is not None and len(self._pending) <= _MAX_PIPELINED:
+                self._transport.resume_reading()
+        if not self._closing and not self._in_message:
+            self._arm(self._limits.keepalive_timeout_s)
+
+    def _write_response(self, response: Response, keep_alive: bool) -> None:
+        if self._transport is None or self._closing:
+            return
+        head = response_head(
+            response.status, response.content_type, response.headers, len(response.body), keep_alive
+        )
+        self._transport.write(head + response.body)
+
+    async def _stream(self, response: StreamResponse, keep_alive: bool) -> None:
+        completed = False
+        try:
+            if self._transport is None or self._closing:
+                return
+            head = response_head(
+                response.status, response.content_type, response.headers, None, keep_alive
+            )
+            self._transport.write(head)
+            async for chunk in response.body:
+                if self._closing:
+                    return
+                if chunk:
+                    self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                if not self._writable.is_set():
+                    await self._writable.wait()
+            if not self._closing:
+                self._transport.write(b"0\r\n\r\n")
+                completed = True
+        finally:
+            await _close_iterator(response)
+            if response.on_close is not None:
+                await response.on_close(completed)
+
+    def _fail(self, error: GrifoError) -> None:
+        """Answer a protocol-level error and close: the byte stream can no longer be trusted."""
+        if self._transport is not None and not self._closing:
+            body = error.envelope()
+            busy = self._task is not None and not self._task.done()
+            if not busy:
+                head = response_head(error.status, b"application/json", [], len(body), False)
+                self._transport.write(head + body)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._disarm()
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return (self._task is not None and not self._task.done()) or bool(self._pending)
+
+    def close_if_idle(self) -> None:
+        if not self.busy:
+            self._close()
+
+
+async def _close_iterator(response: StreamResponse) -> None:
+    aclose = getattr(response.body, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+class HttpServer:
+    """A listening socket and its connections; `close()` drains in-flight work first."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
+        self._handler = handler
+        self._limits = limits or ServerLimits()
+        self._server: asyncio.Server | None = None
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen and return the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpProtocol(self._handler, self._limits, self),
+            host=host,
+            port=port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return int(sockname[1])
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_s`, then close all."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            for conn in list(self.connections):
+                conn.close_if_idle()
+            if not self.connections:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn._close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)

@@ -1,0 +1,1 @@
+"""Stage 7: count real tokens, price them in integer micro-USD, one ledger entry per request."""

@@ -1,0 +1,38 @@
+"""Cost of one request in integer micro-USD.
+
+cost = ceil((prompt × input_per_1m + completion × output_per_1m) / 10^6)
+     + ceil(usd_per_hour_micros × busy_ns / 3.6·10^12)
+
+Prices are micro-USD per million tokens; `busy_ns` is how long the point worked on the request
+as the gateway measured it (dispatch to last byte). Each part rounds up to a whole micro-USD, so a
+request that used the point is never free and no float ever touches money.
+"""
+
+from __future__ import annotations
+
+from grifo.topology import Price
+
+_NS_PER_HOUR = 3_600_000_000_000
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def token_cost_micros(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+    total = (
+        prompt_tokens * price.input_micros_per_1m + completion_tokens * price.output_micros_per_1m
+    )
+    return _ceil_div(total, 1_000_000)
+
+
+def hardware_cost_micros(usd_per_hour_micros: int, busy_ns: int) -> int:
+    return _ceil_div(usd_per_hour_micros * max(busy_ns, 0), _NS_PER_HOUR)
+
+
+def cost_micros(
+    price: Price, usd_per_hour_micros: int, prompt_tokens: int, completion_tokens: int, busy_ns: int
+) -> int:
+    return token_cost_micros(price, prompt_tokens, completion_tokens) + hardware_cost_micros(
+        usd_per_hour_micros, busy_ns
+    )

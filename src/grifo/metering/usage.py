@@ -1,0 +1,65 @@
+"""Token usage as reported by a point: from a JSON body, or from the SSE frames of a stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_decoder = msgspec.json.Decoder(_WithUsage)
+_MAX_TOKENS = 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def usage_of(body: bytes) -> Usage | None:
+    """The `usage` object of an OpenAI JSON body, clamped to sane values; None if absent."""
+    try:
+        parsed = _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if parsed.usage is None:
+        return None
+    return Usage(_clamp(parsed.usage.prompt_tokens), _clamp(parsed.usage.completion_tokens))
+
+
+def _clamp(n: int) -> int:
+    return min(max(n, 0), _MAX_TOKENS)
+
+
+class SseSplitter:
+    """Cuts a byte stream into complete SSE events (each ending in a blank line)."""
+
+    def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
+        self._buffer = b""
+        self._max = max_event_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer + data if self._buffer else data
+        events: list[bytes] = []
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            events.append(buffer[start : end + 2])
+            start = end + 2
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self._max:
+            raise ValueError("an SSE event from the point exceeds the size limit")
+        return events
+
+    def rest(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest

@@ -1,0 +1,264 @@
+"""An inference point's HTTP surface: OpenAI-compatible inference plus health, load and metrics.
+
+Every answer names the point and its jurisdiction (`x-grifo-point`, `x-grifo-jurisdiction`), so
+the gateway can check each response against what it believes about the point.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from grifo.errors import (
+    GrifoError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    NotFoundError,
+)
+from grifo.http.message import Request, Response, StreamResponse
+from grifo.point.engines.base import Generation, Generator, SamplingParams
+from grifo.point.runner import EngineRunner, GenerationJob
+from grifo.wire import responses
+from grifo.wire.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    decode,
+)
+
+log = logging.getLogger("grifo.point")
+Route = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class PointIdentity:
+    name: str
+    site: str
+    region: str
+    jurisdiction: str
+    tier: str
+
+
+class PointMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "grifo_point_requests",
+            "Requests served",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "grifo_point_tokens", "Tokens processed", ["kind"], registry=self.registry
+        )
+
+
+class PointApp:
+    """Routes for one point; engines run in the `EngineRunner`."""
+
+    def __init__(self, identity: PointIdentity, runner: EngineRunner) -> None:
+        self.identity = identity
+        self.runner = runner
+        self.metrics = PointMetrics()
+        self._ident_headers = [
+            (b"x-grifo-point", identity.name.encode()),
+            (b"x-grifo-jurisdiction", identity.jurisdiction.encode()),
+        ]
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/v1/chat/completions": ("POST", self.chat),
+            "/v1/completions": ("POST", self.completions),
+            "/v1/embeddings": ("POST", self.embeddings),
+            "/v1/models": ("GET", self.models),
+            "/health": ("GET", self.health),
+            "/load": ("GET", self.load),
+            "/metrics": ("GET", self.prometheus),
+        }
+
+    async def handle(self, request: Request) -> Response | StreamResponse:
+        try:
+            route = self._routes.get(request.path)
+            if route is None:
+                raise NotFoundError(f"no route {request.path}")
+            method, endpoint = route
+            if request.method != method:
+                raise MethodNotAllowedError(f"{request.path} accepts {method} only")
+            response = await endpoint(request)
+        except GrifoError as exc:
+            response = Response(exc.status, exc.envelope())
+        response.headers.extend(self._ident_headers)
+        if request.path.startswith("/v1/"):
+            self.metrics.requests.labels(request.path, str(response.status)).inc()
+        return response
+
+    # -- information ------------------------------------------------------------------------------
+    def model_cards(self) -> list[dict[str, object]]:
+        cards: list[dict[str, object]] = []
+        gen, emb = self.runner.generator, self.runner.embedder
+        if gen is not None:
+            cards.append(_card(gen.model_id, "chat", gen.context_length))
+        if emb is not None:
+            cards.append(_card(emb.model_id, "embeddings", 256))
+        return cards
+
+    async def models(self, request: Request) -> Response:
+        return Response(200, responses.model_list(self.model_cards()))
+
+    async def health(self, request: Request) -> Response:
+        ident = self.identity
+        body = {
+            "status": "ready",
+            "name": ident.name,
+            "site": ident.site,
+            "region": ident.region,
+            "jurisdiction": ident.jurisdiction,
+            "tier": ident.tier,
+            "models": self.model_cards(),
+        }
+        return Response(200, msgspec.json.encode(body))
+
+    async def load(self, request: Request) -> Response:
+        return Response(200, msgspec.json.encode(self.runner.load()))
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(
+            200, generate_latest(self.metrics.registry), content_type=b"text/plain; version=0.0.4"
+        )
+
+    # -- inference --------------------------------------------------------------------------------
+    def _generator(self, model: str) -> Generator:
+        gen = self.runner.generator
+        if gen is None or gen.model_id != model:
+            raise ModelNotFoundError(f"the model {model!r} is not served here", param="model")
+        return gen
+
+    async def chat(self, request: Request) -> Response | StreamResponse:
+        chat = decode(ChatCompletionRequest, request.body)
+        gen = self._generator(chat.model)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in chat.messages
+        ]
+        params = _params(chat, chat.token_limit(), gen.context_length)
+        job = await self.runner.generate(lambda g: g.start_chat(messages, params))
+        frames = responses.ChatFrames(chat.model)
+        generation = job.started.result()
+        if not chat.stream:
+            text = "".join([piece async for piece in job.pieces()])
+            self._count(generation)
+            return Response(200, frames.complete(text, *_totals(generation)))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield frames.chunk({"role": "assistant", "content": ""})
+            async for piece in job.pieces():
+                yield frames.chunk({"content": piece})
+            yield frames.chunk({}, generation.finish_reason)
+            if chat.include_usage:
+                yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
+            yield responses.DONE
+
+        return self._stream(job, generation, body())
+
+    async def completions(self, request: Request) -> Response | StreamResponse:
+        comp = decode(CompletionRequest, request.body)
+        gen = self._generator(comp.model)
+        params = _params(comp, comp.token_limit(), gen.context_length)
+        prompt = comp.prompt_text()
+        job = await self.runner.generate(lambda g: g.start_completion(prompt, params))
+        frames = responses.CompletionFrames(comp.model)
+        generation = job.started.result()
+        if not comp.stream:
+            text = "".join([piece async for piece in job.pieces()])
+            self._count(generation)
+            return Response(200, frames.complete(text, *_totals(generation)))
+
+        async def body() -> AsyncIterator[bytes]:
+            async for piece in job.pieces():
+                yield frames.chunk(piece)
+            yield frames.chunk("", generation.finish_reason)
+            if comp.include_usage:
+                yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
+            yield responses.DONE
+
+        return self._stream(job, generation, body())
+
+    def _stream(
+        self, job: GenerationJob, generation: Generation, frames: AsyncIterator[bytes]
+    ) -> StreamResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for frame in frames:
+                    yield frame
+            except Exception:  # after the head is sent, errors travel in-band
+                log.exception("generation failed mid-stream")
+                yield responses.sse(
+                    {
+                        "error": {
+                            "message": "the engine failed",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "engine_error",
+                        }
+                    }
+                )
+
+        async def on_close(completed: bool) -> None:
+            if not completed:
+                job.cancel()
+            self._count(generation)
+
+        headers = [(b"x-grifo-prompt-tokens", str(generation.prompt_tokens).encode())]
+        return StreamResponse(200, body(), headers=headers, on_close=on_close)
+
+    async def embeddings(self, request: Request) -> Response:
+        emb_req = decode(EmbeddingRequest, request.body)
+        emb = self.runner.embedder
+        if emb is None or emb.model_id != emb_req.model:
+            raise ModelNotFoundError(f"the model {emb_req.model!r} is not served here", "model")
+        if emb_req.dimensions is not None and emb_req.dimensions != emb.dimensions:
+            raise InvalidRequestError(
+                f"{emb.model_id} produces {emb.dimensions} dimensions", param="dimensions"
+            )
+        result = await self.runner.embed(emb_req.texts())
+        self.metrics.tokens.labels("prompt").inc(result.prompt_tokens)
+        body = responses.embeddings(
+            emb_req.model, result.vectors, result.prompt_tokens, emb_req.encoding_format
+        )
+        return Response(200, body)
+
+    def _count(self, generation: Generation) -> None:
+        self.metrics.tokens.labels("prompt").inc(generation.prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(generation.completion_tokens)
+
+
+def _card(model_id: str, kind: str, context_length: int) -> dict[str, object]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "grifo",
+        "kind": kind,
+        "context_length": context_length,
+    }
+
+
+def _params(
+    req: ChatCompletionRequest | CompletionRequest, limit: int | None, context: int
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=min(limit or context, context),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=req.stops(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+    )
+
+
+def _totals(generation: Generation) -> tuple[str, int, int]:
+    return generation.finish_reason, generation.prompt_tokens, generation.completion_tokens

@@ -1,0 +1,1 @@
+"""Engines: the inference software inside a point (llama.cpp, MiniLM embeddings, fakes)."""

@@ -1,0 +1,76 @@
+"""A point in front of an existing OpenAI-compatible engine (vLLM, llama.cpp's server, ...).
+
+Requests are validated and re-encoded (the allow-list), then forwarded; answers pass through.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from grifo.errors import ModelNotFoundError
+from grifo.http.client import ConnectionPool
+from grifo.http.message import Request, Response, StreamResponse
+from grifo.point.app import PointApp, PointIdentity
+from grifo.point.runner import EngineRunner
+from grifo.wire import requests as wire
+
+
+class _Card(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Card]
+
+
+class ProxyPointApp(PointApp):
+    def __init__(self, identity: PointIdentity, upstream: ConnectionPool) -> None:
+        super().__init__(identity, EngineRunner(None, None))
+        self.upstream = upstream
+        self.upstream_models: list[str] = []
+        self._routes["/v1/chat/completions"] = ("POST", self._forward_chat)
+        self._routes["/v1/completions"] = ("POST", self._forward_completion)
+        self._routes["/v1/embeddings"] = ("POST", self._forward_embeddings)
+
+    async def refresh_models(self) -> None:
+        response = await self.upstream.request("GET", "/v1/models", head_timeout_s=10)
+        listing = msgspec.json.decode(await response.read(), type=_ModelList)
+        self.upstream_models = [card.id for card in listing.data]
+
+    def model_cards(self) -> list[dict[str, object]]:
+        return [
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "upstream",
+                "kind": "chat",
+                "context_length": 0,
+            }
+            for m in self.upstream_models
+        ]
+
+    async def _forward_chat(self, request: Request) -> Response | StreamResponse:
+        body = wire.decode(wire.ChatCompletionRequest, request.body)
+        return await self._forward(request.path, body, body.stream)
+
+    async def _forward_completion(self, request: Request) -> Response | StreamResponse:
+        body = wire.decode(wire.CompletionRequest, request.body)
+        return await self._forward(request.path, body, body.stream)
+
+    async def _forward_embeddings(self, request: Request) -> Response | StreamResponse:
+        body = wire.decode(wire.EmbeddingRequest, request.body)
+        return await self._forward(request.path, body, False)
+
+    async def _forward(
+        self, path: str, body: wire.InferenceRequest, stream: bool
+    ) -> Response | StreamResponse:
+        if body.model not in self.upstream_models:
+            raise ModelNotFoundError(f"the model {body.model!r} is not served here", "model")
+        headers = [(b"content-type", b"application/json")]
+        response = await self.upstream.request(
+            "POST", path, headers=headers, body=wire.encode(body), head_timeout_s=300
+        )
+        if not stream or response.status != 200:
+            return Response(response.status, await response.read())
+        return StreamResponse(200, response.iter_body())

@@ -1,0 +1,96 @@
+"""Run one inference point as a process: load its engines, listen, report, stop on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+import msgspec
+
+from grifo.config.load import parse_point_url
+from grifo.config.model import EngineConfig, PointConfig
+from grifo.http.client import ConnectionPool
+from grifo.http.server import HttpServer
+from grifo.point.app import PointApp, PointIdentity
+from grifo.point.engines.base import Embedder, Generator
+from grifo.point.runner import EngineRunner
+
+log = logging.getLogger("grifo.point")
+
+
+def build_engines(engine: EngineConfig) -> tuple[Generator | None, Embedder | None]:
+    generator: Generator | None
+    if engine.kind == "fake":
+        from grifo.point.engines.fake import FakeGenerator
+
+        generator = FakeGenerator(engine.model_id or "fake-chat", engine.context_length)
+    else:
+        from grifo.point.engines.llama import LlamaGenerator, resolve_model
+
+        path, default_id = resolve_model(engine.model)
+        generator = LlamaGenerator(
+            path,
+            engine.model_id or default_id,
+            context_length=engine.context_length,
+            threads=engine.threads,
+        )
+    embedder: Embedder | None = None
+    if engine.embeddings == "minilm":
+        from grifo.point.engines.minilm import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder(threads=engine.threads)
+    elif engine.embeddings == "fake":
+        from grifo.point.engines.fake import FakeEmbedder
+
+        embedder = FakeEmbedder()
+    return generator, embedder
+
+
+async def build_app(point: PointConfig) -> PointApp:
+    identity = PointIdentity(point.name, point.site, point.region, point.jurisdiction, point.tier)
+    engine = point.engine or EngineConfig(kind="fake")
+    if engine.kind == "proxy":
+        from grifo.point.proxy import ProxyPointApp
+
+        assert engine.upstream_url is not None
+        target = parse_point_url(engine.upstream_url)
+        assert target is not None
+        app = ProxyPointApp(identity, ConnectionPool(*target))
+        await app.refresh_models()
+        return app
+    generator, embedder = await asyncio.to_thread(build_engines, engine)
+    return PointApp(identity, EngineRunner(generator, embedder))
+
+
+async def serve_point(point: PointConfig, host: str, port: int, parent_pid: int | None) -> None:
+    app = await build_app(point)
+    server = HttpServer(app.handle)
+    bound = await server.start(host, port)
+    # One JSON line on stdout tells a supervisor where we listen.
+    sys.stdout.write(
+        msgspec.json.encode({"event": "listening", "point": point.name, "port": bound}).decode()
+        + "\n"
+    )
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watch = loop.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+    await stop.wait()
+    if watch is not None:
+        watch.cancel()
+    await server.close(grace_s=10.0)
+    app.runner.close()
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Exit with the supervisor, even if it was killed without a chance to stop us."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while os.getppid() == parent_pid:  # noqa: ASYNC110 (no event exists for a parent's death)
+            await asyncio.sleep(0.5)
+        stop.set()

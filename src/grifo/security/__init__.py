@@ -1,0 +1,1 @@
+"""Stage 2: who is calling. API keys → tenant principal."""

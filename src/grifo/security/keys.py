@@ -1,0 +1,57 @@
+"""API keys: generated at random, stored only as SHA-256, looked up by hash.
+
+A key is `grf-<8 hex>-<secret>`. Lookup hashes the presented key and finds the digest in a dict:
+nothing ever compares secret bytes, so timing reveals nothing about stored keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from grifo.errors import AuthenticationError
+
+_MAX_KEY_LEN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a tenant, through one of its keys, with the jurisdictions it may use."""
+
+    tenant: str
+    key_id: str
+    allowed: frozenset[str] | None  # None: unrestricted
+
+
+def generate_key() -> str:
+    return f"grf-{secrets.token_hex(4)}-{secrets.token_urlsafe(32)}"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyRing:
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, Principal] = {}
+
+    def add(self, sha256_hex: str, principal: Principal) -> None:
+        self._by_digest[bytes.fromhex(sha256_hex)] = principal
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def authenticate(self, authorization: bytes | None) -> Principal:
+        """The principal for an `Authorization: Bearer <key>` header, or AuthenticationError."""
+        if not authorization:
+            raise AuthenticationError("missing API key: send it as 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(b" ")
+        key = key.strip()
+        if scheme.lower() != b"bearer" or not key or len(key) > _MAX_KEY_LEN:
+            raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'")
+        digest = hashlib.sha256(key).digest()
+        principal = self._by_digest.get(digest)
+        if principal is None:
+            raise AuthenticationError("invalid API key")
+        return principal

@@ -1,0 +1,163 @@
+"""`grifo serve`: wire the gateway from a config, start local points, run until a signal.
+
+The single wiring path: config → state directory (SQLite, keys) → points → Gateway → HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grifo.api.app import GatewayApp
+from grifo.config.model import GrifoConfig
+from grifo.dispatch.forward import PointPools
+from grifo.dispatch.health import HealthPoller
+from grifo.http.server import HttpServer, ServerLimits
+from grifo.jurisdictions import expand, merge_blocs
+from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
+from grifo.service import Gateway
+from grifo.store.sqlite import LedgerWriter, StateDB
+from grifo.supervisor import LocalPoint, start_points, stop_points
+from grifo.telemetry.metrics import GatewayMetrics
+from grifo.topology import PointState, build_point_state
+
+log = logging.getLogger("grifo.serve")
+
+
+@dataclass(slots=True)
+class Running:
+    """A started gateway and what it owns; `stop()` releases all of it."""
+
+    gateway: Gateway
+    server: HttpServer
+    poller: HealthPoller
+    db: StateDB
+    port: int
+    local_points: list[LocalPoint] = field(default_factory=list)
+    demo_keys: dict[str, str] = field(default_factory=dict)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.server.close(grace_s)
+        await self.poller.stop()
+        await stop_points(self.local_points)
+        await self.gateway.pools.close()
+        self.gateway.ledger.close()
+        self.db.close()
+
+
+def build_keyring(
+    config: GrifoConfig, db: StateDB, state_dir: Path
+) -> tuple[KeyRing, dict[str, str]]:
+    """Keys from the config and the state database; demo keys are created once and kept."""
+    blocs = merge_blocs(config.blocs)
+    allowed = {
+        t.name: None if t.allowed_jurisdictions is None else expand(t.allowed_jurisdictions, blocs)
+        for t in config.tenants
+    }
+    ring = KeyRing()
+    for key in config.keys:
+        digest = key.sha256 or hash_key(os.environ[key.env or ""])
+        ring.add(digest, Principal(key.tenant, key.id, allowed[key.tenant]))
+    demo: dict[str, str] = {}
+    if config.gateway.demo_keys:
+        demo = _demo_keys(config, db, state_dir)
+    for key_id, tenant, digest in db.active_keys():
+        if tenant in allowed:
+            ring.add(digest, Principal(tenant, key_id, allowed[tenant]))
+    return ring, demo
+
+
+def _demo_keys(config: GrifoConfig, db: StateDB, state_dir: Path) -> dict[str, str]:
+    path = state_dir / "demo-keys.json"
+    known: dict[str, str] = {}
+    if path.exists():
+        known = json.loads(path.read_text(encoding="utf-8"))
+    active = {tenant for _, tenant, _ in db.active_keys()}
+    keys: dict[str, str] = {}
+    for tenant in config.tenants:
+        key = known.get(tenant.name)
+        if key is None or tenant.name not in active:
+            db.revoke_keys(tenant.name)
+            key = generate_key()
+            db.add_key(f"demo-{tenant.name}-{key[4:12]}", tenant.name, hash_key(key))
+        keys[tenant.name] = key
+    path.write_text(json.dumps(keys, indent=2) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return keys
+
+
+async def start(
+    config: GrifoConfig, state_dir: Path, host: str, port: int, *, ready_timeout_s: float = 180.0
+) -> Running:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    db = StateDB(state_dir / "grifo.db")
+    keys, demo = build_keyring(config, db, state_dir)
+    local = await start_points(
+        [p for p in config.points if p.engine is not None], state_dir / "logs"
+    )
+    urls = {lp.config.name: lp.url for lp in local}
+    points: list[PointState] = [build_point_state(p, p.url or urls[p.name]) for p in config.points]
+    pools = PointPools(points)
+    gateway = Gateway(
+        config.gateway,
+        points,
+        keys,
+        merge_blocs(config.blocs),
+        LedgerWriter(db.path),
+        pools,
+        GatewayMetrics(),
+    )
+    poller = HealthPoller(pools, points, config.gateway.health_interval_s)
+    await _wait_ready(poller, gateway, local, ready_timeout_s)
+    poller.start()
+    server = HttpServer(
+        GatewayApp(gateway).handle, ServerLimits(max_body_bytes=config.gateway.max_body_bytes)
+    )
+    bound = await server.start(host, port)
+    return Running(gateway, server, poller, db, bound, local, demo)
+
+
+async def _wait_ready(
+    poller: HealthPoller, gateway: Gateway, local: list[LocalPoint], timeout_s: float
+) -> None:
+    """Wait for the local points (remote ones may come later; /readyz says when)."""
+    local_names = {lp.config.name for lp in local}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await poller.check_all()
+        if all(p.healthy for p in gateway.points if p.name in local_names):
+            return
+        await asyncio.sleep(0.1)
+
+
+def banner(running: Running, host: str) -> str:
+    lines = [f"grifo gateway on http://{host}:{running.port}/v1"]
+    for p in running.gateway.points:
+        state = "ready" if p.healthy else f"DOWN ({p.reason})"
+        lines.append(
+            f"  point {p.name:<20} {p.jurisdiction}  {p.config.tier:<8} "
+            f"http://{p.host}:{p.port}  {state}"
+        )
+    if running.demo_keys:
+        lines.append("demo API keys (also in demo-keys.json in the state directory):")
+        lines += [f"  {tenant:<12} {key}" for tenant, key in running.demo_keys.items()]
+    return "\n".join(lines)
+
+
+async def serve(config: GrifoConfig, state_dir: Path, host: str, port: int) -> None:
+    running = await start(config, state_dir, host, port)
+    print(banner(running, host), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("grifo: stopping", file=sys.stderr, flush=True)
+    await running.stop()

@@ -1,0 +1,319 @@
+"""The gateway pipeline: the only module that knows the order of the stages.
+
+api (decode) → security (key → principal) → placement (allowed set, then rank) → dispatch
+(forward with failover inside the set) → metering (usage → cost → ledger) → api (headers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from grifo.config.model import GatewayConfig
+from grifo.dispatch.forward import PointPools, forward
+from grifo.errors import GrifoError, InvalidRequestError, NoCompliantPointError
+from grifo.http.client import UpstreamResponse
+from grifo.http.message import Headers, Request, Response, StreamResponse
+from grifo.metering.pricing import cost_micros
+from grifo.metering.usage import SseSplitter, Usage, usage_of
+from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
+from grifo.placement.jurisdiction import allowed_set
+from grifo.placement.scoring import rank
+from grifo.security.keys import KeyRing, Principal
+from grifo.store.sqlite import LedgerEntry, LedgerWriter
+from grifo.telemetry.metrics import GatewayMetrics
+from grifo.topology import PointState
+from grifo.wire import requests as wire
+from grifo.wire.responses import model_list
+
+log = logging.getLogger("grifo.gateway")
+
+_KINDS: dict[str, type[wire.InferenceRequest]] = {
+    "/v1/chat/completions": wire.ChatCompletionRequest,
+    "/v1/completions": wire.CompletionRequest,
+    "/v1/embeddings": wire.EmbeddingRequest,
+}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the gateway knows about one request as it moves through the stages."""
+
+    request_id: str
+    endpoint: str
+    received_ns: int
+    principal: Principal
+    model: str
+    point: PointState | None = None
+    dispatched_ns: int = 0
+    first_token_ns: int | None = None
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        points: Sequence[PointState],
+        keys: KeyRing,
+        blocs: Mapping[str, frozenset[str]],
+        ledger: LedgerWriter,
+        pools: PointPools,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.points = list(points)
+        self.keys = keys
+        self.blocs = blocs
+        self.ledger = ledger
+        self.pools = pools
+        self.metrics = metrics
+
+    # -- inference ------------------------------------------------------------------------------
+    async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
+        received_ns = time.monotonic_ns()
+        principal = self.keys.authenticate(request.headers.get(b"authorization"))
+        kind = _KINDS[request.path]
+        body = wire.decode(kind, request.body)
+        allowed = allowed_set(
+            principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
+        )
+        limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
+        try:
+            candidates = rank(self.points, body.model, allowed, limit, self.config.placement)
+        except NoCompliantPointError:
+            self.metrics.denials.inc()
+            raise
+        _check_token_limit(body, candidates[0].point)
+        ex = Exchange(request_id, request.path, received_ns, principal, body.model)
+        stream = (
+            isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream
+        )
+        upstream_body = _upstream_body(body)
+        headers: Headers = [(b"x-request-id", request_id.encode())]
+        ex.dispatched_ns = time.monotonic_ns()
+        point, response = await forward(
+            self.pools,
+            candidates,
+            request.path,
+            upstream_body,
+            headers,
+            self.config.request_timeout_s,
+        )
+        ex.point = point
+        point.gateway_in_flight += 1
+        if response.status != 200 or not stream:
+            try:
+                return await self._whole(ex, response)
+            finally:
+                point.gateway_in_flight -= 1
+        include_usage = isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and (
+            body.include_usage
+        )
+        return self._stream(ex, response, include_usage)
+
+    async def _whole(self, ex: Exchange, response: UpstreamResponse) -> Response:
+        assert ex.point is not None
+        payload = await response.read()
+        cost = 0
+        if response.status == 200:
+            usage = usage_of(payload) or Usage(0, 0)
+            cost = self._meter(ex, usage, "ok", "point")
+        self.metrics.observe(
+            ex.endpoint,
+            ex.point.name,
+            response.status,
+            (time.monotonic_ns() - ex.received_ns) / 1e9,
+            None,
+        )
+        return Response(response.status, payload, headers=_point_headers(ex.point, cost))
+
+    def _stream(
+        self, ex: Exchange, response: UpstreamResponse, include_usage: bool
+    ) -> StreamResponse:
+        assert ex.point is not None
+        point = ex.point
+        prompt_header = response.headers.get(b"x-grifo-prompt-tokens", b"0")
+        prompt_tokens = int(prompt_header) if prompt_header.isdigit() else 0
+        state = _StreamState(prompt_tokens)
+        price = point.price(ex.model)
+        head_cost = cost_micros(price, 0, prompt_tokens, 0, 0)
+
+        async def on_close(completed: bool) -> None:
+            point.gateway_in_flight -= 1
+            status = "ok" if completed and state.usage is not None else "client_closed"
+            usage = state.usage or Usage(prompt_tokens, state.events)
+            source = "point" if state.usage is not None else "estimated"
+            if state.cost is None:
+                self._meter(ex, usage, status, source)
+            latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
+            ttft_s = (
+                None if ex.first_token_ns is None else (ex.first_token_ns - ex.received_ns) / 1e9
+            )
+            self.metrics.observe(
+                ex.endpoint, point.name, 200 if completed else 499, latency_s, ttft_s
+            )
+
+        return StreamResponse(
+            200,
+            self._relay(ex, response, state, include_usage),
+            headers=_point_headers(point, head_cost),
+            on_close=on_close,
+        )
+
+    async def _relay(
+        self, ex: Exchange, response: UpstreamResponse, state: _StreamState, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        try:
+            async for data in response.iter_body():
+                out = []
+                for event in splitter.feed(data):
+                    if ex.first_token_ns is None:
+                        ex.first_token_ns = time.monotonic_ns()
+                    if b'"usage"' in event and event.startswith(b"data: {"):
+                        event = self._usage_event(ex, state, event, include_usage)
+                    elif event.startswith(b"data: {"):
+                        state.events += 1
+                    if event:
+                        out.append(event)
+                if out:
+                    yield b"".join(out)
+        except GrifoError as exc:
+            # After the head was sent, failures travel in-band, as OpenAI does.
+            yield b"data: " + exc.envelope() + b"\n\n"
+
+    def _usage_event(
+        self, ex: Exchange, state: _StreamState, event: bytes, include_usage: bool
+    ) -> bytes:
+        usage = usage_of(event[6:].strip())
+        if usage is None:
+            return event
+        state.usage = usage
+        state.cost = self._meter(ex, usage, "ok", "point")
+        if not include_usage:
+            return b""  # the client did not ask for the usage chunk; we asked for it to meter
+        chunk = msgspec.json.decode(event[6:].strip())
+        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+            chunk["usage"]["cost_micros"] = state.cost
+        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+    def _meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
+        point = ex.point
+        assert point is not None
+        busy_ns = time.monotonic_ns() - ex.dispatched_ns
+        cost = cost_micros(
+            point.price(ex.model),
+            point.usd_per_hour_micros,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            busy_ns,
+        )
+        self.ledger.record(
+            LedgerEntry(
+                request_id=ex.request_id,
+                ts_ms=int(time.time() * 1000),
+                tenant=ex.principal.tenant,
+                key_id=ex.principal.key_id,
+                endpoint=ex.endpoint,
+                model=ex.model,
+                point=point.name,
+                jurisdiction=point.jurisdiction,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_micros=cost,
+                status=status,
+                usage_source=source,
+                latency_ms=(time.monotonic_ns() - ex.received_ns) / 1e6,
+            )
+        )
+        self.metrics.meter(
+            ex.principal.tenant,
+            point.name,
+            ex.model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            cost,
+        )
+        return cost
+
+    # -- models -----------------------------------------------------------------------------------
+    def list_models(self, request: Request) -> Response:
+        principal = self.keys.authenticate(request.headers.get(b"authorization"))
+        allowed = allowed_set(
+            principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
+        )
+        cards: dict[str, dict[str, object]] = {}
+        for point in self.points:
+            if allowed is not None and point.jurisdiction not in allowed:
+                continue
+            for model in point.models.values():
+                card = cards.setdefault(
+                    model.id,
+                    {
+                        "id": model.id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "grifo",
+                        "kind": model.kind,
+                        "context_length": model.context_length,
+                        "jurisdictions": [],
+                    },
+                )
+                jurisdictions = card["jurisdictions"]
+                assert isinstance(jurisdictions, list)
+                if point.jurisdiction not in jurisdictions:
+                    jurisdictions.append(point.jurisdiction)
+        return Response(200, model_list(sorted(cards.values(), key=lambda c: str(c["id"]))))
+
+    def ready(self) -> bool:
+        return all(p.healthy for p in self.points)
+
+
+@dataclass(slots=True)
+class _StreamState:
+    prompt_tokens: int
+    events: int = 0
+    usage: Usage | None = None
+    cost: int | None = None
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def _point_headers(point: PointState, cost: int) -> Headers:
+    return [
+        (b"x-grifo-point", point.name.encode()),
+        (b"x-grifo-jurisdiction", point.jurisdiction.encode()),
+        (b"x-grifo-cost-micros", str(cost).encode()),
+    ]
+
+
+def _check_token_limit(body: wire.InferenceRequest, point: PointState) -> None:
+    if isinstance(body, wire.EmbeddingRequest):
+        return
+    card = point.models.get(body.model)
+    limit = body.token_limit()
+    if card is not None and limit is not None and limit > card.context_length:
+        param = (
+            "max_completion_tokens"
+            if getattr(body, "max_completion_tokens", None)
+            else "max_tokens"
+        )
+        raise InvalidRequestError(
+            f"{param} is {limit}, more than the context length of {body.model} "
+            f"({card.context_length} tokens)",
+            param=param,
+        )
+
+
+def _upstream_body(body: wire.InferenceRequest) -> bytes:
+    """The allow-listed body for the point; streams always ask for usage so they can be metered."""
+    if isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream:
+        body = msgspec.structs.replace(body, stream_options=wire.StreamOptions(include_usage=True))
+    return wire.encode(body)

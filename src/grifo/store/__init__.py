@@ -1,0 +1,1 @@
+"""Persistence: the SQLite state database (keys, ledger) in the state directory."""

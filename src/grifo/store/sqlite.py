@@ -1,0 +1,169 @@
+"""The embedded state database: SQLite in WAL mode in the state directory.
+
+Keys are stored as SHA-256 digests only. Ledger entries are appended from the event loop into a
+queue and written by one thread in batches (one transaction per batch), so the hot path never
+waits on the disk; `close()` writes whatever is still queued.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    point TEXT NOT NULL,
+    jurisdiction TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    usage_source TEXT NOT NULL,
+    latency_ms REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts_ms);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One metered request. `usage_source` is `point` (reported) or `estimated` (cut short)."""
+
+    request_id: str
+    ts_ms: int
+    tenant: str
+    key_id: str
+    endpoint: str
+    model: str
+    point: str
+    jurisdiction: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    status: str
+    usage_source: str
+    latency_ms: float
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class StateDB:
+    """Keys and ledger of one gateway, in `<state-dir>/grifo.db`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+
+    # -- keys -------------------------------------------------------------------------------------
+    def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO api_keys (id, tenant, sha256, created_ms) VALUES (?, ?, ?, ?)",
+                (key_id, tenant, sha256, int(time.time() * 1000)),
+            )
+
+    def revoke_keys(self, tenant: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE api_keys SET revoked_ms = ? WHERE tenant = ? AND revoked_ms IS NULL",
+                (int(time.time() * 1000), tenant),
+            )
+
+    def active_keys(self) -> list[tuple[str, str, str]]:
+        """(key id, tenant, sha256) of every key not revoked."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, tenant, sha256 FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
+            ).fetchall()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    # -- ledger (reads, for tests and tools) ----------------------------------------------------
+    def ledger(self) -> list[LedgerEntry]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM ledger ORDER BY ts_ms, request_id").fetchall()
+        return [LedgerEntry(*row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class LedgerWriter:
+    """Batches ledger entries into SQLite from a dedicated thread."""
+
+    def __init__(self, path: Path, *, max_batch: int = 256, max_wait_s: float = 0.005) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[LedgerEntry | None] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="grifo-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, entry: LedgerEntry) -> None:
+        self._queue.put(entry)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        conn = connect(self._path)
+        try:
+            stop = False
+            while not stop:
+                batch, stop = self._next_batch()
+                if batch:
+                    self._write(conn, batch)
+        finally:
+            conn.close()
+
+    def _next_batch(self) -> tuple[list[LedgerEntry], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self._max_wait_s
+        while len(batch) < self._max_batch:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _write(self, conn: sqlite3.Connection, batch: list[LedgerEntry]) -> None:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [astuple(entry) for entry in batch],
+        )
+        conn.execute("COMMIT")
+        self.written += len(batch)

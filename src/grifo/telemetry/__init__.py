@@ -1,0 +1,1 @@
+"""Metrics and logs. Every metric name of the gateway lives in `metrics.py`."""

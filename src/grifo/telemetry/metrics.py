@@ -1,0 +1,67 @@
+"""Gateway Prometheus metrics. Label children are cached: `.labels()` per request is costly."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "grifo_requests", "Requests answered", ["endpoint", "point", "status"], registry=r
+        )
+        self.tokens = Counter(
+            "grifo_tokens", "Tokens metered", ["point", "model", "kind"], registry=r
+        )
+        self.cost = Counter(
+            "grifo_cost_micros", "Cost metered, micro-USD", ["tenant", "point"], registry=r
+        )
+        self.latency = Histogram(
+            "grifo_request_duration_seconds",
+            "Time from request received to last byte",
+            ["point"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "grifo_time_to_first_token_seconds",
+            "Time from request received to first token",
+            ["point"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.point_up = Gauge("grifo_point_up", "1 if the point is healthy", ["point"], registry=r)
+        self.denials = Counter(
+            "grifo_jurisdiction_denials", "Requests refused: no compliant point", registry=r
+        )
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def observe(
+        self, endpoint: str, point: str, status: int, latency_s: float, ttft_s: float | None
+    ) -> None:
+        self._child(self.requests, endpoint, point, str(status)).inc()  # type: ignore[attr-defined]
+        if point:
+            self._child(self.latency, point).observe(latency_s)  # type: ignore[attr-defined]
+            if ttft_s is not None:
+                self._child(self.ttft, point).observe(ttft_s)  # type: ignore[attr-defined]
+
+    def meter(
+        self, tenant: str, point: str, model: str, prompt: int, completion: int, cost: int
+    ) -> None:
+        self._child(self.tokens, point, model, "prompt").inc(prompt)  # type: ignore[attr-defined]
+        self._child(self.tokens, point, model, "completion").inc(completion)  # type: ignore[attr-defined]
+        self._child(self.cost, tenant, point).inc(cost)  # type: ignore[attr-defined]
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> object:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

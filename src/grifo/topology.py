@@ -1,0 +1,80 @@
+"""The gateway's registry of points: configuration plus live state, read by placement and dispatch.
+
+Placement reads it, the health poller and dispatch write it; it does no I/O itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from grifo.config.load import parse_point_url, usd_to_micros
+from grifo.config.model import PointConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-USD per million tokens, so configured prices stay exact integers."""
+
+    input_micros_per_1m: int
+    output_micros_per_1m: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    id: str
+    kind: str  # "chat" or "embeddings"
+    context_length: int
+
+
+@dataclass(slots=True)
+class PointState:
+    config: PointConfig
+    host: str
+    port: int
+    prices: dict[str, Price]
+    default_price: Price
+    usd_per_hour_micros: int
+    healthy: bool = False
+    reason: str = "not yet checked"
+    models: dict[str, ModelCard] = field(default_factory=dict)
+    queued: int = 0
+    point_in_flight: int = 0
+    tokens_per_s: float = 0.0
+    gateway_in_flight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def jurisdiction(self) -> str:
+        return self.config.jurisdiction
+
+    def price(self, model: str) -> Price:
+        return self.prices.get(model, self.default_price)
+
+    def mark_down(self, reason: str) -> None:
+        self.healthy = False
+        self.reason = reason
+
+
+def build_point_state(config: PointConfig, url: str) -> PointState:
+    parsed = parse_point_url(url)
+    if parsed is None:
+        raise ValueError(f"point {config.name}: bad url {url!r}")
+    host, port = parsed
+
+    def price(p: object) -> Price:
+        return Price(
+            usd_to_micros(getattr(p, "input_usd_per_1m")),  # noqa: B009
+            usd_to_micros(getattr(p, "output_usd_per_1m")),  # noqa: B009
+        )
+
+    return PointState(
+        config=config,
+        host=host,
+        port=port,
+        prices={name: price(p) for name, p in config.prices.models.items()},
+        default_price=price(config.prices.default),
+        usd_per_hour_micros=usd_to_micros(config.prices.usd_per_hour),
+    )

@@ -1,0 +1,1 @@
+"""OpenAI wire types shared by the gateway and the points: strict request decoding and encoders."""

@@ -1,0 +1,148 @@
+"""OpenAI request bodies as strict msgspec structs.
+
+Decoding is the allow-list: unknown fields, wrong types (no coercion: `"stream": "false"` is an
+error) and out-of-range numbers are rejected with `InvalidRequestError` naming the parameter, and
+re-encoding a decoded request sends engines only the fields listed here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+
+from grifo.errors import InvalidRequestError
+
+MAX_TOKENS_LIMIT = 1_048_576
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Stop = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+One = Annotated[int, msgspec.Meta(ge=1, le=1)]
+Text = Annotated[str, msgspec.Meta(max_length=4 * 1024 * 1024)]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    pass
+
+
+class StreamOptions(_Strict, kw_only=True):
+    include_usage: bool = False
+
+
+class TextPart(_Strict, tag_field="type", tag="text", kw_only=True):
+    text: Text
+
+
+class Message(_Strict, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | Annotated[list[TextPart], msgspec.Meta(max_length=256)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class _Sampling(_Strict, kw_only=True):
+    model: ModelName
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: One | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop | Annotated[list[Stop], msgspec.Meta(max_length=4)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=4096)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: Literal[False] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=1)]
+    echo: Literal[False] | None = None
+    logprobs: None = None
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_limit(self) -> int:
+        return self.max_tokens or 16  # OpenAI's default for legacy completions
+
+
+class EmbeddingRequest(_Strict, kw_only=True):
+    model: ModelName
+    input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=2048)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+InferenceRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+T = TypeVar("T", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+
+_DECODERS: dict[type, msgspec.json.Decoder[InferenceRequest]] = {
+    kind: msgspec.json.Decoder(kind)
+    for kind in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+}
+_PATH = re.compile(r"at `\$\.?([A-Za-z_][A-Za-z0-9_]*)")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def decode(kind: type[T], body: bytes) -> T:
+    """Decode and validate a request body, or raise InvalidRequestError naming the parameter."""
+    if not body:
+        raise InvalidRequestError("the request body is empty; send a JSON object")
+    try:
+        return _DECODERS[kind].decode(body)  # type: ignore[return-value]
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        unknown = _UNKNOWN.search(message)
+        if unknown:
+            name = unknown.group(1)
+            raise InvalidRequestError(
+                f"unrecognized request argument supplied: {name}",
+                param=name,
+                code="unsupported_parameter",
+            ) from None
+        where = _PATH.search(message)
+        raise InvalidRequestError(
+            f"invalid request: {message}", param=where.group(1) if where else None
+        ) from None
+    except msgspec.DecodeError:
+        raise InvalidRequestError(
+            "the request body is not valid JSON", code="invalid_json"
+        ) from None
+
+
+def encode(request: InferenceRequest) -> bytes:
+    return msgspec.json.encode(request)

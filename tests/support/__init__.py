@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite (generated fixtures, tiny models)."""
