@@ -33,11 +33,13 @@ from grifo.wire.responses import model_list
 
 log = logging.getLogger("grifo.gateway")
 
-_KINDS: dict[str, type[wire.InferenceRequest]] = {
-    "/v1/chat/completions": wire.ChatCompletionRequest,
-    "/v1/completions": wire.CompletionRequest,
-    "/v1/embeddings": wire.EmbeddingRequest,
-}
+
+def _decode(path: str, body: bytes) -> wire.InferenceRequest:
+    if path == "/v1/chat/completions":
+        return wire.decode(wire.ChatCompletionRequest, body)
+    if path == "/v1/completions":
+        return wire.decode(wire.CompletionRequest, body)
+    return wire.decode(wire.EmbeddingRequest, body)
 
 
 @dataclass(slots=True)
@@ -77,8 +79,7 @@ class Gateway:
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
-        kind = _KINDS[request.path]
-        body = wire.decode(kind, request.body)
+        body = _decode(request.path, request.body)
         allowed = allowed_set(
             principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
         )

@@ -15,18 +15,18 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
     """Unknown fields are errors: a typo must not silently change behaviour."""
 
 
-class ModelPrice(Base, kw_only=True):
+class ModelPrice(Base, kw_only=True, frozen=True):
     input_usd_per_1m: Usd = 0.0
     output_usd_per_1m: Usd = 0.0
 
 
-class Prices(Base, kw_only=True):
+class Prices(Base, kw_only=True, frozen=True):
     usd_per_hour: Usd = 0.0
     default: ModelPrice = ModelPrice()
     models: dict[str, ModelPrice] = {}
 
 
-class EngineConfig(Base, kw_only=True):
+class EngineConfig(Base, kw_only=True, frozen=True):
     """A local engine that `grifo serve` starts as a point process."""
 
     kind: Literal["llama_cpp", "fake", "proxy"] = "llama_cpp"
@@ -38,7 +38,7 @@ class EngineConfig(Base, kw_only=True):
     upstream_url: str | None = None
 
 
-class PointConfig(Base, kw_only=True):
+class PointConfig(Base, kw_only=True, frozen=True):
     name: Name
     site: str
     region: str
@@ -50,27 +50,27 @@ class PointConfig(Base, kw_only=True):
     prices: Prices = Prices()
 
 
-class TenantConfig(Base, kw_only=True):
+class TenantConfig(Base, kw_only=True, frozen=True):
     name: Name
     allowed_jurisdictions: list[str] | None = None
     """None means unrestricted; an empty list allows nothing."""
 
 
-class KeyConfig(Base, kw_only=True):
+class KeyConfig(Base, kw_only=True, frozen=True):
     tenant: Name
     id: Name
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
     env: str | None = None
 
 
-class PlacementConfig(Base, kw_only=True):
+class PlacementConfig(Base, kw_only=True, frozen=True):
     """How candidates are scored: expected latency in ms plus price converted to ms."""
 
     ms_per_micro_usd: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     queue_ms_per_request: Annotated[float, msgspec.Meta(ge=0)] = 250.0
 
 
-class GatewayConfig(Base, kw_only=True):
+class GatewayConfig(Base, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
@@ -80,7 +80,7 @@ class GatewayConfig(Base, kw_only=True):
     placement: PlacementConfig = PlacementConfig()
 
 
-class GrifoConfig(Base, kw_only=True):
+class GrifoConfig(Base, kw_only=True, frozen=True):
     points: list[PointConfig]
     gateway: GatewayConfig = GatewayConfig()
     blocs: dict[str, list[str]] = {}

