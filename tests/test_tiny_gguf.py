@@ -18,6 +18,7 @@ from llama_cpp.llama_types import (
     CreateChatCompletionResponse,
     CreateCompletionResponse,
 )
+
 from tests.support.tiny_gguf import TINY_CONTEXT_LENGTH, TINY_WORDS, write_tiny_gguf
 
 pytestmark = pytest.mark.engine

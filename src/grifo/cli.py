@@ -141,7 +141,11 @@ def _point_config(args: argparse.Namespace) -> PointConfig:
         model=args.model,
         threads=args.threads,
         upstream_url=args.upstream_url,
-        embeddings="none" if args.engine == "proxy" else "minilm",
+        embeddings="none"
+        if args.engine == "proxy"
+        else "fake"
+        if args.engine == "fake"
+        else "minilm",
     )
     from grifo.config.load import parse_config
 

@@ -300,7 +300,7 @@ def _check_token_limit(body: wire.InferenceRequest, point: PointState) -> None:
         return
     card = point.models.get(body.model)
     limit = body.token_limit()
-    if card is not None and limit is not None and limit > card.context_length:
+    if card is not None and limit is not None and 0 < card.context_length < limit:
         param = (
             "max_completion_tokens"
             if getattr(body, "max_completion_tokens", None)

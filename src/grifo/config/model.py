@@ -36,6 +36,8 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
     embeddings: Literal["minilm", "fake", "none"] = "minilm"
     upstream_url: str | None = None
+    token_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 0.0
+    """fake engine only: time per generated token, to exercise streaming and cancellation."""
 
 
 class PointConfig(Base, kw_only=True, frozen=True):

@@ -17,6 +17,9 @@ from grifo.wire import requests as wire
 
 class _Card(msgspec.Struct):
     id: str
+    kind: str = "chat"
+    context_length: int = 0  # grifo points
+    max_model_len: int = 0  # vLLM
 
 
 class _ModelList(msgspec.Struct):
@@ -27,7 +30,7 @@ class ProxyPointApp(PointApp):
     def __init__(self, identity: PointIdentity, upstream: ConnectionPool) -> None:
         super().__init__(identity, EngineRunner(None, None))
         self.upstream = upstream
-        self.upstream_models: list[str] = []
+        self.upstream_models: dict[str, _Card] = {}
         self._routes["/v1/chat/completions"] = ("POST", self._forward_chat)
         self._routes["/v1/completions"] = ("POST", self._forward_completion)
         self._routes["/v1/embeddings"] = ("POST", self._forward_embeddings)
@@ -35,19 +38,20 @@ class ProxyPointApp(PointApp):
     async def refresh_models(self) -> None:
         response = await self.upstream.request("GET", "/v1/models", head_timeout_s=10)
         listing = msgspec.json.decode(await response.read(), type=_ModelList)
-        self.upstream_models = [card.id for card in listing.data]
+        self.upstream_models = {card.id: card for card in listing.data}
 
     def model_cards(self) -> list[dict[str, object]]:
+        """The upstream's models; a context length of 0 means the upstream did not say."""
         return [
             {
-                "id": m,
+                "id": card.id,
                 "object": "model",
                 "created": 0,
                 "owned_by": "upstream",
-                "kind": "chat",
-                "context_length": 0,
+                "kind": card.kind,
+                "context_length": card.context_length or card.max_model_len,
             }
-            for m in self.upstream_models
+            for card in self.upstream_models.values()
         ]
 
     async def _forward_chat(self, request: Request) -> Response | StreamResponse:

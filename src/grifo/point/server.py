@@ -27,7 +27,9 @@ def build_engines(engine: EngineConfig) -> tuple[Generator | None, Embedder | No
     if engine.kind == "fake":
         from grifo.point.engines.fake import FakeGenerator
 
-        generator = FakeGenerator(engine.model_id or "fake-chat", engine.context_length)
+        generator = FakeGenerator(
+            engine.model_id or "fake-chat", engine.context_length, engine.token_delay_ms / 1000
+        )
     else:
         from grifo.point.engines.llama import LlamaGenerator, resolve_model
 

@@ -1,22 +1,27 @@
 """Deterministic pure-Python engines for fast tests: no compile, no weights.
 
 The fake generator answers with the words of the last message, in order, cycled up to
-`max_tokens`; one word is one token. The fake embedder hashes words into a small vector.
+`max_tokens` (stopping after one pass when they fit); one word is one token, optionally slowed.
+The fake embedder hashes words into a small vector.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 
 from grifo.point.engines.base import EmbeddingResult, Generation, SamplingParams
 
 
 class FakeGenerator:
-    def __init__(self, model_id: str = "fake-chat", context_length: int = 2048) -> None:
+    def __init__(
+        self, model_id: str = "fake-chat", context_length: int = 2048, token_delay_s: float = 0.0
+    ) -> None:
         self.model_id = model_id
         self.context_length = context_length
+        self._delay_s = token_delay_s
 
     def count_chat_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         return sum(len(m["content"].split()) + 1 for m in messages)
@@ -40,6 +45,8 @@ class FakeGenerator:
             if gen.cancelled:
                 gen.finish_reason = "cancelled"
                 return
+            if self._delay_s:
+                time.sleep(self._delay_s)
             gen.completion_tokens += 1
             yield (" " if i else "") + words[i % len(words)]
             if i + 1 == len(words) and limit > len(words):
