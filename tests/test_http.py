@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from grifo.errors import PointTimeoutError, PointUnavailableError
+from grifo.errors import PointProtocolError, PointTimeoutError, PointUnavailableError
 from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.http.server import HttpServer, ServerLimits
@@ -131,8 +131,8 @@ class Raw:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def response(self, *, head_only: bool = False, timeout: float = 3.0) -> RawResponse:
-        return await asyncio.wait_for(self._response(head_only), timeout)
+    async def response(self, *, head_only: bool = False, within_s: float = 3.0) -> RawResponse:
+        return await asyncio.wait_for(self._response(head_only), within_s)
 
     async def _response(self, head_only: bool) -> RawResponse:
         head = await self.reader.readuntil(b"\r\n\r\n")
@@ -161,10 +161,10 @@ class Raw:
             body = await self.reader.readexactly(int(headers["content-length"]))
         return RawResponse(int(status), headers, body)
 
-    async def closed_by_peer(self, timeout: float = 3.0) -> bool:
-        """True when the server closes the connection (EOF or reset) within `timeout`."""
+    async def closed_by_peer(self, within_s: float = 3.0) -> bool:
+        """True when the server closes the connection (EOF or reset) within `within_s`."""
         try:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            data = await asyncio.wait_for(self.reader.read(65536), within_s)
         except ConnectionResetError:
             return True
         except TimeoutError:
@@ -273,9 +273,55 @@ def test_idle_keep_alive_connection_is_closed(run: Runner) -> None:
         async with serving(App(), limits) as (server, port), raw(port) as conn:
             await conn.send(get("/x"))
             assert (await conn.response()).status == 200
-            assert await conn.closed_by_peer(timeout=2.0)
+            assert await conn.closed_by_peer(within_s=2.0)
             await asyncio.sleep(0.05)
             assert not server.connections
+
+    run(main())
+
+
+def test_close_lets_in_flight_requests_finish(run: Runner) -> None:
+    async def main() -> None:
+        server = HttpServer(App(), SMALL)
+        port = await server.start("127.0.0.1", 0)
+        async with raw(port) as conn:
+            await conn.send(get("/sleep?0.2"))
+            await asyncio.sleep(0.05)
+            closing = asyncio.create_task(server.close(grace_s=2.0))
+            answer = await conn.response()
+            assert answer.json()["path"] == "/sleep"
+            assert await conn.closed_by_peer()  # and then the idle connection is closed
+            await closing
+        with pytest.raises(ConnectionRefusedError):
+            await Raw.connect(port)
+
+    run(main())
+
+
+def test_expect_100_continue(run: Runner) -> None:
+    async def main() -> None:
+        async with serving(App()) as (_, port), raw(port) as conn:
+            await conn.send(
+                b"POST /e HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n"
+            )
+            interim = await conn.response(head_only=True)
+            assert interim.status == 100
+            await conn.send(b"abc")
+            answer = await conn.response()
+            assert answer.json()["body"] == "abc"
+
+    run(main())
+
+
+def test_expect_100_continue_over_limit_gets_413_not_continue(run: Runner) -> None:
+    async def main() -> None:
+        async with serving(App()) as (_, port), raw(port) as conn:
+            await conn.send(
+                b"POST /e HTTP/1.1\r\nhost: t\r\ncontent-length: 999999\r\n"
+                b"expect: 100-continue\r\n\r\n"
+            )
+            assert (await conn.response()).status == 413
+            assert await conn.closed_by_peer()
 
     run(main())
 
@@ -360,8 +406,7 @@ HOSTILE = {
         b"abcGET /smuggled HTTP/1.1\r\nhost: t\r\n\r\n"
     ),
     "te-not-chunked-last": (
-        b"POST /s HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, identity\r\n\r\n"
-        b"0\r\n\r\n"
+        b"POST /s HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, identity\r\n\r\n0\r\n\r\n"
     ),
     "garbage-request-line": b"HELLO THERE\r\n\r\n",
     "binary-garbage": b"\x00\x01\x02\xff\xfe GET / HTTP/1.1\r\n\r\n",
@@ -450,7 +495,7 @@ def test_silent_connection_is_closed_after_header_timeout(run: Runner) -> None:
 
     async def main() -> None:
         async with serving(App(), limits) as (_, port), raw(port) as conn:
-            assert await conn.closed_by_peer(timeout=2.0)
+            assert await conn.closed_by_peer(within_s=2.0)
 
     run(main())
 
@@ -482,7 +527,7 @@ def test_slow_pipelined_head_behind_a_busy_handler_still_times_out(run: Runner) 
             assert (await conn.response()).status == 200
             # Either a 408 or a plain close is acceptable; hanging on is not.
             try:
-                answer = await conn.response(timeout=2.0)
+                answer = await conn.response(within_s=1.0)
             except (asyncio.IncompleteReadError, ConnectionResetError):
                 return
             except TimeoutError:
@@ -557,33 +602,19 @@ def test_client_leaving_mid_stream_closes_body_and_reports_false(run: Runner) ->
     run(main())
 
 
-def test_half_closed_client_still_gets_its_answer(run: Runner) -> None:
-    async def main() -> None:
-        async with serving(App()) as (_, port), raw(port) as conn:
-            await conn.send(get("/sleep?0.05", extra=b"connection: close\r\n"))
-            conn.writer.write_eof()
-            answer = await conn.response()
-            assert answer.json()["path"] == "/sleep"
-            assert await conn.closed_by_peer()
-
-    run(main())
-
-
 def test_client_leaving_cancels_a_running_handler(run: Runner) -> None:
     """The module promises "cancellation when the client leaves": a gateway that gives up on a
-    point (head timeout) closes its connection, and the point should stop working for nobody.
-
-    Today `eof_received` keeps a connection whose handler is running open (to serve half-closed
-    clients), so a handler that does not write is never cancelled: it runs to completion.
+    point (head timeout) closes its connection, and the point must stop working for nobody,
+    even while the handler has not written anything yet.
     """
     app = App()
 
     async def main() -> None:
         async with serving(app) as (server, port):
             async with raw(port) as conn:
-                await conn.send(get("/sleep?3"))
+                await conn.send(get("/sleep?1.5"))
                 await asyncio.sleep(0.1)
-            for _ in range(100):
+            for _ in range(50):
                 if app.cancelled:
                     break
                 await asyncio.sleep(0.01)
@@ -723,7 +754,7 @@ def test_pool_head_timeout_is_point_timeout(run: Runner) -> None:
             pool = ConnectionPool("127.0.0.1", port)
             try:
                 with pytest.raises(PointTimeoutError):
-                    await pool.request("GET", "/sleep?5", head_timeout_s=0.2)
+                    await pool.request("GET", "/sleep?0.6", head_timeout_s=0.2)
                 # The timed-out connection is dropped, not reused for the next request.
                 response = await pool.request("GET", "/after")
                 assert json.loads(await response.read())["path"] == "/after"
@@ -754,7 +785,7 @@ def test_pool_peer_closing_before_answering_is_point_unavailable(run: Runner) ->
     run(main())
 
 
-def test_pool_retries_once_when_an_idle_connection_was_closed(run: Runner) -> None:
+def test_pool_forgets_idle_connections_the_server_closed(run: Runner) -> None:
     limits = ServerLimits(keepalive_timeout_s=0.1)
     app = App()
 
@@ -767,6 +798,97 @@ def test_pool_retries_once_when_an_idle_connection_was_closed(run: Runner) -> No
                 await asyncio.sleep(0.3)  # the server closes the idle connection
                 second = await pool.request("GET", "/two")
                 assert json.loads(await second.read())["path"] == "/two"
+            finally:
+                await pool.close()
+
+    run(main())
+
+
+@contextlib.asynccontextmanager
+async def scripted(
+    script: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A raw TCP server running `script` per connection, for misbehaving points."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield listener.sockets[0].getsockname()[1]
+    finally:
+        listener.close()
+        for writer in writers:
+            writer.close()
+        await listener.wait_closed()
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def test_pool_retries_once_when_a_reused_connection_is_closed_unanswered(run: Runner) -> None:
+    """The point closes a keep-alive connection just as the pool reuses it (nothing answered):
+    the pool tries once more on a fresh connection instead of failing the request."""
+    connections: list[int] = []
+
+    async def first_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await reader.readuntil(b"\r\n\r\n")  # the second request on this connection ...
+        # ... is dropped without a byte of answer.
+
+    async def main() -> None:
+        async with scripted(first_only) as port:
+            pool = ConnectionPool("127.0.0.1", port)
+            try:
+                assert await (await pool.request("GET", "/1")).read() == b"ok"
+                assert await (await pool.request("GET", "/2")).read() == b"ok"
+            finally:
+                await pool.close()
+        assert len(connections) == 2
+
+    run(main())
+
+
+def test_pool_malformed_response_is_point_protocol_error(run: Runner) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SPLAT 200 whatever\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with scripted(garbage) as port:
+            pool = ConnectionPool("127.0.0.1", port)
+            try:
+                with pytest.raises(PointProtocolError):
+                    await pool.request("GET", "/x")
+            finally:
+                await pool.close()
+
+    run(main())
+
+
+def test_pool_connection_dropped_mid_body_is_point_protocol_error(run: Runner) -> None:
+    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    async def main() -> None:
+        async with scripted(truncated) as port:
+            pool = ConnectionPool("127.0.0.1", port)
+            try:
+                response = await pool.request("GET", "/x")
+                assert response.status == 200
+                with pytest.raises(PointProtocolError):
+                    await response.read()
             finally:
                 await pool.close()
 

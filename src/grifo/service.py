@@ -6,6 +6,7 @@ api (decode) → security (key → principal) → placement (allowed set, then r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -16,7 +17,12 @@ import msgspec
 
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, forward
-from grifo.errors import GrifoError, InvalidRequestError, NoCompliantPointError
+from grifo.errors import (
+    GrifoError,
+    InvalidRequestError,
+    NoCompliantPointError,
+    PointProtocolError,
+)
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
@@ -172,33 +178,40 @@ class Gateway:
         splitter = SseSplitter()
         try:
             async for data in response.iter_body():
-                out = []
-                for event in splitter.feed(data):
-                    if ex.first_token_ns is None:
-                        ex.first_token_ns = time.monotonic_ns()
-                    if b'"usage"' in event and event.startswith(b"data: {"):
-                        event = self._usage_event(ex, state, event, include_usage)
-                    elif event.startswith(b"data: {"):
-                        state.events += 1
-                    if event:
-                        out.append(event)
-                if out:
+                out = [self._relay_event(ex, state, e, include_usage) for e in splitter.feed(data)]
+                if any(out):
                     yield b"".join(out)
-        except GrifoError as exc:
+            if rest := splitter.rest():
+                yield rest  # an unterminated last event passes through as it came
+        except (GrifoError, ValueError) as exc:
             # After the head was sent, failures travel in-band, as OpenAI does.
-            yield b"data: " + exc.envelope() + b"\n\n"
+            error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
+            yield b"data: " + error.envelope() + b"\n\n"
+
+    def _relay_event(
+        self, ex: Exchange, state: _StreamState, event: bytes, include_usage: bool
+    ) -> bytes:
+        if ex.first_token_ns is None:
+            ex.first_token_ns = time.monotonic_ns()
+        if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
+            return event
+        if b'"usage"' in event:
+            return self._usage_event(ex, state, event, include_usage)
+        state.events += 1
+        return event
 
     def _usage_event(
         self, ex: Exchange, state: _StreamState, event: bytes, include_usage: bool
     ) -> bytes:
-        usage = usage_of(event[6:].strip())
+        payload = event[5:].strip()
+        usage = usage_of(payload)
         if usage is None:
             return event
         state.usage = usage
         state.cost = self._meter(ex, usage, "ok", "point")
         if not include_usage:
             return b""  # the client did not ask for the usage chunk; we asked for it to meter
-        chunk = msgspec.json.decode(event[6:].strip())
+        chunk = msgspec.json.decode(payload)
         if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
             chunk["usage"]["cost_micros"] = state.cost
         return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
@@ -283,8 +296,13 @@ class _StreamState:
     cost: int | None = None
 
 
+_ID_PREFIX = f"req-{uuid.uuid4().hex[:16]}"
+_ids = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
+    """Unique across processes (random per-process prefix) without a syscall per request."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 def _point_headers(point: PointState, cost: int) -> Headers:

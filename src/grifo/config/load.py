@@ -103,7 +103,10 @@ def _check_point(where: str, point: PointConfig) -> list[str]:
     upstream = engine.upstream_url if engine is not None else None
     if engine is not None and engine.kind == "proxy" and parse_point_url(upstream or "") is None:
         problems.append(f"{where}.engine.upstream_url: a proxy engine needs http://host:port")
-    prices = [("default", point.prices.default), *point.prices.models.items()]
+    prices = [
+        ("default", point.prices.default),
+        *((f"models.{name}", price) for name, price in point.prices.models.items()),
+    ]
     problems += [
         f"{where}.prices.{name}.{field}: more precise than 1 micro-USD"
         for name, price in prices

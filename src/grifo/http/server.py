@@ -140,8 +140,9 @@ class HttpProtocol(asyncio.Protocol):
             self._task.cancel()
 
     def eof_received(self) -> bool:
-        # A half-closed client may still read the answer to what it already sent.
-        return self._task is not None and not self._task.done()
+        # A client that stops sending has gone (HTTP clients do not half-close): closing makes
+        # connection_lost cancel the work done for it, as nginx does on a client abort.
+        return False
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -272,22 +273,29 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(response, StreamResponse):
                 await self._stream(response, keep_alive)
             else:
-                self._write_response(response, keep_alive)
+                self._write_response(response, keep_alive, request.method != "HEAD")
             if not keep_alive:
                 self._close()
                 return
             if self._transport is not None and len(self._pending) <= _MAX_PIPELINED:
                 self._transport.resume_reading()
-        if not self._closing and not self._in_message:
+        if self._closing:
+            return
+        if self._in_message:
+            # A pipelined request started arriving while we were busy: it gets no more time
+            # than any other request to finish arriving.
+            self._arm(self._limits.header_timeout_s)
+        else:
             self._arm(self._limits.keepalive_timeout_s)
 
-    def _write_response(self, response: Response, keep_alive: bool) -> None:
+    def _write_response(self, response: Response, keep_alive: bool, with_body: bool) -> None:
+        """Head and body in one write; a HEAD request gets the head only (RFC 9110 9.3.2)."""
         if self._transport is None or self._closing:
             return
         head = response_head(
             response.status, response.content_type, response.headers, len(response.body), keep_alive
         )
-        self._transport.write(head + response.body)
+        self._transport.write(head + response.body if with_body else head)
 
     async def _stream(self, response: StreamResponse, keep_alive: bool) -> None:
         completed = False

@@ -42,14 +42,19 @@ def _clamp(n: int) -> int:
 
 
 class SseSplitter:
-    """Cuts a byte stream into complete SSE events (each ending in a blank line)."""
+    """Cuts a byte stream into complete SSE events, each ending in a blank line (`\n\n`)."""
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buffer = b""
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Complete events in `data` plus what was held back; CRLF framing becomes LF."""
         buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:
+            # A CR at the very end may be half of a CRLF: keep it until the next feed.
+            tail = b"\r" if buffer.endswith(b"\r") else b""
+            buffer = buffer[: len(buffer) - len(tail)].replace(b"\r\n", b"\n") + tail
         events: list[bytes] = []
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:

@@ -116,6 +116,7 @@ _DECODERS: dict[type, msgspec.json.Decoder[InferenceRequest]] = {
 }
 _PATH = re.compile(r"at `\$\.?([A-Za-z_][A-Za-z0-9_]*)")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
 def decode(kind: type[T], body: bytes) -> T:
@@ -134,7 +135,7 @@ def decode(kind: type[T], body: bytes) -> T:
                 param=name,
                 code="unsupported_parameter",
             ) from None
-        where = _PATH.search(message)
+        where = _PATH.search(message) or _MISSING.search(message)
         raise InvalidRequestError(
             f"invalid request: {message}", param=where.group(1) if where else None
         ) from None
