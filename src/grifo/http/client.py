@@ -182,6 +182,11 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+def _expire(head: asyncio.Future[UpstreamResponse]) -> None:
+    if not head.done():
+        head.set_exception(TimeoutError())
+
+
 class ConnectionPool:
     """Keep-alive connections to one origin (`host:port`)."""
 
@@ -227,8 +232,10 @@ class ConnectionPool:
         self, conn: _Connection, payload: bytes, head_timeout_s: float
     ) -> UpstreamResponse:
         head = conn.send(payload)
+        # A timer on the future itself: asyncio.wait_for would create a Task per request.
+        timer = asyncio.get_running_loop().call_later(head_timeout_s, _expire, head)
         try:
-            return await asyncio.wait_for(head, timeout=head_timeout_s)
+            return await head
         except TimeoutError:
             conn.abort()
             raise PointTimeoutError(
@@ -237,6 +244,8 @@ class ConnectionPool:
         except asyncio.CancelledError:
             conn.abort()
             raise
+        finally:
+            timer.cancel()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()

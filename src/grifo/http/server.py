@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -118,6 +119,11 @@ class HttpProtocol(asyncio.Protocol):
         self._pending: deque[tuple[Request, bool]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = math.inf
+        self._tick_s = max(
+            0.05,
+            min(limits.header_timeout_s, limits.body_timeout_s, limits.keepalive_timeout_s) / 2,
+        )
         self._writable = asyncio.Event()
         self._writable.set()
         self._closing = False
@@ -134,7 +140,9 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._server.connections.discard(self)
-        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -241,17 +249,26 @@ class HttpProtocol(asyncio.Protocol):
             raise _Abort(HeadersTooLargeError("request headers are too large"))
 
     # -- timers -----------------------------------------------------------------------------
+    # One coarse timer per connection checks a deadline, so a request costs no timer churn:
+    # `_arm` and `_disarm` only move the deadline. A timeout fires within 1.5x its value.
     def _arm(self, delay_s: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(delay_s, self._on_timeout)
+        self._deadline = self._loop.time() + delay_s
+        if self._timer is None and not self._closing:
+            self._timer = self._loop.call_later(self._tick_s, self._on_tick)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = math.inf
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        if self._loop.time() >= self._deadline:
+            self._on_timeout()
+        else:
+            self._timer = self._loop.call_later(self._tick_s, self._on_tick)
 
     def _on_timeout(self) -> None:
-        self._timer = None
         if self._in_message:
             self._fail(RequestTimeoutError("the request was not received in time"))
         else:
@@ -333,7 +350,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._transport is not None:
             self._transport.close()
 
