@@ -27,6 +27,7 @@ def test_chat_carries_point_headers_and_real_usage(fabric: Fabric) -> None:
     assert raw.headers["x-grifo-jurisdiction"] == "PE"
     assert raw.headers["x-request-id"].startswith("req-")
     assert int(raw.headers["x-grifo-cost-micros"]) >= 1
+    assert 0 < float(raw.headers["x-grifo-overhead-ms"]) < 1000
 
 
 def test_eu_tenant_only_reaches_eu_points(fabric: Fabric) -> None:
@@ -198,6 +199,8 @@ def test_readyz_healthz_and_metrics(fabric: Fabric) -> None:
     )
     assert "grifo_cost_micros_total" in metrics
     assert "grifo_time_to_first_token_seconds" in metrics
+    assert 'grifo_point_up{point="virginia-central"} 1.0' in metrics
+    assert "grifo_gateway_overhead_seconds_count" in metrics
 
 
 def test_no_compliant_point_is_503_and_nothing_goes_elsewhere(fresh_fabric: Fabric) -> None:

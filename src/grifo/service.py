@@ -126,6 +126,7 @@ class Gateway:
     async def _whole(self, ex: Exchange, response: UpstreamResponse) -> Response:
         assert ex.point is not None
         payload = await response.read()
+        answered_ns = time.monotonic_ns()
         cost = 0
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
@@ -137,12 +138,21 @@ class Gateway:
             (time.monotonic_ns() - ex.received_ns) / 1e9,
             None,
         )
-        return Response(response.status, payload, headers=_point_headers(ex.point, cost))
+        headers = _point_headers(ex.point, cost)
+        headers.append(self._overhead(ex, answered_ns))
+        return Response(response.status, payload, headers=headers)
+
+    def _overhead(self, ex: Exchange, answered_ns: int) -> tuple[bytes, bytes]:
+        """Time the gateway itself added: before dispatch, and after the point answered."""
+        added_ns = (ex.dispatched_ns - ex.received_ns) + (time.monotonic_ns() - answered_ns)
+        self.metrics.overhead.observe(added_ns / 1e9)
+        return (b"x-grifo-overhead-ms", f"{added_ns / 1e6:.3f}".encode())
 
     def _stream(
         self, ex: Exchange, response: UpstreamResponse, include_usage: bool
     ) -> StreamResponse:
         assert ex.point is not None
+        answered_ns = time.monotonic_ns()
         point = ex.point
         prompt_header = response.headers.get(b"x-grifo-prompt-tokens", b"0")
         prompt_tokens = int(prompt_header) if prompt_header.isdigit() else 0
@@ -165,11 +175,10 @@ class Gateway:
                 ex.endpoint, point.name, 200 if completed else 499, latency_s, ttft_s
             )
 
+        headers = _point_headers(point, head_cost)
+        headers.append(self._overhead(ex, answered_ns))
         return StreamResponse(
-            200,
-            self._relay(ex, response, state, include_usage),
-            headers=_point_headers(point, head_cost),
-            on_close=on_close,
+            200, self._relay(ex, response, state, include_usage), headers=headers, on_close=on_close
         )
 
     async def _relay(
@@ -283,6 +292,11 @@ class Gateway:
                 if point.jurisdiction not in jurisdictions:
                     jurisdictions.append(point.jurisdiction)
         return Response(200, model_list(sorted(cards.values(), key=lambda c: str(c["id"]))))
+
+    def render_metrics(self) -> bytes:
+        for point in self.points:
+            self.metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
+        return self.metrics.render()
 
     def ready(self) -> bool:
         return all(p.healthy for p in self.points)

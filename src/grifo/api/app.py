@@ -57,7 +57,7 @@ class GatewayApp:
         if request.path == "/readyz":
             return self._readyz()
         return Response(
-            200, self.gateway.metrics.render(), content_type=b"text/plain; version=0.0.4"
+            200, self.gateway.render_metrics(), content_type=b"text/plain; version=0.0.4"
         )
 
     def _readyz(self) -> Response:

@@ -34,6 +34,12 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.overhead = Histogram(
+            "grifo_gateway_overhead_seconds",
+            "Time the gateway adds to a request: before dispatch and after the point's answer",
+            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
+            registry=r,
+        )
         self.point_up = Gauge("grifo_point_up", "1 if the point is healthy", ["point"], registry=r)
         self.denials = Counter(
             "grifo_jurisdiction_denials", "Requests refused: no compliant point", registry=r
