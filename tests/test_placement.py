@@ -29,7 +29,7 @@ from grifo.jurisdictions import (
 from grifo.metering.pricing import cost_micros, hardware_cost_micros, token_cost_micros
 from grifo.metering.usage import SseSplitter, Usage, usage_of
 from grifo.placement.jurisdiction import HEADER, allowed_set
-from grifo.placement.scoring import NOMINAL_PROMPT_TOKENS, Candidate, rank
+from grifo.placement.scoring import NOMINAL_PROMPT_TOKENS, Candidate, PlacementIndex, rank
 from grifo.topology import ModelCard, PointState, Price, build_point_state
 
 EU = BLOCS["EU"]
@@ -387,6 +387,60 @@ def test_rank_property(
         assert math.isclose(c.score_ms, expected, rel_tol=1e-9, abs_tol=1e-9)
     keys = [(c.score_ms, c.point.name) for c in ranked]
     assert keys == sorted(keys)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    specs=point_specs,
+    allowed=st.none() | st.frozensets(st.sampled_from([*CODES, "JP"])),
+    completion_tokens=st.integers(0, 100_000),
+    k=st.integers(1, 4),
+    in_flight=st.lists(st.integers(0, 5), min_size=8, max_size=8),
+)
+def test_bounded_scan_gives_the_top_k_of_the_full_ranking(
+    specs: list[tuple[str, bool, int, int, int, int, int, frozenset[str]]],
+    allowed: frozenset[str] | None,
+    completion_tokens: int,
+    k: int,
+    in_flight: list[int],
+) -> None:
+    """The gateway's index stops scanning early; it must still return exactly the best k."""
+    points = []
+    for i, (code, healthy, rtt, inp, out, hour, queued, _) in enumerate(specs):
+        point = make_point(
+            f"p{i}",
+            code,
+            rtt_ms=rtt,
+            healthy=healthy,
+            models=("m1",),
+            queued=queued,
+            input_usd=inp / 1_000_000,
+            output_usd=out / 1_000_000,
+            usd_per_hour=hour / 1_000_000,
+        )
+        point.gateway_in_flight = in_flight[i]
+        points.append(point)
+    index = PlacementIndex(points, PLACEMENT)
+    try:
+        full = rank(points, "m1", allowed, completion_tokens, PLACEMENT)
+    except (ModelNotFoundError, NoCompliantPointError) as exc:
+        with pytest.raises(type(exc)):
+            index.rank("m1", allowed, completion_tokens, k)
+        return
+    top = index.rank("m1", allowed, completion_tokens, k)
+    assert [(c.point.name, c.score_ms) for c in top] == [
+        (c.point.name, c.score_ms) for c in full[:k]
+    ]
+
+
+def test_index_follows_model_changes() -> None:
+    point = make_point("a", "DE", models=("m1",))
+    index = PlacementIndex([point], PLACEMENT)
+    assert names(index.rank("m1", None, 10, 3)) == ["a"]
+    point.set_models({"m2": ModelCard("m2", "chat", 2048)})
+    assert names(index.rank("m2", None, 10, 3)) == ["a"]
+    with pytest.raises(ModelNotFoundError):
+        index.rank("m1", None, 10, 3)
 
 
 # -- pricing ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from grifo.metering.pricing import cost_micros
 from grifo.metering.usage import SseSplitter, Usage, usage_of
 from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
 from grifo.placement.jurisdiction import allowed_set
-from grifo.placement.scoring import rank
+from grifo.placement.scoring import PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.sqlite import LedgerEntry, LedgerWriter
 from grifo.telemetry.metrics import GatewayMetrics
@@ -80,6 +80,7 @@ class Gateway:
         self.ledger = ledger
         self.pools = pools
         self.metrics = metrics
+        self.placement = PlacementIndex(self.points, config.placement)
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
@@ -91,7 +92,9 @@ class Gateway:
         )
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         try:
-            candidates = rank(self.points, body.model, allowed, limit, self.config.placement)
+            candidates = self.placement.rank(
+                body.model, allowed, limit, self.config.placement.max_attempts
+            )
         except NoCompliantPointError:
             self.metrics.denials.inc()
             raise

@@ -10,6 +10,17 @@ from dataclasses import dataclass, field
 from grifo.config.load import parse_point_url, usd_to_micros
 from grifo.config.model import PointConfig
 
+_epoch = [0]
+
+
+def models_epoch() -> int:
+    """Changes whenever any point's model list changes (a cheap staleness check for indexes)."""
+    return _epoch[0]
+
+
+def _bump_epoch() -> None:
+    _epoch[0] += 1
+
 
 @dataclass(frozen=True, slots=True)
 class Price:
@@ -52,6 +63,12 @@ class PointState:
 
     def price(self, model: str) -> Price:
         return self.prices.get(model, self.default_price)
+
+    def set_models(self, models: dict[str, ModelCard]) -> None:
+        """Record what the point serves; placement indexes are rebuilt when this changes."""
+        if models != self.models:
+            self.models = models
+            _bump_epoch()
 
     def mark_down(self, reason: str) -> None:
         self.healthy = False

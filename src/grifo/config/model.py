@@ -70,6 +70,8 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
 
     ms_per_micro_usd: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     queue_ms_per_request: Annotated[float, msgspec.Meta(ge=0)] = 250.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
+    """How many compliant points a request may be tried on before the first byte."""
 
 
 class GatewayConfig(Base, kw_only=True, frozen=True):

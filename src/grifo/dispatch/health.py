@@ -51,7 +51,7 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
     except (GrifoError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         point.mark_down(f"health check failed: {exc}")
         return
-    point.models = {m.id: m for m in info.models}
+    point.set_models({m.id: m for m in info.models})
     point.queued, point.point_in_flight = load.queued, load.in_flight
     point.tokens_per_s = load.tokens_per_s
     if not point.healthy:
