@@ -33,6 +33,8 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     model: str = "smollm2"
     model_id: str | None = None
     threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
     embeddings: Literal["minilm", "fake", "none"] = "minilm"
     upstream_url: str | None = None

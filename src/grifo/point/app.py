@@ -22,7 +22,7 @@ from grifo.errors import (
 )
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.engines.base import Generation, Generator, SamplingParams
-from grifo.point.runner import EngineRunner, GenerationJob
+from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob
 from grifo.wire import responses
 from grifo.wire.requests import (
     ChatCompletionRequest,
@@ -130,7 +130,7 @@ class PointApp:
         )
 
     # -- inference --------------------------------------------------------------------------------
-    def _generator(self, model: str) -> Generator:
+    def _generator(self, model: str) -> Generator | BatchGenerator:
         gen = self.runner.generator
         if gen is None or gen.model_id != model:
             raise ModelNotFoundError(f"the model {model!r} is not served here", param="model")
@@ -144,9 +144,9 @@ class PointApp:
             for m in chat.messages
         ]
         params = _params(chat, chat.token_limit(), gen.context_length)
-        job = await self.runner.generate(lambda g: g.start_chat(messages, params))
+        job = await self.runner.generate("chat", messages, params)
         frames = responses.ChatFrames(chat.model)
-        generation = job.started.result()
+        generation = job.started_future.result()
         if not chat.stream:
             text = "".join([piece async for piece in job.pieces()])
             self._count(generation)
@@ -168,9 +168,9 @@ class PointApp:
         gen = self._generator(comp.model)
         params = _params(comp, comp.token_limit(), gen.context_length)
         prompt = comp.prompt_text()
-        job = await self.runner.generate(lambda g: g.start_completion(prompt, params))
+        job = await self.runner.generate("completion", prompt, params)
         frames = responses.CompletionFrames(comp.model)
-        generation = job.started.result()
+        generation = job.started_future.result()
         if not comp.stream:
             text = "".join([piece async for piece in job.pieces()])
             self._count(generation)

@@ -1,8 +1,9 @@
 """Runs blocking engines off the event loop and keeps the point's load signals.
 
-One thread owns the generator (llama.cpp contexts are not thread-safe), one the embedder. Jobs
-wait their turn in a FIFO; text pieces cross back to the loop with `call_soon_threadsafe`. A job
-whose client went away is cancelled between tokens, or skipped if it never started.
+Two kinds of generator: a sequential one (`Generator`: one generation at a time in one thread,
+FIFO) and a batching one (`BatchGenerator`: owns its thread and interleaves many generations).
+Either way a `GenerationJob` carries the text back to the loop with `call_soon_threadsafe`, and
+a job whose client went away is cancelled between tokens, or skipped if it never started.
 """
 
 from __future__ import annotations
@@ -10,12 +11,40 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 from grifo.errors import GrifoError
-from grifo.point.engines.base import Embedder, EmbeddingResult, Generation, Generator
+from grifo.point.engines.base import (
+    Embedder,
+    EmbeddingResult,
+    Generation,
+    Generator,
+    SamplingParams,
+)
+
+Kind = Literal["chat", "completion"]
+Payload = str | Sequence[dict[str, str]]
+
+
+@runtime_checkable
+class BatchGenerator(Protocol):
+    """A generator that schedules its own work; see `engines.batching`."""
+
+    model_id: str
+    context_length: int
+    waiting: int
+
+    @property
+    def active(self) -> int: ...
+
+    def submit(
+        self, kind: Kind, payload: Payload, params: SamplingParams, sink: GenerationJob
+    ) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,12 +58,14 @@ class LoadSignal:
 
 
 class GenerationJob:
-    """A generation requested by one HTTP request; consumed with `pieces()`."""
+    """One generation for one HTTP request. The engine side calls `started`, `piece` and
+    `finished` from its thread; the request side awaits `started` and iterates `pieces()`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: EngineRunner) -> None:
         self._loop = loop
+        self._runner = runner
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self.started: asyncio.Future[Generation] = loop.create_future()
+        self.started_future: asyncio.Future[Generation] = loop.create_future()
         self.generation: Generation | None = None
         self.cancelled = False
         self.error: BaseException | None = None
@@ -50,26 +81,39 @@ class GenerationJob:
         if self.error is not None:
             raise self.error
 
-    # -- worker-thread side ---------------------------------------------------------------------
-    def _publish(self, piece: str | None) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+    # -- engine side (any thread) -----------------------------------------------------------------
+    def started(self, generation: Generation) -> None:
+        self.generation = generation
+        generation.cancelled = self.cancelled
+        self._loop.call_soon_threadsafe(self._settle, generation, None)
+
+    def piece(self, text: str) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+
+    def finished(self, error: BaseException | None) -> None:
+        produced = self.generation.completion_tokens if self.generation is not None else 0
+        self._runner._record(produced)
+        if self.generation is None:
+            self._loop.call_soon_threadsafe(self._settle, None, error or GrifoError("no start"))
+            return
+        self.error = error
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
 
     def _settle(self, generation: Generation | None, error: BaseException | None) -> None:
-        def settle() -> None:
-            if self.started.done():
-                return
-            if error is not None:
-                self.started.set_exception(error)
-            elif generation is not None:
-                self.started.set_result(generation)
-
-        self._loop.call_soon_threadsafe(settle)
+        if self.started_future.done():
+            return
+        if error is not None:
+            self.started_future.set_exception(error)
+        elif generation is not None:
+            self.started_future.set_result(generation)
 
 
 class EngineRunner:
     """The engines of one point and the queue in front of them."""
 
-    def __init__(self, generator: Generator | None, embedder: Embedder | None) -> None:
+    def __init__(
+        self, generator: Generator | BatchGenerator | None, embedder: Embedder | None
+    ) -> None:
         self.generator = generator
         self.embedder = embedder
         self._gen_thread = ThreadPoolExecutor(1, thread_name_prefix="grifo-generate")
@@ -78,58 +122,76 @@ class EngineRunner:
         self._emb_active = 0  # written only by the event loop
         self._submitted = 0  # event loop
         self._taken = 0  # generator thread
-        self._completed = 0
-        self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
+        self._completed: deque[tuple[float, int]] = deque(maxlen=4096)
 
     def load(self) -> LoadSignal:
         now = time.monotonic()
-        recent = [(t, n) for t, n in self._token_times if now - t <= 10.0]
-        tokens = sum(n for _, n in recent)
-        in_flight = self._gen_active + self._emb_active
-        return LoadSignal(in_flight, self._submitted - self._taken, self._completed, tokens / 10.0)
+        recent = [n for t, n in list(self._completed) if now - t <= 10.0]
+        gen = self.generator
+        if isinstance(gen, BatchGenerator):
+            running, queued = gen.active, gen.waiting
+        else:
+            running, queued = self._gen_active, self._submitted - self._taken
+        return LoadSignal(
+            running + self._emb_active, queued, len(self._completed), sum(recent) / 10
+        )
 
-    async def generate(self, start: Callable[[Generator], Generation]) -> GenerationJob:
+    def _record(self, tokens: int) -> None:
+        self._completed.append((time.monotonic(), tokens))
+
+    async def generate(self, kind: Kind, payload: Payload, params: SamplingParams) -> GenerationJob:
         """Queue a generation; returns once it has started (prompt tokenized and accepted)."""
-        if self.generator is None:
+        gen = self.generator
+        if gen is None:
             raise GrifoError("this point has no text-generation engine")
         loop = asyncio.get_running_loop()
-        job = GenerationJob(loop)
-        self._submitted += 1
-        loop.run_in_executor(self._gen_thread, self._run, job, start)
+        job = GenerationJob(loop, self)
+        if isinstance(gen, BatchGenerator):
+            gen.submit(kind, payload, params, job)
+        else:
+            self._submitted += 1
+            loop.run_in_executor(self._gen_thread, self._run, gen, job, kind, payload, params)
         try:
-            await asyncio.shield(job.started)
+            await asyncio.shield(job.started_future)
         except asyncio.CancelledError:
             job.cancel()
             raise
         return job
 
-    def _run(self, job: GenerationJob, start: Callable[[Generator], Generation]) -> None:
+    def _run(
+        self,
+        gen: Generator,
+        job: GenerationJob,
+        kind: Kind,
+        payload: Payload,
+        params: SamplingParams,
+    ) -> None:
         self._taken += 1
-        if job.cancelled or self.generator is None:
-            job._settle(None, asyncio.CancelledError())
+        if job.cancelled:
+            job.finished(InterruptedError("cancelled before it started"))
             return
         self._gen_active += 1
-        produced = 0
         try:
             try:
-                generation = start(self.generator)
-            except BaseException as exc:
-                job._settle(None, exc)
+                if kind == "chat":
+                    assert not isinstance(payload, str)
+                    generation = gen.start_chat(payload, params)
+                else:
+                    assert isinstance(payload, str)
+                    generation = gen.start_completion(payload, params)
+            except Exception as exc:
+                job.finished(exc)
                 return
-            job.generation = generation
-            generation.cancelled = job.cancelled
-            job._settle(generation, None)
+            job.started(generation)
+            error: BaseException | None = None
             try:
                 for piece in generation.pieces:
-                    job._publish(piece)
+                    job.piece(piece)
             except Exception as exc:  # an engine failure mid-generation ends the stream
-                job.error = exc
-            produced = generation.completion_tokens
+                error = exc
+            job.finished(error)
         finally:
             self._gen_active -= 1
-            self._completed += 1
-            self._token_times.append((time.monotonic(), produced))
-            job._publish(None)
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
         if self.embedder is None:
@@ -141,8 +203,10 @@ class EngineRunner:
             return await loop.run_in_executor(self._emb_thread, embedder.embed, list(texts))
         finally:
             self._emb_active -= 1
-            self._completed += 1
+            self._record(0)
 
     def close(self) -> None:
+        if isinstance(self.generator, BatchGenerator):
+            self.generator.close()
         self._gen_thread.shutdown(wait=False, cancel_futures=True)
         self._emb_thread.shutdown(wait=False, cancel_futures=True)

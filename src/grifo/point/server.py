@@ -17,13 +17,15 @@ from grifo.http.client import ConnectionPool
 from grifo.http.server import HttpServer
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.engines.base import Embedder, Generator
-from grifo.point.runner import EngineRunner
+from grifo.point.runner import BatchGenerator, EngineRunner
 
 log = logging.getLogger("grifo.point")
 
 
-def build_engines(engine: EngineConfig) -> tuple[Generator | None, Embedder | None]:
-    generator: Generator | None
+def build_engines(
+    engine: EngineConfig,
+) -> tuple[Generator | BatchGenerator | None, Embedder | None]:
+    generator: Generator | BatchGenerator | None
     if engine.kind == "fake":
         from grifo.point.engines.fake import FakeGenerator
 
@@ -31,14 +33,16 @@ def build_engines(engine: EngineConfig) -> tuple[Generator | None, Embedder | No
             engine.model_id or "fake-chat", engine.context_length, engine.token_delay_ms / 1000
         )
     else:
-        from grifo.point.engines.llama import LlamaGenerator, resolve_model
+        from grifo.point.engines.batching import BatchedLlamaGenerator
+        from grifo.point.engines.llama import resolve_model
 
         path, default_id = resolve_model(engine.model)
-        generator = LlamaGenerator(
+        generator = BatchedLlamaGenerator(
             path,
             engine.model_id or default_id,
             context_length=engine.context_length,
             threads=engine.threads,
+            slots=engine.parallel,
         )
     embedder: Embedder | None = None
     if engine.embeddings == "minilm":

@@ -1,0 +1,312 @@
+"""llama.cpp with continuous batching: every active sequence advances in one `llama_decode`.
+
+One engine thread owns the model, the context (one KV-cache stream per slot) and a batch. Each
+step puts the next token of every decoding sequence into the batch first, then fills the rest
+with prompt chunks of newly admitted sequences, so a long prompt never stalls running streams.
+New requests join between steps; finished or cancelled ones leave and free their slot.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import queue
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from grifo.errors import InvalidRequestError
+from grifo.point.engines.base import Generation, SamplingParams
+from grifo.point.engines.llama import ContextLengthError, StopHold
+
+Kind = Literal["chat", "completion"]
+
+
+class GenerationSink(Protocol):
+    """Receives one generation's progress; every method is called from the engine thread."""
+
+    cancelled: bool
+
+    def started(self, generation: Generation) -> None: ...
+
+    def piece(self, text: str) -> None: ...
+
+    def finished(self, error: BaseException | None) -> None: ...
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: Kind
+    payload: str | Sequence[dict[str, str]]
+    params: SamplingParams
+    sink: GenerationSink
+
+
+@dataclass(slots=True)
+class _Sequence:
+    slot: int
+    request: _Request
+    generation: Generation
+    prompt: list[int]
+    limit: int
+    sampler: Any
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    hold: StopHold = field(default_factory=lambda: StopHold(()))
+    prefilled: int = 0
+    next_token: int = -1
+    batch_index: int = -1
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class BatchedLlamaGenerator:
+    """A text generator serving up to `slots` sequences at once."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        *,
+        context_length: int = 2048,
+        threads: int = 1,
+        slots: int = 4,
+        batch_tokens: int = 512,
+    ) -> None:
+        from llama_cpp import _internals as internals
+        from llama_cpp import llama_cpp as capi
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        # llama-cpp-python's low-level wrappers are untyped.
+        self._capi: Any = capi
+        self._internals: Any = internals
+        self.model_id = model_id
+        self.context_length = context_length
+        self.slots = slots
+        self._batch_tokens = batch_tokens
+        self._model: Any = self._internals.LlamaModel(
+            path_model=str(model_path), params=capi.llama_model_default_params(), verbose=False
+        )
+        params = capi.llama_context_default_params()
+        params.n_ctx = context_length * slots
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_seq_max = slots
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = False  # one cache stream per slot: sequences do not share prefixes
+        self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self._batch = internals.LlamaBatch(
+            n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False
+        )
+        template = self._model.metadata().get("tokenizer.chat_template")
+        self._formatter = (
+            Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._text(self._model.token_eos()),
+                bos_token=self._text(self._model.token_bos()),
+            )
+            if template
+            else None
+        )
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._free = list(range(slots))
+        self._active: list[_Sequence] = []
+        self.waiting = 0
+        self._thread = threading.Thread(target=self._run, name="grifo-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(
+        self,
+        kind: Kind,
+        payload: str | Sequence[dict[str, str]],
+        params: SamplingParams,
+        sink: GenerationSink,
+    ) -> None:
+        self.waiting += 1
+        self._inbox.put(_Request(kind, payload, params, sink))
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(10)
+        for part in (self._batch, self._ctx, self._model):
+            part.close()
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if not self._admit(block=not self._active):
+                break
+            if self._active:
+                self._step()
+        for seq in list(self._active):
+            self._finish(seq, "cancelled")
+
+    def _admit(self, block: bool) -> bool:
+        """Start waiting requests while slots are free; False once the engine is closing."""
+        while self._free:
+            try:
+                request = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if request is None:
+                return False
+            self.waiting -= 1
+            block = False
+            if request.sink.cancelled:
+                request.sink.finished(InterruptedError("cancelled before it started"))
+                continue
+            try:
+                self._start(request)
+            except InvalidRequestError as exc:
+                request.sink.finished(exc)
+        return True
+
+    def _start(self, request: _Request) -> None:
+        if request.kind == "chat":
+            assert not isinstance(request.payload, str)
+            text = self._render(request.payload)
+        else:
+            assert isinstance(request.payload, str)
+            text = request.payload
+        prompt = self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        room = self.context_length - len(prompt)
+        if room < 1 or not prompt:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; {self.model_id} has a context of "
+                f"{self.context_length} tokens",
+                param="messages" if request.kind == "chat" else "prompt",
+            )
+        params = request.params
+        generation = Generation(prompt_tokens=len(prompt), pieces=iter(()))
+        seq = _Sequence(
+            slot=self._free.pop(),
+            request=request,
+            generation=generation,
+            prompt=prompt,
+            limit=min(params.max_tokens, room),
+            sampler=self._sampler(params),
+            hold=StopHold(params.stop),
+        )
+        self._active.append(seq)
+        request.sink.started(generation)
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> str:
+        if self._formatter is None:
+            raise InvalidRequestError(
+                f"model {self.model_id} has no chat template; use /v1/completions",
+                code="chat_not_supported",
+            )
+        try:
+            return str(self._formatter(messages=list(messages)).prompt)  # type: ignore[arg-type]
+        except Exception as exc:  # the template may reject a message sequence
+            raise InvalidRequestError(
+                f"the model's chat template rejected the messages: {exc}"
+            ) from None
+
+    def _sampler(self, params: SamplingParams) -> Any:
+        sampler = self._internals.LlamaSampler()
+        if params.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if params.presence_penalty or params.frequency_penalty:
+            sampler.add_penalties(
+                self._model.n_vocab(), 64, 1.0, params.frequency_penalty, params.presence_penalty
+            )
+        sampler.add_top_k(40)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_min_p(0.05, 1)
+        sampler.add_temp(params.temperature)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        sampler.add_dist(seed & 0xFFFFFFFF)
+        return sampler
+
+    def _step(self) -> None:
+        n = self._fill_batch()
+        if self._capi.llama_decode(self._ctx.ctx, self._batch.batch) != 0:
+            for seq in list(self._active):
+                self._finish(seq, "error", RuntimeError("llama_decode failed"))
+            return
+        del n
+        for seq in list(self._active):
+            if seq.batch_index >= 0:
+                self._advance(seq)
+
+    def _fill_batch(self) -> int:
+        batch = self._batch.batch
+        n = 0
+        for seq in self._active:
+            seq.batch_index = -1
+            if seq.decoding:
+                pos = len(seq.prompt) + seq.generation.completion_tokens - 1
+                self._put(batch, n, seq.next_token, pos, seq.slot, True)
+                seq.batch_index = n
+                n += 1
+        for seq in self._active:
+            if seq.decoding or n >= self._batch_tokens:
+                continue
+            end = min(len(seq.prompt), seq.prefilled + self._batch_tokens - n)
+            for pos in range(seq.prefilled, end):
+                self._put(batch, n, seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
+                n += 1
+            seq.prefilled = end
+            if end == len(seq.prompt):
+                seq.batch_index = n - 1
+        batch.n_tokens = n
+        return n
+
+    @staticmethod
+    def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _advance(self, seq: _Sequence) -> None:
+        if seq.request.sink.cancelled:
+            self._finish(seq, "cancelled")
+            return
+        token = self._capi.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, seq.batch_index)
+        if self._capi.llama_vocab_is_eog(self._model.vocab, token):
+            self._finish(seq, "stop")
+            return
+        seq.generation.completion_tokens += 1
+        text, stopped = seq.hold.push(seq.decoder.decode(self._model.detokenize([token])))
+        if text:
+            seq.request.sink.piece(text)
+        if stopped:
+            self._finish(seq, "stop", flush=False)
+        elif seq.generation.completion_tokens >= seq.limit:
+            self._finish(seq, "length")
+        else:
+            seq.next_token = token
+
+    def _finish(
+        self, seq: _Sequence, reason: str, error: BaseException | None = None, flush: bool = True
+    ) -> None:
+        if flush and error is None and reason != "cancelled":
+            tail = seq.hold.flush(seq.decoder.decode(b"", final=True))
+            if tail:
+                seq.request.sink.piece(tail)
+        seq.generation.finish_reason = reason
+        self._capi.llama_memory_seq_rm(self._ctx.memory, seq.slot, -1, -1)
+        with contextlib.suppress(Exception):
+            seq.sampler.close()
+        self._active.remove(seq)
+        self._free.append(seq.slot)
+        seq.request.sink.finished(error)
+
+    def _text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
