@@ -2,7 +2,9 @@
 
 Single stream: tokens/s of one 128-token completion (prefill included), best of 3.
 Concurrent: aggregate tokens/s with N simultaneous requests in the batching engine.
-Usage: python bench/engine.py [--threads 1] [--concurrency 8] [--tokens 128]
+Usage: python bench/engine.py [--threads 1] [--concurrency 8] [--tokens 128] [--quantization q4_0]
+(--quantization converts the packaged Q4_1 model once, as `engine.quantization` does; both the
+raw and the grifo runs then use the converted file.)
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import argparse
 import os
 import threading
 import time
+from pathlib import Path
 
 from llama_cpp import Llama
 
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
-from grifo.point.engines.llama import resolve_model
+from grifo.point.engines.llama import requantized, resolve_model
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
@@ -73,8 +76,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--quantization", choices=["as-is", "q4_0", "q8_0"], default="as-is")
     args = parser.parse_args()
     path, model_id = resolve_model("smollm2")
+    if args.quantization != "as-is":
+        path = requantized(path, args.quantization, Path.home() / ".cache" / "grifo" / "models")
     raw = raw_single(str(path), args.threads, args.tokens)
     engine = BatchedLlamaGenerator(
         path, model_id, context_length=2048, threads=args.threads, slots=args.concurrency

@@ -150,3 +150,26 @@ def test_chat_uses_the_model_template(engine: BatchedLlamaGenerator) -> None:
     assert sink.generation is not None
     assert sink.generation.prompt_tokens > 3
     assert text
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_requantized_model_is_cached_and_serves(model: Path, tmp_path: Path, quant: str) -> None:
+    from grifo.point.engines.llama import requantized
+
+    first = requantized(model, quant, tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert requantized(model, quant, tmp_path) == first
+    assert first.stat().st_mtime_ns == mtime, "the conversion should run once"
+    assert first.stat().st_size < model.stat().st_size
+    engine = BatchedLlamaGenerator(first, "tiny-q", context_length=128, slots=2)
+    try:
+        sink = Sink()
+        engine.submit(
+            "completion", "hello world", SamplingParams(max_tokens=6, temperature=0), sink
+        )
+        assert sink.wait()
+        assert sink.generation is not None
+        assert sink.generation.completion_tokens == 6
+    finally:
+        engine.close()
+    assert not list(tmp_path.glob("*.partial"))

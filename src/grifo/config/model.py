@@ -34,6 +34,8 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     model_id: str | None = None
     threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    quantization: Literal["as-is", "q4_0", "q8_0"] = "as-is"
+    """llama_cpp: convert the model once (cached in $GRIFO_CACHE_DIR or ~/.cache/grifo)."""
     """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
     embeddings: Literal["minilm", "fake", "none"] = "minilm"

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import msgspec
 
@@ -34,9 +35,12 @@ def build_engines(
         )
     else:
         from grifo.point.engines.batching import BatchedLlamaGenerator
-        from grifo.point.engines.llama import resolve_model
+        from grifo.point.engines.llama import requantized, resolve_model
 
         path, default_id = resolve_model(engine.model)
+        if engine.quantization != "as-is":
+            cache = Path(os.environ.get("GRIFO_CACHE_DIR") or Path.home() / ".cache" / "grifo")
+            path = requantized(path, engine.quantization, cache / "models")
         generator = BatchedLlamaGenerator(
             path,
             engine.model_id or default_id,
