@@ -12,7 +12,7 @@ import msgspec
 
 from grifo import __version__
 from grifo.config.load import ConfigError, default_config, load_config
-from grifo.config.model import EngineConfig, PointConfig
+from grifo.config.model import EngineConfig, GrifoConfig, PointConfig
 
 _DESCRIPTION = """\
 grifo: an OpenAI-compatible inference fabric. It decides for every request where it may run
@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="topology YAML (default: embedded demo)")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="listen port (default 8080)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--config-json", help=argparse.SUPPRESS)
+    serve.add_argument("--point-urls", help=argparse.SUPPRESS)
+    serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     serve.add_argument(
         "--state-dir",
         type=Path,
@@ -110,13 +120,22 @@ def _run(coro: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from grifo.serve import serve
+    from grifo.serve import serve, serve_worker
 
-    config = load_config(args.config) if args.config else default_config()
+    if args.config_json:
+        config = msgspec.json.decode(args.config_json, type=GrifoConfig)
+    else:
+        config = load_config(args.config) if args.config else default_config()
     port = args.port if args.port is not None else config.gateway.port
     state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     try:
-        _run(serve(config, state_dir, args.host, port))
+        if args.worker:
+            urls = msgspec.json.decode(args.point_urls or "{}", type=dict[str, str])
+            _run(serve_worker(config, state_dir, args.host, port, urls, args.parent_pid))
+        else:
+            _run(serve(config, state_dir, args.host, port, args.workers))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

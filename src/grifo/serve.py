@@ -12,8 +12,11 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from grifo.api.app import GatewayApp
 from grifo.config.model import GrifoConfig
@@ -24,7 +27,7 @@ from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
 from grifo.service import Gateway
 from grifo.store.sqlite import LedgerWriter, StateDB
-from grifo.supervisor import LocalPoint, start_points, stop_points
+from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state
 
@@ -53,7 +56,7 @@ class Running:
 
 
 def build_keyring(
-    config: GrifoConfig, db: StateDB, state_dir: Path
+    config: GrifoConfig, db: StateDB, state_dir: Path, *, create_demo: bool = True
 ) -> tuple[KeyRing, dict[str, str]]:
     """Keys from the config and the state database; demo keys are created once and kept."""
     blocs = merge_blocs(config.blocs)
@@ -66,7 +69,7 @@ def build_keyring(
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
         ring.add(digest, Principal(key.tenant, key.id, allowed[key.tenant]))
     demo: dict[str, str] = {}
-    if config.gateway.demo_keys:
+    if config.gateway.demo_keys and create_demo:
         demo = _demo_keys(config, db, state_dir)
     for key_id, tenant, digest in db.active_keys():
         if tenant in allowed:
@@ -94,15 +97,26 @@ def _demo_keys(config: GrifoConfig, db: StateDB, state_dir: Path) -> dict[str, s
 
 
 async def start(
-    config: GrifoConfig, state_dir: Path, host: str, port: int, *, ready_timeout_s: float = 180.0
+    config: GrifoConfig,
+    state_dir: Path,
+    host: str,
+    port: int,
+    *,
+    ready_timeout_s: float = 180.0,
+    point_urls: Mapping[str, str] | None = None,
+    reuse_port: bool = False,
 ) -> Running:
+    """Start a gateway. With `point_urls` (a worker of `serve --workers`), local points are
+    already running elsewhere and demo keys already exist."""
     state_dir.mkdir(parents=True, exist_ok=True)
     db = StateDB(state_dir / "grifo.db")
-    keys, demo = build_keyring(config, db, state_dir)
-    local = await start_points(
-        [p for p in config.points if p.engine is not None], state_dir / "logs"
-    )
-    urls = {lp.config.name: lp.url for lp in local}
+    keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
+    local: list[LocalPoint] = []
+    if point_urls is None:
+        local = await start_points(
+            [p for p in config.points if p.engine is not None], state_dir / "logs"
+        )
+    urls = dict(point_urls or {}) | {lp.config.name: lp.url for lp in local}
     points: list[PointState] = [build_point_state(p, p.url or urls[p.name]) for p in config.points]
     pools = PointPools(points)
     gateway = Gateway(
@@ -120,7 +134,7 @@ async def start(
     server = HttpServer(
         GatewayApp(gateway).handle, ServerLimits(max_body_bytes=config.gateway.max_body_bytes)
     )
-    bound = await server.start(host, port)
+    bound = await server.start(host, port, reuse_port=reuse_port)
     return Running(gateway, server, poller, db, bound, local, demo)
 
 
@@ -151,13 +165,85 @@ def banner(running: Running, host: str) -> str:
     return "\n".join(lines)
 
 
-async def serve(config: GrifoConfig, state_dir: Path, host: str, port: int) -> None:
-    running = await start(config, state_dir, host, port)
-    print(banner(running, host), flush=True)
+async def serve(
+    config: GrifoConfig, state_dir: Path, host: str, port: int, workers: int = 1
+) -> None:
+    """Run until SIGINT/SIGTERM. With `workers` > 1, more gateway processes share the port
+    (SO_REUSEPORT) and the SQLite state; the kernel spreads connections across them."""
+    running = await start(config, state_dir, host, port, reuse_port=workers > 1)
+    extra: list[asyncio.subprocess.Process] = []
+    try:
+        urls = {p.name: f"http://{p.host}:{p.port}" for p in running.gateway.points}
+        extra = await start_workers(config, state_dir, host, running.port, urls, workers - 1)
+        print(banner(running, host), flush=True)
+        await _until_signal(None)
+    finally:
+        print("grifo: stopping", file=sys.stderr, flush=True)
+        await asyncio.gather(*(stop_process(w) for w in extra))
+        await running.stop()
+
+
+async def serve_worker(
+    config: GrifoConfig,
+    state_dir: Path,
+    host: str,
+    port: int,
+    point_urls: Mapping[str, str],
+    parent_pid: int,
+) -> None:
+    running = await start(config, state_dir, host, port, point_urls=point_urls, reuse_port=True)
+    print("ready", flush=True)
+    try:
+        await _until_signal(parent_pid)
+    finally:
+        await running.stop()
+
+
+async def start_workers(
+    config: GrifoConfig, state_dir: Path, host: str, port: int, urls: dict[str, str], n: int
+) -> list[asyncio.subprocess.Process]:
+    args = [
+        sys.executable,
+        "-m",
+        "grifo",
+        "serve",
+        "--worker",
+        "--config-json",
+        msgspec.json.encode(config).decode(),
+        "--point-urls",
+        json.dumps(urls),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    started = []
+    for _ in range(n):
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        )
+        started.append(proc)
+    for proc in started:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError("a gateway worker did not start; see its stderr")
+    return started
+
+
+async def _until_signal(parent_pid: int | None) -> None:
+    """Return on SIGINT or SIGTERM, or when `parent_pid` is no longer our parent."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("grifo: stopping", file=sys.stderr, flush=True)
-    await running.stop()
+    waiter = loop.create_task(stop.wait())
+    while not waiter.done():
+        await asyncio.wait([waiter], timeout=0.5)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            break
+    waiter.cancel()

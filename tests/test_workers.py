@@ -1,0 +1,78 @@
+"""`grifo serve --workers 2`: two gateway processes share the port, the state and the points."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.support.fabric import CHAT, topology_yaml
+
+REQUESTS = 101  # odd: the two workers cannot have served the same number
+
+
+def _served(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(m.group(1))
+        for m in re.finditer(
+            r'^grifo_requests_total\{endpoint="/v1/chat/completions".*\} (\S+)$', text, re.M
+        )
+    )
+
+
+def test_two_workers_share_the_port_and_the_ledger(tmp_path: Path) -> None:
+    config = tmp_path / "grifo.yaml"
+    config.write_text(topology_yaml())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(re.search(r":(\d+)/v1", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
+        key = json.loads((tmp_path / "state" / "demo-keys.json").read_text())["demo-global"]
+        body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "hi"}]})
+        for _ in range(REQUESTS):  # a new connection each time: the kernel picks a worker
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=body.encode(),
+                headers={"authorization": f"Bearer {key}", "connection": "close"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                assert resp.status == 200
+        seen = {_served(port) for _ in range(40)}
+        assert len(seen) == 2, f"one process served everything: {seen}"
+        assert sum(seen) == REQUESTS
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
+    from grifo.store.sqlite import StateDB
+
+    db = StateDB(tmp_path / "state" / "grifo.db")
+    try:
+        assert len([e for e in db.ledger() if e.status == "ok"]) == REQUESTS
+    finally:
+        db.close()
