@@ -232,3 +232,26 @@ def test_refused_connection_fails_over_inside_the_allowed_set(fresh_fabric: Fabr
     with pytest.raises(openai.APIStatusError) as failure:
         fab.client("demo-latam").chat.completions.create(model=CHAT, messages=QUESTION)
     assert failure.value.status_code == 503
+
+
+def test_tier_header_picks_the_tier_and_the_price_shows(fabric: Fabric) -> None:
+    client = fabric.client("demo-global")
+    costs = {}
+    for tier, point in (("edge", "lima-edge"), ("central", "virginia-central")):
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, messages=QUESTION, max_tokens=5, extra_headers={"x-grifo-tier": tier}
+        )
+        assert raw.headers["x-grifo-point"] == point
+        rid = raw.headers["x-request-id"]
+        costs[tier] = fabric.ledger(rid)[rid].cost_micros
+    assert costs["central"] > costs["edge"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=CHAT, messages=QUESTION, extra_headers={"x-grifo-tier": "orbital"}
+        )
+    assert bad.value.body["param"] == "x-grifo-tier"  # type: ignore[index]
+    with pytest.raises(openai.APIStatusError) as none:
+        fabric.client("demo-eu").chat.completions.create(
+            model=CHAT, messages=QUESTION, extra_headers={"x-grifo-tier": "edge"}
+        )
+    assert none.value.status_code == 503

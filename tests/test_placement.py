@@ -7,6 +7,7 @@ import json
 import math
 from fractions import Fraction
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -640,3 +641,26 @@ def test_sse_splitter_random_events_random_splits(
     for start, end in itertools.pairwise(bounds):
         got += splitter.feed(stream[start:end])
     assert got == events
+
+
+def test_requested_tier() -> None:
+    from grifo.placement.jurisdiction import requested_tier
+
+    assert requested_tier(None, None) is None
+    assert requested_tier("edge", None) == "edge"
+    assert requested_tier("edge", b"any") is None
+    assert requested_tier(None, b" Central ") == "central"
+    with pytest.raises(InvalidRequestError) as bad:
+        requested_tier(None, b"orbital")
+    assert bad.value.param == "x-grifo-tier"
+
+
+def test_tier_filters_candidates() -> None:
+    edge = make_point("edge-pe", "PE", rtt_ms=1)
+    central = make_point("central-us", "US", rtt_ms=50)
+    central.config = msgspec.structs.replace(central.config, tier="central")
+    index = PlacementIndex([edge, central], PLACEMENT)
+    assert names(index.rank(MODEL, None, 10, 3, "central")) == ["central-us"]
+    assert names(index.rank(MODEL, None, 10, 3, None)) == ["edge-pe", "central-us"]
+    with pytest.raises(NoCompliantPointError, match="regional point"):
+        index.rank(MODEL, None, 10, 3, "regional")

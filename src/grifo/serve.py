@@ -64,16 +64,17 @@ def build_keyring(
         t.name: None if t.allowed_jurisdictions is None else expand(t.allowed_jurisdictions, blocs)
         for t in config.tenants
     }
+    tiers = {t.name: None if t.tier == "any" else t.tier for t in config.tenants}
     ring = KeyRing()
     for key in config.keys:
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
-        ring.add(digest, Principal(key.tenant, key.id, allowed[key.tenant]))
+        ring.add(digest, Principal(key.tenant, key.id, allowed[key.tenant], tiers[key.tenant]))
     demo: dict[str, str] = {}
     if config.gateway.demo_keys and create_demo:
         demo = _demo_keys(config, db, state_dir)
     for key_id, tenant, digest in db.active_keys():
         if tenant in allowed:
-            ring.add(digest, Principal(tenant, key_id, allowed[tenant]))
+            ring.add(digest, Principal(tenant, key_id, allowed[tenant], tiers[tenant]))
     return ring, demo
 
 

@@ -28,7 +28,7 @@ from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.usage import SseSplitter, Usage, usage_of
 from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
-from grifo.placement.jurisdiction import allowed_set
+from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tier
 from grifo.placement.scoring import PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.sqlite import LedgerEntry, LedgerWriter
@@ -93,7 +93,11 @@ class Gateway:
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         try:
             candidates = self.placement.rank(
-                body.model, allowed, limit, self.config.placement.max_attempts
+                body.model,
+                allowed,
+                limit,
+                self.config.placement.max_attempts,
+                requested_tier(principal.tier, request.headers.get(TIER_HEADER)),
             )
         except NoCompliantPointError:
             self.metrics.denials.inc()

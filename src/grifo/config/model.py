@@ -60,6 +60,8 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     name: Name
     allowed_jurisdictions: list[str] | None = None
     """None means unrestricted; an empty list allows nothing."""
+    tier: Literal["edge", "regional", "central", "any"] = "any"
+    """Default tier for the tenant's requests; `x-grifo-tier` overrides it per request."""
 
 
 class KeyConfig(Base, kw_only=True, frozen=True):

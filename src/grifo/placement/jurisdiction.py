@@ -1,4 +1,5 @@
-"""A request's allowed jurisdictions: the tenant's set, narrowed (never widened) by the request."""
+"""What a request may use: the tenant's jurisdictions, narrowed (never widened) by the request,
+and the tier (edge, regional, central) it asks for."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from grifo.errors import InvalidRequestError, PermissionDeniedError
 from grifo.jurisdictions import UnknownJurisdictionError, expand
 
 HEADER = b"x-grifo-allowed-jurisdictions"
+TIER_HEADER = b"x-grifo-tier"
+TIERS = frozenset({"edge", "regional", "central"})
 
 
 def allowed_set(
@@ -41,3 +44,18 @@ def allowed_set(
             code="jurisdiction_not_allowed",
         )
     return result
+
+
+def requested_tier(tenant_tier: str | None, header: bytes | None) -> str | None:
+    """The tier a request must run in (None: any). Tiers trade latency for price, not law, so
+    a request may pick any tier, overriding its tenant's default."""
+    if header is None:
+        return tenant_tier
+    tier = header.decode("latin-1").strip().lower()
+    if tier == "any":
+        return None
+    if tier not in TIERS:
+        raise InvalidRequestError(
+            "x-grifo-tier must be edge, regional, central or any", param="x-grifo-tier"
+        )
+    return tier

@@ -83,9 +83,15 @@ class PlacementIndex:
         return lists
 
     def rank(
-        self, model: str, allowed: frozenset[str] | None, completion_tokens: int, k: int | None
+        self,
+        model: str,
+        allowed: frozenset[str] | None,
+        completion_tokens: int,
+        k: int | None,
+        tier: str | None = None,
     ) -> list[Candidate]:
-        """The best `k` candidates (all if None), best first; never outside `allowed`.
+        """The best `k` candidates (all if None) of `tier` (any if None), best first; never
+        outside `allowed`.
 
         Raises ModelNotFoundError if no point has ever served `model`, and
         NoCompliantPointError if compliant points serve it but none is up.
@@ -102,16 +108,17 @@ class PlacementIndex:
                 f"no point in the allowed jurisdictions serves {model!r}; the request was "
                 "not sent anywhere"
             )
-        best = self._scan(sources, completion_tokens, k)
+        best = self._scan(sources, completion_tokens, k, tier)
         if not best:
+            which = "point" if tier is None else f"{tier} point"
             raise NoCompliantPointError(
-                f"no point in the allowed jurisdictions is available for {model!r}; the request "
-                "was not sent anywhere else"
+                f"no {which} in the allowed jurisdictions is available for {model!r}; the "
+                "request was not sent anywhere else"
             )
         return [Candidate(point, score) for score, _, point in best]
 
     def _scan(
-        self, sources: list[list[_Entry]], completion_tokens: int, k: int | None
+        self, sources: list[list[_Entry]], completion_tokens: int, k: int | None, tier: str | None
     ) -> list[tuple[float, str, PointState]]:
         queue_w = self._config.queue_ms_per_request
         entries = sources[0] if len(sources) == 1 else heapq.merge(*sources)
@@ -119,7 +126,7 @@ class PlacementIndex:
         for static, name, point, out_w in entries:
             if k is not None and len(best) >= k and static > best[-1][0]:
                 break
-            if not point.healthy:
+            if not point.healthy or (tier is not None and point.config.tier != tier):
                 continue
             queue = point.queued + max(point.point_in_flight, point.gateway_in_flight)
             bisect.insort(best, (static + out_w * completion_tokens + queue_w * queue, name, point))

@@ -22,6 +22,7 @@ class Principal:
     tenant: str
     key_id: str
     allowed: frozenset[str] | None  # None: unrestricted
+    tier: str | None = None  # None: any tier
 
 
 def generate_key() -> str:
