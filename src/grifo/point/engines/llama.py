@@ -1,19 +1,16 @@
-"""llama.cpp (through llama-cpp-python) as a point's text generator, with exact token counts.
+"""llama.cpp model files and text handling shared by the engine (`batching.py`).
 
-Chat prompts are rendered with the model's own GGUF chat template in llama-cpp-python's sandboxed
-Jinja environment; generation is our own token loop so usage is counted, not estimated, and stop
-strings never leak a partial match.
+Finding packaged GGUF files, converting them once to a faster quantization, the context-length
+error, and holding back text that may be the start of a stop string.
 """
 
 from __future__ import annotations
 
-import codecs
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from grifo.errors import InvalidRequestError
-from grifo.point.engines.base import Generation, SamplingParams
 
 PACKAGED_MODELS = {
     # name: (package, file inside it, default model id)
@@ -78,124 +75,6 @@ class ContextLengthError(InvalidRequestError):
     """The prompt does not fit in the model's context window."""
 
     code = "context_length_exceeded"
-
-
-class LlamaGenerator:
-    """One llama.cpp model instance. Not thread-safe: the point calls it from one thread."""
-
-    def __init__(
-        self, model_path: Path, model_id: str, *, context_length: int = 2048, threads: int = 1
-    ) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        self.model_id = model_id
-        self._llm = Llama(
-            model_path=str(model_path),
-            n_ctx=context_length,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
-        self.context_length = self._llm.n_ctx()
-        self._eos = self._llm.token_eos()
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        self._formatter = (
-            Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._token_text(self._eos),
-                bos_token=self._token_text(self._llm.token_bos()),
-            )
-            if template
-            else None
-        )
-        self._vocab = self._llm._model.vocab
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._llm.detokenize([token], special=True).decode("utf-8", "replace")
-
-    # -- Generator protocol ---------------------------------------------------------------------
-    def count_chat_tokens(self, messages: Sequence[dict[str, str]]) -> int:
-        return len(self._tokenize(self._render(messages)))
-
-    def start_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams) -> Generation:
-        return self._start(self._render(messages), params)
-
-    def start_completion(self, prompt: str, params: SamplingParams) -> Generation:
-        return self._start(prompt, params)
-
-    # -- internals --------------------------------------------------------------------------------
-    def _render(self, messages: Sequence[dict[str, str]]) -> str:
-        if self._formatter is None:
-            raise InvalidRequestError(
-                f"model {self.model_id} has no chat template; use /v1/completions",
-                code="chat_not_supported",
-            )
-        try:
-            return self._formatter(messages=list(messages)).prompt  # type: ignore[arg-type]
-        except Exception as exc:  # the template may reject a message sequence
-            raise InvalidRequestError(
-                f"the model's chat template rejected the messages: {exc}"
-            ) from None
-
-    def _tokenize(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-
-    def _start(self, prompt: str, params: SamplingParams) -> Generation:
-        tokens = self._tokenize(prompt)
-        room = self.context_length - len(tokens)
-        if room < 1:
-            raise ContextLengthError(
-                f"the prompt has {len(tokens)} tokens; {self.model_id} has a context of "
-                f"{self.context_length} tokens",
-                param="messages",
-            )
-        generation = Generation(prompt_tokens=len(tokens), pieces=iter(()))
-        generation.pieces = self._pieces(generation, tokens, min(params.max_tokens, room), params)
-        return generation
-
-    def _pieces(
-        self, gen: Generation, tokens: list[int], limit: int, params: SamplingParams
-    ) -> Iterator[str]:
-        from llama_cpp import llama_vocab_is_eog
-
-        if params.seed is not None:
-            self._llm.set_seed(params.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        held = StopHold(params.stop)
-        gen.finish_reason = "length"
-        stream = self._llm.generate(
-            tokens,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=40 if params.temperature > 0 else 1,
-            min_p=0.05 if params.temperature > 0 else 0.0,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repeat_penalty=1.0,
-            reset=True,
-        )
-        for token in stream:
-            if gen.cancelled:
-                gen.finish_reason = "cancelled"
-                return
-            if llama_vocab_is_eog(self._vocab, token):
-                gen.finish_reason = "stop"
-                break
-            gen.completion_tokens += 1
-            out, stopped = held.push(decoder.decode(self._llm.detokenize([token])))
-            if out:
-                yield out
-            if stopped:
-                gen.finish_reason = "stop"
-                return
-            if gen.completion_tokens >= limit:
-                break
-        tail = held.flush(decoder.decode(b"", final=True))
-        if tail:
-            yield tail
 
 
 class StopHold:
