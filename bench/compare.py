@@ -1,0 +1,448 @@
+"""Gateways side by side in one run: direct, nginx, grifo and LiteLLM proxy, same mock point.
+
+Each gateway runs alone on CPU 1 (`taskset`), started just before its tests and stopped after;
+wrk, the mock point and the streaming client share CPU 0. Direct (wrk -> mock) is measured first
+and last; gateway numbers are "added" over the mean of the two. LiteLLM is installed on first use
+into bench/.litellm-venv (bounded; if it fails, the reason is printed in its row). Prints a markdown
+table and writes bench/results/compare-<time>.json.
+
+Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from overhead import BODY, CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, cpu_s
+
+ROOT = Path(__file__).resolve().parent
+LITELLM_VENV = ROOT / ".litellm-venv"
+LITELLM_PINS = ("litellm[proxy]==1.108.*", "litellm[proxy]")
+MASTER_KEY = "sk-bench-master"
+STREAMS = 32
+STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
+NGINX_CONF = """daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream mock {{ server 127.0.0.1:{mock}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+LITELLM_CONF = """model_list:
+  - model_name: mock-chat
+    litellm_params: {{model: openai/mock-chat, api_base: "http://127.0.0.1:{mock}/v1",
+                      api_key: sk-mock}}
+"""
+# uvicorn's per-request access log off, as nginx's is: a log line per request is not the proxy.
+LITELLM_LOG = json.dumps(
+    {"version": 1, "disable_existing_loggers": False,
+     "loggers": {"uvicorn.access": {"level": "WARNING"}}}
+)  # fmt: skip
+
+Result = dict[str, Any]
+
+
+class Skip(Exception):
+    """A gateway that cannot be installed or started; the message goes into the table."""
+
+
+def sh(cmd: list[str], timeout_s: float, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, **kw)
+
+
+Proc = subprocess.Popen[bytes]
+
+
+def start(cmd: list[str], cpu: int, log: Path, env: dict[str, str] | None = None) -> Proc:
+    """`cmd` pinned to `cpu`, in its own process group, output to `log`."""
+    with log.open("wb") as out:
+        cmd = ["taskset", "-c", str(cpu), *cmd]  # taskset execs: the pid is the command's
+        return subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True)
+
+
+def stop(proc: Proc | None) -> None:
+    """SIGTERM the process group, SIGKILL it after 10 s."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def wait_ready(url: str, proc: Proc, log: Path, timeout_s: float) -> float:
+    """Seconds until `url` answers 200; Skip if the process exits or time runs out."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise Skip(f"exited {proc.returncode}: {log.read_text(errors='replace')[-300:]!r}")
+        if sh(["curl", "-sf", "-o", "/dev/null", "-m", "1", url], 5).returncode == 0:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise Skip(f"not ready after {timeout_s:.0f} s")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc/*/stat parent ids)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(parents.get(out[-1], []))
+    return out
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    return sum(cpu_s(p) for p in pids if Path(f"/proc/{p}").exists())
+
+
+def rss_mib(pids: list[int]) -> float:
+    total_kib = 0
+    for p in pids:
+        m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{p}/status").read_text(), re.M)
+        total_kib += int(m.group(1)) if m else 0
+    return total_kib / 1024
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> Result:
+    cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    out = sh([*cmd, "-s", str(script), url], seconds + 30, check=True).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+        assert m, out
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    def count(pattern: str) -> int:
+        return sum(int(n) for m in re.finditer(pattern, out) for n in m.groups())
+
+    return {
+        "requests": count(r"(\d+) requests in"),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "non_2xx": count(r"Non-2xx or 3xx responses: (\d+)"),
+        "socket_errors": count(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)"),
+    }
+
+
+async def one_stream(port: int, auth: str) -> float:
+    """One streaming chat completion on a new connection; seconds to the first content event."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {auth}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(STREAM_BODY)}\r\nConnection: close\r\n\r\n"
+        )
+        t0 = time.perf_counter()
+        writer.write(head.encode() + STREAM_BODY)
+        status, *headers = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        if status.split()[1] != "200":
+            raise RuntimeError(status)
+        chunked = "transfer-encoding: chunked" in "\n".join(headers).lower()
+        body, ttft = b"", 0.0
+        while b"data: [DONE]" not in body:
+            if chunked:
+                size = int((await reader.readline()).split(b";")[0], 16)
+                data = (await reader.readexactly(size + 2))[:-2] if size else b""
+            else:
+                data = await reader.read(65536)
+            if not data:
+                raise RuntimeError("stream ended before [DONE]")
+            body += data
+            if not ttft and re.search(rb'data: \{[^\n]*"content": ?"[^"]', body):
+                ttft = time.perf_counter() - t0
+        if not ttft:
+            raise RuntimeError("no content event")
+        return ttft
+    finally:
+        writer.close()
+
+
+async def stream_load(port: int, auth: str, seconds: int) -> Result:
+    """STREAMS concurrent streams, each worker starting a new one as soon as its last ended."""
+    ttfts: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            try:
+                ttfts.append(await asyncio.wait_for(one_stream(port, auth), 10))
+            except Exception as exc:  # any failed stream is counted, whatever the cause
+                errors.append(repr(exc)[:120])
+
+    await asyncio.gather(*(worker() for _ in range(STREAMS)))
+    ms = sorted(1000 * t for t in ttfts)
+    return {
+        "completed": len(ttfts),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "ttft_p50_ms": statistics.median(ms) if ms else None,
+        "ttft_p99_ms": ms[int(0.99 * (len(ms) - 1))] if ms else None,
+    }
+
+
+def measure(port: int, auth: str, pids: list[int], seconds: int, work: Path) -> Result:
+    """wrk at c=1 and c=64, then streams; `pids` is the gateway tree (empty for direct)."""
+    script = work / f"post-{port}.lua"
+    script.write_text(LUA.replace(KEY, auth))
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    wrk(url, 8, 2, script)  # warm-up
+    result: Result = {"c1": wrk(url, 1, seconds, script)}
+    before = tree_cpu_s(pids)
+    result["c64"] = wrk(url, 64, seconds, script)
+    if pids:  # a saturated gateway with a share well under 1.0 had to share CPU 1
+        spent = tree_cpu_s(pids) - before
+        result["cpu_ms_per_req"] = 1000 * spent / result["c64"]["requests"]
+        result["cpu_share_c64"] = spent / seconds
+    result["stream"] = uvloop.run(stream_load(port, auth, seconds))
+    return result
+
+
+def ensure_litellm(timeout_s: float = 300) -> Result:
+    """Install litellm[proxy] into bench/.litellm-venv unless there; version and install time."""
+    py, t0, reasons = LITELLM_VENV / "bin" / "python", time.monotonic(), []
+    if not (LITELLM_VENV / "bin" / "litellm").exists():
+        try:
+            sh(["python3", "-m", "venv", str(LITELLM_VENV)], 60, check=True)
+            for spec in LITELLM_PINS:
+                left = max(1.0, timeout_s - (time.monotonic() - t0))
+                done = sh([str(py), "-m", "pip", "install", "-q", spec], left)
+                if done.returncode == 0:
+                    break
+                reasons.append(f"{spec}: {done.stderr.strip()[-200:]}")
+            else:
+                raise Skip("pip install failed: " + " | ".join(reasons))
+        except subprocess.TimeoutExpired as exc:
+            raise Skip(f"install did not finish in {timeout_s:.0f} s") from exc
+        except subprocess.CalledProcessError as exc:
+            raise Skip(f"venv creation failed: {exc.stderr}") from exc
+    installed_s = time.monotonic() - t0
+    version = sh([str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"], 60)
+    if version.returncode != 0:
+        raise Skip(f"litellm not importable: {version.stderr.strip()[-200:]}")
+    return {"version": version.stdout.strip(), "install_s": round(installed_s, 1)}
+
+
+def ensure_nginx() -> Result:
+    if shutil.which("nginx") is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sh(["apt-get", "install", "-y", "nginx"], 300)
+        if shutil.which("nginx") is None:
+            raise Skip("nginx missing and `apt-get install -y nginx` did not provide it")
+    return {"version": sh(["nginx", "-v"], 10).stderr.strip()}
+
+
+@dataclass
+class Gateway:
+    """How to start one gateway in its own directory `work/name`."""
+
+    name: str
+    port: int
+    auth: str  # bearer token it accepts
+    ready_path: str
+    start_timeout_s: float
+    cmd: str  # split on spaces; temp paths have none
+    files: dict[str, str] = field(default_factory=dict)  # written into its directory first
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[], Result] = dict  # installs it if needed; returns facts for the results
+    whole_tree: bool = True  # RSS/CPU of children too (nginx workers)
+
+
+def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
+    mock, (n, g, lt) = args.mock_port, (work / name for name in ("nginx", "grifo", "litellm"))
+    grifo_yaml = CONFIG.replace(f"port: {GATEWAY_PORT}", f"port: {args.grifo_port}")
+    grifo_yaml = grifo_yaml.replace(f"127.0.0.1:{MOCK_PORT}", f"127.0.0.1:{mock}")
+    litellm_env = {"LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    return [
+        Gateway("nginx", args.nginx_port, "none", "/health", 30,
+                f"nginx -p {n} -c {n}/nginx.conf -e {n}/error.log",
+                {"nginx.conf": NGINX_CONF.format(d=n, mock=mock, port=args.nginx_port)},
+                prepare=ensure_nginx),
+        Gateway("grifo", args.grifo_port, KEY, "/readyz", 60,
+                f"{sys.executable} -m grifo serve --config {g}/bench.yaml --state-dir {g}/state",
+                {"bench.yaml": grifo_yaml}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
+        Gateway("litellm", args.litellm_port, MASTER_KEY, "/health/liveliness", 120,
+                f"{LITELLM_VENV}/bin/litellm --config {lt}/litellm.yaml --host 127.0.0.1 "
+                f"--port {args.litellm_port} --num_workers 1 --log_config {lt}/log.json",
+                {"litellm.yaml": LITELLM_CONF.format(mock=mock), "log.json": LITELLM_LOG},
+                litellm_env, prepare=ensure_litellm),
+    ]  # fmt: skip
+
+
+def run_gateway(gw: Gateway, seconds: int, work: Path) -> Result:
+    """Start one gateway, read its idle RSS, measure it, stop it. A Skip becomes {"skipped"}."""
+    proc, d = None, work / gw.name
+    try:
+        info = gw.prepare()
+        if not port_free(gw.port):
+            raise Skip(f"port {gw.port} is already in use")
+        d.mkdir()
+        for name, text in gw.files.items():
+            (d / name).write_text(text)
+        proc = start(gw.cmd.split(), 1, d / "log", {**os.environ, **gw.env})
+        url = f"http://127.0.0.1:{gw.port}{gw.ready_path}"
+        info["ready_s"] = round(wait_ready(url, proc, d / "log", gw.start_timeout_s), 1)
+        time.sleep(1)  # let start-up work settle before the idle reading
+        pids = tree(proc.pid) if gw.whole_tree else [proc.pid]
+        info |= {"idle_rss_mib": rss_mib(pids), "processes": len(pids)}
+        return {**info, **measure(gw.port, gw.auth, pids, seconds, work)}
+    except (Skip, subprocess.SubprocessError, OSError) as exc:
+        return {"skipped": re.sub(r"[|\s]+", " ", str(exc))[:300]}  # one table cell
+    finally:
+        stop(proc)
+
+
+def machine() -> str:
+    model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    return f"{os.cpu_count()} vCPU, {model.group(1) if model else 'unknown CPU'}"
+
+
+def baseline(first: Result, last: Result) -> Result:
+    """Mean of the two direct runs, and how far apart they were."""
+    runs = (first, last)
+    values = {
+        "p50": [r["c1"]["p50_ms"] for r in runs],
+        "p99": [r["c1"]["p99_ms"] for r in runs],
+        "rps": [r["c64"]["rps"] for r in runs],
+        "p99_64": [r["c64"]["p99_ms"] for r in runs],
+        "ttft": [r["stream"]["ttft_p50_ms"] or 0.0 for r in runs],
+    }
+    base: Result = {k: statistics.mean(v) for k, v in values.items()}
+    base["spread"] = {k: max(v) - min(v) for k, v in values.items()}
+    return base
+
+
+def row(name: str, r: Result, base: Result) -> str:
+    if "skipped" in r:
+        return f"| {name} | not run: {r['skipped']} |" + " |" * 8
+    c1, c64, st = r["c1"], r["c64"], r["stream"]
+    errors = (
+        f"{c1['non_2xx'] + c64['non_2xx']} / {c1['socket_errors'] + c64['socket_errors']}"
+        f" / {st['errors']}"
+    )
+    ttft = st["ttft_p50_ms"]
+    if "cpu_ms_per_req" not in r:  # a direct run: absolute values, in brackets
+        return (
+            f"| {name} | [{c1['p50_ms']:.3f}] | [{c1['p99_ms']:.3f}] | {c64['rps']:,.0f} | "
+            f"{c64['rps'] / base['rps']:.3g} | [{c64['p99_ms']:.2f}] | [{ttft or 0:.2f}] | "
+            f"| | {errors} |"
+        )
+    added_ttft = "n/a" if ttft is None else f"{ttft - base['ttft']:+.2f}"
+    return (
+        f"| {name} | {c1['p50_ms'] - base['p50']:+.3f} | {c1['p99_ms'] - base['p99']:+.3f} | "
+        f"{c64['rps']:,.0f} | {c64['rps'] / base['rps']:.3g} | "
+        f"{c64['p99_ms'] - base['p99_64']:+.2f} | {added_ttft} | "
+        f"{r['cpu_ms_per_req']:.3f} | {r['idle_rss_mib']:.1f} | {errors} |"
+    )
+
+
+def report(results: dict[str, Result], seconds: int, load: list[float]) -> str:
+    base = baseline(results["direct (start)"], results["direct (end)"])
+    spread = base["spread"]
+    return "\n".join(
+        [
+            f"Gateways compared, {time.strftime('%Y-%m-%d %H:%M %Z')}, {machine()}, "
+            f"{seconds} s per test; gateway alone on CPU 1, wrk + mock + stream client on CPU 0; "
+            f"1-min load average {load[0]:.2f} at start, {load[1]:.2f} at end",
+            "",
+            "| gateway | added p50 c=1 (ms) | added p99 c=1 | req/s c=64 | ratio vs direct | "
+            f"added p99 c=64 | stream TTFT added p50 ({STREAMS} streams) | CPU ms/req | "
+            "idle RSS MiB | errors (non-2xx / socket / stream) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *(row(name, r, base) for name, r in results.items()),
+            "",
+            "Direct rows show absolute values in [ ]; gateway rows are gateway minus the mean of "
+            f"the two direct runs (spread between them: p50 c=1 {spread['p50']:.3f} ms, p99 c=1 "
+            f"{spread['p99']:.3f} ms, req/s c=64 {spread['rps']:,.0f}, p99 c=64 "
+            f"{spread['p99_64']:.2f} ms, TTFT p50 {spread['ttft']:.2f} ms).",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="per test (default 10)")
+    parser.add_argument("--skip", default="", help="comma-separated: nginx,grifo,litellm")
+    for name, port in (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903)):
+        parser.add_argument(f"--{name}-port", type=int, default=port)
+    args = parser.parse_args()
+    for tool in ("wrk", "taskset", "curl"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: apt-get install {tool}")
+    os.sched_setaffinity(0, {0})  # the streaming client shares CPU 0 with wrk and the mock
+    if not port_free(args.mock_port):
+        sys.exit(f"port {args.mock_port} (mock) is already in use")
+    work = Path(tempfile.mkdtemp(prefix="grifo-compare-"))
+    mock = start(
+        [sys.executable, str(ROOT / "mock_point.py"), str(args.mock_port)], 0, work / "mock.log"
+    )
+    results: dict[str, Result] = {}
+    load = [os.getloadavg()[0]]  # other work on the machine shows here
+    try:
+        wait_ready(f"http://127.0.0.1:{args.mock_port}/health", mock, work / "mock.log", 30)
+        results["direct (start)"] = measure(args.mock_port, KEY, [], args.seconds, work)
+        for gw in gateways(args, work):
+            if gw.name not in args.skip.split(","):
+                print(f"measuring {gw.name}...", file=sys.stderr, flush=True)
+                results[gw.name] = run_gateway(gw, args.seconds, work)
+        results["direct (end)"] = measure(args.mock_port, KEY, [], args.seconds, work)
+    finally:
+        stop(mock)
+    load.append(os.getloadavg()[0])
+    table = report(results, args.seconds, load)
+    print(table)
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    raw = {"machine": machine(), "seconds": args.seconds, "load": load, "table": table}
+    raw["results"] = results
+    (out / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(raw, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
