@@ -14,7 +14,6 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import cast
 
 import httptools
@@ -26,11 +25,11 @@ from grifo.errors import (
     PayloadTooLargeError,
     RequestTimeoutError,
 )
-from grifo.http.message import Handler, Headers, Request, Response, StreamResponse
+from grifo.http.framing import response_head
+from grifo.http.message import Handler, Request, Response, StreamResponse
 
 log = logging.getLogger("grifo.http")
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus}
 _MAX_PIPELINED = 16
 
 
@@ -44,52 +43,6 @@ class ServerLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
-
-
-class _DateHeader:
-    """The `date:` line, formatted at most once per second."""
-
-    def __init__(self) -> None:
-        self._second = 0
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            stamp = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
-            self._line = b"date: " + stamp.encode("ascii") + b"\r\n"
-        return self._line
-
-
-_date = _DateHeader()
-
-
-def response_head(
-    status: int,
-    content_type: bytes,
-    headers: Headers,
-    content_length: int | None,
-    keep_alive: bool,
-) -> bytes:
-    """Status line and headers; chunked transfer encoding when `content_length` is None."""
-    parts = [
-        _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode("ascii"),
-        _date.line(),
-        b"content-type: ",
-        content_type,
-        b"\r\n",
-    ]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    if content_length is None:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    else:
-        parts += (b"content-length: ", str(content_length).encode("ascii"), b"\r\n")
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
 
 
 class _Abort(Exception):
