@@ -26,7 +26,7 @@ from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
 from grifo.service import Gateway
-from grifo.store.sqlite import LedgerWriter, StateDB
+from grifo.store.sqlite import LedgerWriter, StateDB, replay_spool
 from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state
@@ -112,6 +112,10 @@ async def start(
     state_dir.mkdir(parents=True, exist_ok=True)
     db = StateDB(state_dir / "grifo.db")
     keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
+    if point_urls is None:  # the first process: no other gateway writes the spool yet
+        replayed = replay_spool(db.path, state_dir / "spool")
+        if replayed:
+            log.warning("committed %d ledger entries left in the spool by a previous run", replayed)
     local: list[LocalPoint] = []
     if point_urls is None:
         local = await start_points(
@@ -125,7 +129,7 @@ async def start(
         points,
         keys,
         merge_blocs(config.blocs),
-        LedgerWriter(db.path),
+        LedgerWriter(db.path, state_dir / "spool"),
         pools,
         GatewayMetrics(),
     )
@@ -171,13 +175,14 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM. With `workers` > 1, more gateway processes share the port
     (SO_REUSEPORT) and the SQLite state; the kernel spreads connections across them."""
+    stop = _stop_on_signals()  # before anything is announced: a quick SIGTERM must stop us
     running = await start(config, state_dir, host, port, reuse_port=workers > 1)
     extra: list[asyncio.subprocess.Process] = []
     try:
         urls = {p.name: f"http://{p.host}:{p.port}" for p in running.gateway.points}
         extra = await start_workers(config, state_dir, host, running.port, urls, workers - 1)
         print(banner(running, host), flush=True)
-        await _until_signal(None)
+        await _until(stop, None)
     finally:
         print("grifo: stopping", file=sys.stderr, flush=True)
         await asyncio.gather(*(stop_process(w) for w in extra))
@@ -192,10 +197,11 @@ async def serve_worker(
     point_urls: Mapping[str, str],
     parent_pid: int,
 ) -> None:
+    stop = _stop_on_signals()
     running = await start(config, state_dir, host, port, point_urls=point_urls, reuse_port=True)
     print("ready", flush=True)
     try:
-        await _until_signal(parent_pid)
+        await _until(stop, parent_pid)
     finally:
         await running.stop()
 
@@ -236,13 +242,17 @@ async def start_workers(
     return started
 
 
-async def _until_signal(parent_pid: int | None) -> None:
-    """Return on SIGINT or SIGTERM, or when `parent_pid` is no longer our parent."""
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiter = loop.create_task(stop.wait())
+    return stop
+
+
+async def _until(stop: asyncio.Event, parent_pid: int | None) -> None:
+    """Return once `stop` is set, or when `parent_pid` is no longer our parent."""
+    waiter = asyncio.get_running_loop().create_task(stop.wait())
     while not waiter.done():
         await asyncio.wait([waiter], timeout=0.5)
         if parent_pid is not None and os.getppid() != parent_pid:

@@ -77,6 +77,10 @@ async def build_app(point: PointConfig) -> PointApp:
 
 
 async def serve_point(point: PointConfig, host: str, port: int, parent_pid: int | None) -> None:
+    stop = asyncio.Event()  # handlers first: a SIGTERM right after start-up must stop us cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     app = await build_app(point)
     server = HttpServer(app.handle)
     bound = await server.start(host, port)
@@ -86,10 +90,6 @@ async def serve_point(point: PointConfig, host: str, port: int, parent_pid: int 
         + "\n"
     )
     sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     watch = loop.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
     await stop.wait()
     if watch is not None:

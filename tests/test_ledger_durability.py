@@ -1,0 +1,130 @@
+"""The ledger survives kill -9: spooled before the response, replayed exactly once at start."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from grifo.store.spool import segments
+from grifo.store.sqlite import LedgerEntry, LedgerWriter, StateDB, replay_spool
+from tests.support.fabric import CHAT, topology_yaml
+
+
+def entry(i: int) -> LedgerEntry:
+    return LedgerEntry(
+        f"req-{i}", 1, "t", "k", "/v1/chat/completions", "m", "p", "PE", 3, 4, 5, "ok", "point", 1.0
+    )
+
+
+def test_writer_commits_and_empties_the_spool(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "grifo.db")
+    writer = LedgerWriter(db.path, tmp_path / "spool")
+    for i in range(500):
+        writer.record(entry(i))
+    writer.close()
+    assert [e.request_id for e in db.ledger()] == sorted(f"req-{i}" for i in range(500))
+    assert segments(tmp_path / "spool") == []
+    db.close()
+
+
+def test_replay_is_idempotent_and_skips_a_torn_line(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "grifo.db")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lines = [json.dumps(list(entry(i))) for i in range(3)]
+    (spool / "ledger-1-1-0.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
+    (spool / "ledger-1-1-1.jsonl").write_text(lines[1] + "\n")  # a duplicate of a replayed one
+    assert replay_spool(db.path, spool) == 4
+    assert [e.request_id for e in db.ledger()] == ["req-0", "req-1", "req-2"]
+    assert segments(spool) == []
+    db.close()
+
+
+def _serve(config: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--state-dir",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    match = re.search(r":(\d+)/v1", proc.stdout.readline())
+    assert match, "grifo serve did not start"
+    return proc, int(match.group(1))
+
+
+def test_kill_9_under_load_loses_no_served_request(tmp_path: Path) -> None:
+    config = tmp_path / "grifo.yaml"
+    config.write_text(topology_yaml())
+    state = tmp_path / "state"
+    proc, port = _serve(config, state)
+    key = json.loads((state / "demo-keys.json").read_text())["demo-global"]
+    body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "bill me"}]})
+    served: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request(
+                    "POST", "/v1/chat/completions", body, {"authorization": f"Bearer {key}"}
+                )
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    served.append(response.headers["x-request-id"])
+            except OSError:
+                return  # the gateway is gone
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(served) < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-load, with entries in flight to SQLite
+    stop.set()
+    for t in threads:
+        t.join(10)
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    assert len(served) >= 300
+
+    again, _ = _serve(config, state)  # replays the spool at start
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(30) == 0
+    if again.stdout is not None:
+        again.stdout.close()
+    db = StateDB(state / "grifo.db")
+    try:
+        rows = db.ledger()
+    finally:
+        db.close()
+    ids = [e.request_id for e in rows]
+    assert len(ids) == len(set(ids))
+    missing = set(served) - set(ids)
+    assert not missing, f"{len(missing)} answered requests have no ledger entry"
+    assert segments(state / "spool") == []
