@@ -5,6 +5,7 @@
     │   ├── InvalidRequestError 400      ├── AuthenticationError 401
     │   ├── PermissionDeniedError 403    ├── NotFoundError 404 / ModelNotFoundError 404
     │   ├── MethodNotAllowedError 405    ├── RequestTimeoutError 408
+    │   ├── ConflictError 409            ├── UnprocessableError 422
     │   ├── PayloadTooLargeError 413     └── HeadersTooLargeError 431
     └── UpstreamError (5xx: a point or the fabric failed)
         ├── NoCompliantPointError 503    ├── PointUnavailableError 503 (retryable)
@@ -93,6 +94,21 @@ class MethodNotAllowedError(ClientError):
 
     status = 405
     code = "method_not_allowed"
+
+
+class ConflictError(ClientError):
+    """The request conflicts with one still in progress (same idempotency key)."""
+
+    status = 409
+    code = "conflict"
+
+
+class UnprocessableError(ClientError):
+    """The request is well-formed but cannot be honoured as sent (e.g. a reused idempotency
+    key with a different body)."""
+
+    status = 422
+    code = "unprocessable"
 
 
 class RequestTimeoutError(ClientError):

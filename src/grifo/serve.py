@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from grifo.admission.idempotency import Idempotency
 from grifo.api.app import GatewayApp
 from grifo.config.model import GrifoConfig
 from grifo.dispatch.forward import PointPools
@@ -112,6 +113,7 @@ async def start(
     state_dir.mkdir(parents=True, exist_ok=True)
     db = StateDB(state_dir / "grifo.db")
     keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
+    db.prune_keys(int(time.time() * 1000) - 24 * 3600 * 1000)  # keys are kept for a day
     if point_urls is None:  # the first process: no other gateway writes the spool yet
         replayed = replay_spool(db.path, state_dir / "spool")
         if replayed:
@@ -132,6 +134,7 @@ async def start(
         LedgerWriter(db.path, state_dir / "spool"),
         pools,
         GatewayMetrics(),
+        Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)

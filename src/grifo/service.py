@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
+from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, forward
 from grifo.errors import (
@@ -72,6 +74,7 @@ class Gateway:
         ledger: LedgerWriter,
         pools: PointPools,
         metrics: GatewayMetrics,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -81,12 +84,35 @@ class Gateway:
         self.pools = pools
         self.metrics = metrics
         self.placement = PlacementIndex(self.points, config.placement)
+        self.idempotency = idempotency
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
         body = _decode(request.path, request.body)
+        raw_key = request.headers.get(IDEMPOTENCY_HEADER)
+        if raw_key is None or self.idempotency is None:
+            return await self._infer(request, request_id, received_ns, principal, body)
+        print_ = fingerprint(request.path, wire.encode(body))
+        claim = self.idempotency.claim(principal.tenant, raw_key, print_, request_id)
+        if isinstance(claim, Response):
+            return claim
+        try:
+            response = await self._infer(request, request_id, received_ns, principal, body)
+        except BaseException:
+            self.idempotency.release(claim)
+            raise
+        return self.idempotency.seal(claim, response)
+
+    async def _infer(
+        self,
+        request: Request,
+        request_id: str,
+        received_ns: int,
+        principal: Principal,
+        body: wire.InferenceRequest,
+    ) -> Response | StreamResponse:
         allowed = allowed_set(
             principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
         )

@@ -34,7 +34,8 @@ class GatewayApp:
             log.exception("%s %s failed", request_id, request.path)
             error = GrifoError(f"internal error; quote request id {request_id}")
             response = Response(error.status, error.envelope())
-        response.headers.append((b"x-request-id", request_id.encode()))
+        if not any(name == b"x-request-id" for name, _ in response.headers):
+            response.headers.append((b"x-request-id", request_id.encode()))  # replays keep theirs
         return response
 
     async def _route(self, request: Request, request_id: str) -> Response | StreamResponse:

@@ -39,6 +39,18 @@ CREATE TABLE IF NOT EXISTS ledger (
     latency_ms REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts_ms);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    status INTEGER,
+    headers TEXT,
+    body BLOB,
+    stream INTEGER,
+    PRIMARY KEY (tenant, key)
+);
 """
 
 
@@ -62,6 +74,18 @@ class LedgerEntry(NamedTuple):
     status: str
     usage_source: str
     latency_ms: float
+
+
+class StoredOutcome(NamedTuple):
+    """What an idempotency key holds: a claim in progress (status None) or a finished answer."""
+
+    fingerprint: str
+    request_id: str
+    started_ms: int
+    status: int | None
+    headers: str | None
+    body: bytes | None
+    stream: int | None
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -103,6 +127,56 @@ class StateDB:
                 "SELECT id, tenant, sha256 FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
         return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    # -- idempotency keys -------------------------------------------------------------------------
+    def claim_key(
+        self, tenant: str, key: str, fingerprint: str, request_id: str, stale_ms: int
+    ) -> StoredOutcome | None:
+        """Claim (tenant, key) for a new request, or return what holds it already.
+
+        An unfinished claim older than `stale_ms` (its gateway died) is taken over.
+        """
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute(
+                    "SELECT fingerprint, request_id, started_ms, status, headers, body, stream "
+                    "FROM idempotency WHERE tenant = ? AND key = ?",
+                    (tenant, key),
+                ).fetchone()
+                if row is None or (row[3] is None and now - row[2] > stale_ms):
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, "
+                        "request_id, started_ms) VALUES (?, ?, ?, ?, ?)",
+                        (tenant, key, fingerprint, request_id, now),
+                    )
+                    return None
+                return StoredOutcome(*row)
+            finally:
+                self._conn.execute("COMMIT")
+
+    def settle_key(
+        self, tenant: str, key: str, status: int, headers: str, body: bytes, stream: bool
+    ) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE idempotency SET status = ?, headers = ?, body = ?, stream = ? "
+                "WHERE tenant = ? AND key = ?",
+                (status, headers, body, int(stream), tenant, key),
+            )
+
+    def release_key(self, tenant: str, key: str, request_id: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "DELETE FROM idempotency WHERE tenant = ? AND key = ? AND request_id = ? "
+                "AND status IS NULL",
+                (tenant, key, request_id),
+            )
+
+    def prune_keys(self, older_than_ms: int) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM idempotency WHERE started_ms < ?", (older_than_ms,))
 
     # -- ledger (reads, for tests and tools) ----------------------------------------------------
     def ledger(self) -> list[LedgerEntry]:
