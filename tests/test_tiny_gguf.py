@@ -8,10 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("gguf")
-pytest.importorskip("llama_cpp")
-
 from llama_cpp import Llama
 from llama_cpp.llama_types import (
     ChatCompletionRequestMessage,
