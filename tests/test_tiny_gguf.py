@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,11 +62,9 @@ def test_same_seed_gives_identical_bytes(tmp_path: Path, tiny_model: Path) -> No
     assert again.stat().st_size == other.stat().st_size < 1_000_000
 
 
-def test_loads_fast_and_completes(tiny_model: Path) -> None:
-    started = time.perf_counter()
+def test_loads_and_completes(tiny_model: Path) -> None:
     model = _load(tiny_model)
     try:
-        assert time.perf_counter() - started < 5.0
         out = _complete(model, "hello")
     finally:
         model.close()
