@@ -6,7 +6,8 @@
     │   ├── PermissionDeniedError 403    ├── NotFoundError 404 / ModelNotFoundError 404
     │   ├── MethodNotAllowedError 405    ├── RequestTimeoutError 408
     │   ├── ConflictError 409            ├── UnprocessableError 422
-    │   ├── PayloadTooLargeError 413     └── HeadersTooLargeError 431
+    │   ├── PayloadTooLargeError 413     ├── HeadersTooLargeError 431
+    │   └── BudgetExceededError 429
     └── UpstreamError (5xx: a point or the fabric failed)
         ├── NoCompliantPointError 503    ├── PointUnavailableError 503 (retryable)
         └── PointProtocolError 502       └── PointTimeoutError 504
@@ -116,6 +117,14 @@ class RequestTimeoutError(ClientError):
 
     status = 408
     code = "request_timeout"
+
+
+class BudgetExceededError(ClientError):
+    """The tenant's or key's budget for the period cannot cover this request (OpenAI's 429)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class PayloadTooLargeError(ClientError):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
 from grifo.api.app import GatewayApp
 from grifo.config.model import GrifoConfig
@@ -115,6 +116,7 @@ async def start(
     keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
     db.prune_keys(int(time.time() * 1000) - 24 * 3600 * 1000)  # keys are kept for a day
     if point_urls is None:  # the first process: no other gateway writes the spool yet
+        db.reset_reservations()
         replayed = replay_spool(db.path, state_dir / "spool")
         if replayed:
             log.warning("committed %d ledger entries left in the spool by a previous run", replayed)
@@ -135,6 +137,12 @@ async def start(
         pools,
         GatewayMetrics(),
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
+        Budgets(
+            db,
+            {t.name: t.budget for t in config.tenants if t.budget is not None},
+            {k.id: k.budget for k in config.keys if k.budget is not None},
+            config.gateway.request_timeout_s,
+        ),
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)

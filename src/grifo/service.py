@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from grifo.admission.budgets import Budgets, Reservation
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.config.model import GatewayConfig
@@ -31,7 +32,7 @@ from grifo.metering.pricing import cost_micros
 from grifo.metering.usage import SseSplitter, Usage, usage_of
 from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
 from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tier
-from grifo.placement.scoring import PlacementIndex
+from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.sqlite import LedgerEntry, LedgerWriter
 from grifo.telemetry.metrics import GatewayMetrics
@@ -60,6 +61,7 @@ class Exchange:
     principal: Principal
     model: str
     point: PointState | None = None
+    reservation: Reservation | None = None
     dispatched_ns: int = 0
     first_token_ns: int | None = None
 
@@ -75,6 +77,7 @@ class Gateway:
         pools: PointPools,
         metrics: GatewayMetrics,
         idempotency: Idempotency | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -85,6 +88,7 @@ class Gateway:
         self.metrics = metrics
         self.placement = PlacementIndex(self.points, config.placement)
         self.idempotency = idempotency
+        self.budgets = budgets
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
@@ -130,11 +134,26 @@ class Gateway:
             raise
         _check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
+        if self.budgets is not None and self.budgets.applies(principal):
+            ex.reservation = self.budgets.reserve(principal, body, candidates)
+        try:
+            return await self._dispatch(ex, request, body, candidates)
+        except BaseException:
+            self._release(ex)
+            raise
+
+    async def _dispatch(
+        self,
+        ex: Exchange,
+        request: Request,
+        body: wire.InferenceRequest,
+        candidates: list[Candidate],
+    ) -> Response | StreamResponse:
         stream = (
             isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream
         )
         upstream_body = _upstream_body(body)
-        headers: Headers = [(b"x-request-id", request_id.encode())]
+        headers: Headers = [(b"x-request-id", ex.request_id.encode())]
         ex.dispatched_ns = time.monotonic_ns()
         point, response = await forward(
             self.pools,
@@ -164,6 +183,8 @@ class Gateway:
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
             cost = self._meter(ex, usage, "ok", "point")
+        else:
+            self._release(ex)  # the point refused the request: nothing to bill
         self.metrics.observe(
             ex.endpoint,
             ex.point.name,
@@ -287,6 +308,8 @@ class Gateway:
                 latency_ms=(time.monotonic_ns() - ex.received_ns) / 1e6,
             )
         )
+        if ex.reservation is not None and self.budgets is not None:
+            self.budgets.settle(ex.reservation, cost)
         self.metrics.meter(
             ex.principal.tenant,
             point.name,
@@ -296,6 +319,10 @@ class Gateway:
             cost,
         )
         return cost
+
+    def _release(self, ex: Exchange) -> None:
+        if ex.reservation is not None and self.budgets is not None:
+            self.budgets.release(ex.reservation)
 
     # -- models -----------------------------------------------------------------------------------
     def list_models(self, request: Request) -> Response:

@@ -56,12 +56,25 @@ class PointConfig(Base, kw_only=True, frozen=True):
     prices: Prices = Prices()
 
 
+class BudgetConfig(Base, kw_only=True, frozen=True):
+    """Spending limit over a UTC calendar period.
+
+    strict: a request is admitted only if its worst-case cost still fits (never exceeded);
+    soft: admitted while spending is under the limit (overspend at most one request's worst case).
+    """
+
+    usd: Usd
+    period: Literal["day", "month"] = "month"
+    mode: Literal["strict", "soft"] = "strict"
+
+
 class TenantConfig(Base, kw_only=True, frozen=True):
     name: Name
     allowed_jurisdictions: list[str] | None = None
     """None means unrestricted; an empty list allows nothing."""
     tier: Literal["edge", "regional", "central", "any"] = "any"
     """Default tier for the tenant's requests; `x-grifo-tier` overrides it per request."""
+    budget: BudgetConfig | None = None
 
 
 class KeyConfig(Base, kw_only=True, frozen=True):
@@ -69,6 +82,7 @@ class KeyConfig(Base, kw_only=True, frozen=True):
     id: Name
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
     env: str | None = None
+    budget: BudgetConfig | None = None
 
 
 class PlacementConfig(Base, kw_only=True, frozen=True):

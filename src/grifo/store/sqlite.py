@@ -39,6 +39,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     latency_ms REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_tenant_ts ON ledger (tenant, ts_ms);
+CREATE TABLE IF NOT EXISTS budget_usage (
+    scope TEXT NOT NULL,
+    period_start_ms INTEGER NOT NULL,
+    reserved_micros INTEGER NOT NULL,
+    spent_micros INTEGER NOT NULL,
+    PRIMARY KEY (scope, period_start_ms)
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -74,6 +81,15 @@ class LedgerEntry(NamedTuple):
     status: str
     usage_source: str
     latency_ms: float
+
+
+class BudgetCheck(NamedTuple):
+    """One budget a request must fit in: `tenant:<name>` or `key:<id>`, for one period."""
+
+    scope: str
+    period_start_ms: int
+    limit_micros: int
+    strict: bool
 
 
 class StoredOutcome(NamedTuple):
@@ -127,6 +143,66 @@ class StateDB:
                 "SELECT id, tenant, sha256 FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
         return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    # -- budgets ----------------------------------------------------------------------------------
+    def reset_reservations(self) -> None:
+        """No request survives a restart: forget reservations and recount spending from the
+        ledger when next needed (the ledger is the source of truth)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM budget_usage")
+
+    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None:
+        """Atomically reserve `worst_micros` in every scope, or none: returns the first check
+        that refused (nothing reserved then)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for check in checks:
+                    reserved, spent = self._usage(check)
+                    committed = reserved + spent
+                    room = committed + worst_micros if check.strict else committed + 1
+                    if room > check.limit_micros:
+                        self._conn.execute("ROLLBACK")
+                        return check
+                for check in checks:
+                    self._conn.execute(
+                        "UPDATE budget_usage SET reserved_micros = reserved_micros + ? "
+                        "WHERE scope = ? AND period_start_ms = ?",
+                        (worst_micros, check.scope, check.period_start_ms),
+                    )
+                self._conn.execute("COMMIT")
+                return None
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None:
+        with self._lock:
+            self._conn.executemany(
+                "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
+                "spent_micros = spent_micros + ? WHERE scope = ? AND period_start_ms = ?",
+                [(reserved_micros, cost_micros, c.scope, c.period_start_ms) for c in checks],
+            )
+
+    def _usage(self, check: BudgetCheck) -> tuple[int, int]:
+        row = self._conn.execute(
+            "SELECT reserved_micros, spent_micros FROM budget_usage "
+            "WHERE scope = ? AND period_start_ms = ?",
+            (check.scope, check.period_start_ms),
+        ).fetchone()
+        if row is not None:
+            return int(row[0]), int(row[1])
+        column = "tenant" if check.scope.startswith("tenant:") else "key_id"
+        spent = self._conn.execute(
+            f"SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE {column} = ? "  # noqa: S608
+            "AND ts_ms >= ?",
+            (check.scope.split(":", 1)[1], check.period_start_ms),
+        ).fetchone()[0]
+        self._conn.execute(
+            "INSERT INTO budget_usage VALUES (?, ?, 0, ?)",
+            (check.scope, check.period_start_ms, int(spent)),
+        )
+        return 0, int(spent)
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(

@@ -1,0 +1,127 @@
+"""Budgets: reserve a request's worst-case cost before dispatch, settle to the real cost after.
+
+Worst case = an upper bound of the prompt's tokens (a token is at least one byte, plus template
+overhead) and `max_tokens`, at the dearest candidate's token prices, plus that point's hourly
+price for the whole request timeout (a request cannot hold a point longer). Reservations for a
+tenant's and a key's budget are taken together, atomically, in the shared state database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from grifo.config.model import BudgetConfig
+from grifo.errors import BudgetExceededError
+from grifo.metering.pricing import cost_micros
+from grifo.placement.scoring import Candidate
+from grifo.security.keys import Principal
+from grifo.store.sqlite import BudgetCheck
+from grifo.wire import requests as wire
+
+_TEMPLATE_TOKENS = 64  # chat template and default system prompt
+_PER_MESSAGE_TOKENS = 8
+
+
+class BudgetStore(Protocol):
+    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None: ...
+
+    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Reservation:
+    checks: list[BudgetCheck]
+    micros: int
+    open: bool = True
+
+
+class Budgets:
+    def __init__(
+        self,
+        store: BudgetStore,
+        tenants: Mapping[str, BudgetConfig],
+        keys: Mapping[str, BudgetConfig],
+        request_timeout_s: float,
+    ) -> None:
+        self._store = store
+        self._tenants = tenants
+        self._keys = keys
+        self._timeout_ns = int(request_timeout_s * 1e9)
+
+    def applies(self, principal: Principal) -> bool:
+        return principal.tenant in self._tenants or principal.key_id in self._keys
+
+    def reserve(
+        self,
+        principal: Principal,
+        body: wire.InferenceRequest,
+        candidates: Sequence[Candidate],
+        now: dt.datetime | None = None,
+    ) -> Reservation:
+        """Reserve the worst case in every budget that applies, or raise 429."""
+        now = now or dt.datetime.now(dt.UTC)
+        checks = [
+            _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), now),
+            _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), now),
+        ]
+        active = [c for c in checks if c is not None]
+        worst = self.worst_case(body, candidates)
+        refused = self._store.reserve(active, worst)
+        if refused is not None:
+            scope = refused.scope.split(":", 1)[0]
+            raise BudgetExceededError(
+                f"the {scope}'s budget for this period cannot cover this request (worst case "
+                f"{worst} micro-USD); raise the budget or lower max_tokens"
+            )
+        return Reservation(active, worst)
+
+    def settle(self, reservation: Reservation, actual_micros: int) -> None:
+        if reservation.open:
+            reservation.open = False
+            self._store.settle(reservation.checks, reservation.micros, actual_micros)
+
+    def release(self, reservation: Reservation) -> None:
+        self.settle(reservation, 0)
+
+    def worst_case(self, body: wire.InferenceRequest, candidates: Sequence[Candidate]) -> int:
+        prompt = _prompt_bound(body)
+        worst = 0
+        for candidate in candidates:
+            point = candidate.point
+            completion = 0
+            if not isinstance(body, wire.EmbeddingRequest):
+                card = point.models.get(body.model)
+                context = card.context_length if card is not None and card.context_length else 0
+                completion = body.token_limit() or context or wire.MAX_TOKENS_LIMIT
+            cost = cost_micros(
+                point.price(body.model),
+                point.usd_per_hour_micros,
+                prompt,
+                completion,
+                self._timeout_ns,
+            )
+            worst = max(worst, cost)
+        return worst
+
+
+def _prompt_bound(body: wire.InferenceRequest) -> int:
+    if isinstance(body, wire.EmbeddingRequest):
+        return sum(len(t.encode()) + 2 for t in body.texts())
+    if isinstance(body, wire.ChatCompletionRequest):
+        return _TEMPLATE_TOKENS + sum(
+            len(m.text().encode()) + _PER_MESSAGE_TOKENS for m in body.messages
+        )
+    return len(body.prompt_text().encode()) + _PER_MESSAGE_TOKENS
+
+
+def _check(scope: str, budget: BudgetConfig | None, now: dt.datetime) -> BudgetCheck | None:
+    if budget is None:
+        return None
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if budget.period == "month":
+        start = start.replace(day=1)
+    limit = round(budget.usd * 1_000_000)
+    return BudgetCheck(scope, int(start.timestamp() * 1000), limit, budget.mode == "strict")

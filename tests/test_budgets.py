@@ -1,0 +1,212 @@
+"""Budgets: 100 concurrent requests against the last cents never overspend a strict budget."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import openai
+
+from grifo.admission.budgets import Budgets, _check
+from grifo.config.model import BudgetConfig
+from grifo.security.keys import Principal
+from grifo.store.sqlite import BudgetCheck, LedgerEntry, LedgerWriter, StateDB
+from grifo.wire import requests as wire
+from tests.support.fabric import CHAT, Fabric
+
+TOPOLOGY = """
+gateway: {demo_keys: true, health_interval_s: 0.2, request_timeout_s: 1}
+points:
+  - {name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 4,
+     engine: {kind: fake, embeddings: fake},
+     prices: {usd_per_hour: 0.04, default: {input_usd_per_1m: 20.0, output_usd_per_1m: 40.0}}}
+tenants:
+  - {name: strict, budget: {usd: 0.01, period: day, mode: strict}}
+  - {name: soft, budget: {usd: 0.01, period: day, mode: soft}}
+  - {name: free}
+"""
+LIMIT_MICROS = 10_000
+
+
+def _hammer(fab: Fabric, tenant: str, n: int) -> list[str]:
+    """n concurrent requests; the outcome of each: ok, or the error code."""
+    client = fab.client(tenant)
+
+    def one(i: int) -> str:
+        try:
+            client.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": f"spend {i}"}], max_tokens=4
+            )
+        except openai.RateLimitError as exc:
+            return str(exc.code)
+        return "ok"
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _until_refused(fab: Fabric, tenant: str) -> list[str]:
+    client = fab.client(tenant)
+    outcomes = []
+    for i in range(500):
+        try:
+            client.chat.completions.create(
+                model=CHAT,
+                messages=[{"role": "user", "content": f"spend {i % 100}"}],
+                max_tokens=4,
+            )
+        except openai.RateLimitError as exc:
+            outcomes.append(str(exc.code))
+            return outcomes
+        outcomes.append("ok")
+    raise AssertionError("the budget never ran out")
+
+
+def _spent(fab: Fabric, tenant: str, outcomes: list[str]) -> int:
+    expected = outcomes.count("ok")
+    rows: list[LedgerEntry] = []
+    for _ in range(100):
+        rows = [e for e in fab.running.db.ledger() if e.tenant == tenant]
+        if len(rows) >= expected:
+            break
+        time.sleep(0.05)
+    assert len(rows) == expected
+    return sum(e.cost_micros for e in rows)
+
+
+def test_strict_budget_is_never_exceeded(tmp_path: Path) -> None:
+    fab = Fabric.from_yaml(TOPOLOGY, tmp_path)
+    try:
+        outcomes = _hammer(fab, "strict", 100)
+        assert "insufficient_quota" in outcomes
+        assert "ok" in outcomes
+        assert _spent(fab, "strict", outcomes) <= LIMIT_MICROS
+        # One at a time, strict admits while the worst case still fits: it ends close below.
+        outcomes += _until_refused(fab, "strict")
+        spent = _spent(fab, "strict", outcomes)
+        assert LIMIT_MICROS - max(_worst(fab, i) for i in range(100)) < spent <= LIMIT_MICROS
+        free = _hammer(fab, "free", 20)
+        assert free == ["ok"] * 20
+    finally:
+        fab.close()
+
+
+def _worst(fab: Fabric, i: int) -> int:
+    """The gateway's own worst case for request `i` of `_hammer`."""
+    gateway = fab.running.gateway
+    assert gateway.budgets is not None
+    body = wire.decode(
+        wire.ChatCompletionRequest,
+        json.dumps(
+            {
+                "model": CHAT,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": f"spend {i}"}],
+            }
+        ).encode(),
+    )
+    return gateway.budgets.worst_case(body, gateway.placement.rank(CHAT, None, 4, 3))
+
+
+def test_soft_budget_overspends_at_most_one_worst_case(tmp_path: Path) -> None:
+    fab = Fabric.from_yaml(TOPOLOGY, tmp_path)
+    try:
+        outcomes = _hammer(fab, "soft", 100)
+        assert "insufficient_quota" in outcomes
+        worst = max(_worst(fab, i) for i in range(100))
+        assert _spent(fab, "soft", outcomes) <= LIMIT_MICROS + worst
+        # One at a time, soft admits while spending is under the limit: the last one crosses it.
+        outcomes += _until_refused(fab, "soft")
+        assert LIMIT_MICROS <= _spent(fab, "soft", outcomes) <= LIMIT_MICROS + worst
+    finally:
+        fab.close()
+
+
+def test_reservations_are_released_and_spending_is_recounted_from_the_ledger(
+    tmp_path: Path,
+) -> None:
+    now = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
+    db = StateDB(tmp_path / "grifo.db")
+    writer = LedgerWriter(db.path, tmp_path / "spool")
+    writer.record(
+        LedgerEntry(
+            "r1",
+            int(now.timestamp() * 1000),
+            "t",
+            "k",
+            "/v1/completions",
+            "m",
+            "p",
+            "PE",
+            1,
+            1,
+            250,
+            "ok",
+            "point",
+            1.0,
+        )
+    )
+    writer.close()
+    day = BudgetCheck("tenant:t", int(now.replace(hour=0).timestamp() * 1000), 300, True)
+    try:
+        assert db.reserve([day], 51) == day, "250 already spent + 51 > 300 must be refused"
+        assert db.reserve([day], 50) is None
+        db.settle([day], 50, 10)  # 40 of the reservation released, 10 spent: 260
+        assert db.reserve([day], 41) == day
+        assert db.reserve([day], 40) is None
+        db.reset_reservations()  # a restart: spending is recounted from the ledger (250)
+        assert db.reserve([day], 50) is None
+    finally:
+        db.close()
+
+
+def test_tenant_and_key_budgets_are_reserved_together(tmp_path: Path) -> None:
+    now = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
+    db = StateDB(tmp_path / "grifo.db")
+    start = int(now.replace(hour=0).timestamp() * 1000)
+    tenant = BudgetCheck("tenant:t", start, 1000, True)
+    key = BudgetCheck("key:k", start, 100, True)
+    try:
+        assert db.reserve([tenant, key], 101) == key
+        assert db.reserve([tenant], 900) is None, "the refused pair reserved nothing"
+        assert db.reserve([tenant, key], 101) in (tenant, key)
+    finally:
+        db.close()
+
+
+def test_budget_periods_are_utc_calendar_day_and_month() -> None:
+    budgets = Budgets(
+        _NoStore(),
+        {"t": BudgetConfig(usd=1.0, period="month")},
+        {"k": BudgetConfig(usd=0.5, period="day", mode="soft")},
+        1.0,
+    )
+    assert budgets.applies(Principal("t", "x", None))
+    assert budgets.applies(Principal("other", "k", None))
+    assert not budgets.applies(Principal("other", "x", None))
+    now = dt.datetime(2026, 11, 25, 12, 30, tzinfo=dt.UTC)
+    month, day = (
+        _check("tenant:t", BudgetConfig(usd=1.0), now),
+        _check("key:k", BudgetConfig(usd=0.5, period="day", mode="soft"), now),
+    )
+    assert month is not None
+    assert day is not None
+    assert month.period_start_ms == int(dt.datetime(2026, 11, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    assert day.period_start_ms == int(dt.datetime(2026, 11, 25, tzinfo=dt.UTC).timestamp() * 1000)
+    assert (month.limit_micros, month.strict, day.limit_micros, day.strict) == (
+        1_000_000,
+        True,
+        500_000,
+        False,
+    )
+
+
+class _NoStore:
+    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None:
+        return None
+
+    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None:
+        return None
