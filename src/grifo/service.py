@@ -18,11 +18,11 @@ import msgspec
 from grifo.admission.budgets import Budgets, Reservation
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
+from grifo.admission.limits import check_token_limit
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, forward
 from grifo.errors import (
     GrifoError,
-    InvalidRequestError,
     NoCompliantPointError,
     PointProtocolError,
 )
@@ -41,14 +41,6 @@ from grifo.wire import requests as wire
 from grifo.wire.responses import model_list
 
 log = logging.getLogger("grifo.gateway")
-
-
-def _decode(path: str, body: bytes) -> wire.InferenceRequest:
-    if path == "/v1/chat/completions":
-        return wire.decode(wire.ChatCompletionRequest, body)
-    if path == "/v1/completions":
-        return wire.decode(wire.CompletionRequest, body)
-    return wire.decode(wire.EmbeddingRequest, body)
 
 
 @dataclass(slots=True)
@@ -94,7 +86,7 @@ class Gateway:
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
-        body = _decode(request.path, request.body)
+        body = wire.decode_for(request.path, request.body)
         raw_key = request.headers.get(IDEMPOTENCY_HEADER)
         if raw_key is None or self.idempotency is None:
             return await self._infer(request, request_id, received_ns, principal, body)
@@ -132,7 +124,7 @@ class Gateway:
         except NoCompliantPointError:
             self.metrics.denials.inc()
             raise
-        _check_token_limit(body, candidates[0].point)
+        check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
         if self.budgets is not None and self.budgets.applies(principal):
             ex.reservation = self.budgets.reserve(principal, body, candidates)
@@ -152,7 +144,7 @@ class Gateway:
         stream = (
             isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream
         )
-        upstream_body = _upstream_body(body)
+        upstream_body = wire.upstream_body(body)
         headers: Headers = [(b"x-request-id", ex.request_id.encode())]
         ex.dispatched_ns = time.monotonic_ns()
         point, response = await forward(
@@ -385,28 +377,3 @@ def _point_headers(point: PointState, cost: int) -> Headers:
         (b"x-grifo-jurisdiction", point.jurisdiction.encode()),
         (b"x-grifo-cost-micros", str(cost).encode()),
     ]
-
-
-def _check_token_limit(body: wire.InferenceRequest, point: PointState) -> None:
-    if isinstance(body, wire.EmbeddingRequest):
-        return
-    card = point.models.get(body.model)
-    limit = body.token_limit()
-    if card is not None and limit is not None and 0 < card.context_length < limit:
-        param = (
-            "max_completion_tokens"
-            if getattr(body, "max_completion_tokens", None)
-            else "max_tokens"
-        )
-        raise InvalidRequestError(
-            f"{param} is {limit}, more than the context length of {body.model} "
-            f"({card.context_length} tokens)",
-            param=param,
-        )
-
-
-def _upstream_body(body: wire.InferenceRequest) -> bytes:
-    """The allow-listed body for the point; streams always ask for usage so they can be metered."""
-    if isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream:
-        body = msgspec.structs.replace(body, stream_options=wire.StreamOptions(include_usage=True))
-    return wire.encode(body)

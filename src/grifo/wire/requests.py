@@ -147,3 +147,19 @@ def decode(kind: type[T], body: bytes) -> T:
 
 def encode(request: InferenceRequest) -> bytes:
     return msgspec.json.encode(request)
+
+
+def decode_for(path: str, body: bytes) -> InferenceRequest:
+    """Decode the body of a request to one of the three inference routes."""
+    if path == "/v1/chat/completions":
+        return decode(ChatCompletionRequest, body)
+    if path == "/v1/completions":
+        return decode(CompletionRequest, body)
+    return decode(EmbeddingRequest, body)
+
+
+def upstream_body(request: InferenceRequest) -> bytes:
+    """The allow-listed body for a point; streams always ask for usage so they can be metered."""
+    if isinstance(request, ChatCompletionRequest | CompletionRequest) and request.stream:
+        request = msgspec.structs.replace(request, stream_options=StreamOptions(include_usage=True))
+    return encode(request)
