@@ -664,3 +664,63 @@ def test_tier_filters_candidates() -> None:
     assert names(index.rank(MODEL, None, 10, 3, None)) == ["edge-pe", "central-us"]
     with pytest.raises(NoCompliantPointError, match="regional point"):
         index.rank(MODEL, None, 10, 3, "regional")
+
+
+# -- hardware sharing ------------------------------------------------------------------------------
+def test_busy_clock_worked_examples() -> None:
+    from grifo.metering.sharing import BusyClock
+
+    s = 1_000_000_000
+    alone = BusyClock()
+    mark = alone.enter(0)
+    assert alone.leave(mark, 2 * s) == 2 * s
+    together = BusyClock()
+    a, b = together.enter(0), together.enter(0)
+    assert (together.leave(a, 2 * s), together.leave(b, 2 * s)) == (s, s)
+    nested = BusyClock()  # A runs 0-3 s, B 1-2 s
+    a = nested.enter(0)
+    b = nested.enter(1 * s)
+    share_b = nested.leave(b, 2 * s)
+    share_a = nested.leave(a, 3 * s)
+    assert (share_a, share_b) == (2.5 * s, 0.5 * s)
+    assert share_a + share_b == 3 * s
+    idle = BusyClock()  # gaps between requests are billed to nobody
+    first = idle.enter(0)
+    idle.leave(first, s)
+    second = idle.enter(10 * s)
+    assert idle.leave(second, 11 * s) == s
+    assert idle.in_flight == 0
+
+
+@given(
+    spans=st.lists(
+        st.tuples(st.integers(0, 10_000), st.integers(1, 10_000)), min_size=1, max_size=20
+    )
+)
+def test_shares_add_up_to_the_busy_time(spans: list[tuple[int, int]]) -> None:
+    """Whatever the overlap, the shares sum to the time at least one request was in flight."""
+    from grifo.metering.sharing import BusyClock
+
+    clock = BusyClock()
+    events = sorted(
+        [(start, 1, i) for i, (start, _) in enumerate(spans)]
+        + [(start + length, 0, i) for i, (start, length) in enumerate(spans)]
+    )
+    marks: dict[int, float] = {}
+    shares = []
+    for t, kind, i in events:
+        if kind == 1:
+            marks[i] = clock.enter(t)
+        else:
+            shares.append(clock.leave(marks[i], t))
+    covered = set()
+    for start, length in spans:
+        covered.update(range(start, start + length))
+    assert abs(sum(shares) - len(covered)) <= len(spans)  # each share rounds to a whole ns
+
+
+def test_batched_request_pays_its_share_of_the_hour() -> None:
+    price = Price(0, 0)
+    hour = 3_600_000_000  # 3,600 USD per hour: one micro-USD per microsecond
+    assert cost_micros(price, hour, 0, 0, 2_000_000_000) == 2_000_000
+    assert cost_micros(price, hour, 0, 0, 2_000_000_000 // 8) == 250_000  # 1 of 8 in a batch

@@ -55,6 +55,8 @@ class Exchange:
     point: PointState | None = None
     reservation: Reservation | None = None
     dispatched_ns: int = 0
+    busy_mark: float = 0.0
+    busy_share_ns: int | None = None
     first_token_ns: int | None = None
 
 
@@ -131,6 +133,8 @@ class Gateway:
         try:
             return await self._dispatch(ex, request, body, candidates)
         except BaseException:
+            if ex.point is not None:
+                self._leave_point(ex)
             self._release(ex)
             raise
 
@@ -147,7 +151,7 @@ class Gateway:
         upstream_body = wire.upstream_body(body)
         headers: Headers = [(b"x-request-id", ex.request_id.encode())]
         ex.dispatched_ns = time.monotonic_ns()
-        point, response = await forward(
+        point, response, ex.busy_mark = await forward(
             self.pools,
             candidates,
             request.path,
@@ -176,6 +180,7 @@ class Gateway:
             usage = usage_of(payload) or Usage(0, 0)
             cost = self._meter(ex, usage, "ok", "point")
         else:
+            self._leave_point(ex)
             self._release(ex)  # the point refused the request: nothing to bill
         self.metrics.observe(
             ex.endpoint,
@@ -274,7 +279,7 @@ class Gateway:
     def _meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
         point = ex.point
         assert point is not None
-        busy_ns = time.monotonic_ns() - ex.dispatched_ns
+        busy_ns = self._leave_point(ex)
         cost = cost_micros(
             point.price(ex.model),
             point.usd_per_hour_micros,
@@ -311,6 +316,13 @@ class Gateway:
             cost,
         )
         return cost
+
+    def _leave_point(self, ex: Exchange) -> int:
+        """The request is done at its point: its share of the point's busy time (once)."""
+        if ex.busy_share_ns is None:
+            assert ex.point is not None
+            ex.busy_share_ns = ex.point.busy.leave(ex.busy_mark, time.monotonic_ns())
+        return ex.busy_share_ns
 
     def _release(self, ex: Exchange) -> None:
         if ex.reservation is not None and self.budgets is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from grifo.config.load import parse_point_url, usd_to_micros
 from grifo.config.model import PointConfig
+from grifo.metering.sharing import BusyClock
 
 _epoch = [0]
 
@@ -52,6 +53,7 @@ class PointState:
     point_in_flight: int = 0
     tokens_per_s: float = 0.0
     gateway_in_flight: int = 0
+    busy: BusyClock = field(default_factory=BusyClock)
 
     @property
     def name(self) -> str:

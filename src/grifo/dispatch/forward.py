@@ -7,6 +7,7 @@ A point whose answer claims a different jurisdiction than configured is not trus
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from grifo.errors import NoCompliantPointError, PointProtocolError, PointUnavailableError
@@ -42,24 +43,31 @@ async def forward(
     body: bytes,
     headers: Headers,
     head_timeout_s: float,
-) -> tuple[PointState, UpstreamResponse]:
-    """The first candidate that answers, with its response head."""
+) -> tuple[PointState, UpstreamResponse, float]:
+    """The first candidate that answers, with its response head and its busy-clock mark (give
+    it back with `point.busy.leave` when the request is done there)."""
     for candidate in candidates:
         point = candidate.point
+        mark = point.busy.enter(time.monotonic_ns())
         try:
             response = await pools[point.name].request(
                 "POST", path, headers=headers, body=body, head_timeout_s=head_timeout_s
             )
         except PointUnavailableError as exc:
+            point.busy.leave(mark, time.monotonic_ns())
             point.mark_down(str(exc))
             log.warning("point %s unavailable, trying the next compliant one", point.name)
             continue
+        except BaseException:
+            point.busy.leave(mark, time.monotonic_ns())
+            raise
         claimed = response.headers.get(b"x-grifo-jurisdiction", b"").decode("latin-1")
         if claimed != point.jurisdiction:
             response.close()
+            point.busy.leave(mark, time.monotonic_ns())
             point.mark_down(f"reports jurisdiction {claimed!r}, configured {point.jurisdiction}")
             raise PointProtocolError("the point's answer did not match its configured jurisdiction")
-        return point, response
+        return point, response, mark
     raise NoCompliantPointError(
         "every compliant point refused the request; it was not sent anywhere else"
     )

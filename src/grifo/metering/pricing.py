@@ -3,9 +3,10 @@
 cost = ceil((prompt × input_per_1m + completion × output_per_1m) / 10^6)
      + ceil(usd_per_hour_micros × busy_ns / 3.6·10^12)
 
-Prices are micro-USD per million tokens; `busy_ns` is how long the point worked on the request
-as the gateway measured it (dispatch to last byte). Each part rounds up to a whole micro-USD, so a
-request that used the point is never free and no float ever touches money.
+Prices are micro-USD per million tokens; `busy_ns` is the request's share of the point's busy
+time (dispatch to last byte, divided among the requests in flight at the point at each moment:
+see `sharing.py`), so a batched request does not pay the whole hour. Each part rounds up to a
+whole micro-USD, so a request that used the point is never free and no float touches money.
 """
 
 from __future__ import annotations
