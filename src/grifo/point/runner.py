@@ -35,10 +35,12 @@ class BatchGenerator(Protocol):
 
     model_id: str
     context_length: int
-    waiting: int
 
     @property
     def active(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
 
     def submit(
         self, kind: Kind, payload: Payload, params: SamplingParams, sink: GenerationJob

@@ -116,7 +116,6 @@ class BatchedLlamaGenerator:
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._free = list(range(slots))
         self._active: list[_Sequence] = []
-        self.waiting = 0
         self._thread = threading.Thread(target=self._run, name="grifo-batch", daemon=True)
         self._thread.start()
 
@@ -125,6 +124,11 @@ class BatchedLlamaGenerator:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet started (read from any thread)."""
+        return self._inbox.qsize()
+
     def submit(
         self,
         kind: Kind,
@@ -132,7 +136,6 @@ class BatchedLlamaGenerator:
         params: SamplingParams,
         sink: GenerationSink,
     ) -> None:
-        self.waiting += 1
         self._inbox.put(_Request(kind, payload, params, sink))
 
     def close(self) -> None:
@@ -160,7 +163,6 @@ class BatchedLlamaGenerator:
                 return True
             if request is None:
                 return False
-            self.waiting -= 1
             block = False
             if request.sink.cancelled:
                 request.sink.finished(InterruptedError("cancelled before it started"))
