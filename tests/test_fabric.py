@@ -255,3 +255,57 @@ def test_tier_header_picks_the_tier_and_the_price_shows(fabric: Fabric) -> None:
             model=CHAT, messages=QUESTION, extra_headers={"x-grifo-tier": "edge"}
         )
     assert none.value.status_code == 503
+
+
+def test_usage_command_totals_the_ledger(fabric: Fabric) -> None:
+    import subprocess
+    import sys
+
+    client = fabric.client("demo-latam")
+    ids = [
+        client.chat.completions.with_raw_response.create(model=CHAT, messages=QUESTION).headers[
+            "x-request-id"
+        ]
+        for _ in range(3)
+    ]
+    fabric.ledger(*ids)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "usage",
+            "--state-dir",
+            str(fabric.state_dir),
+            "--by",
+            "tenant",
+            "--period",
+            "all",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    totals = {row["tenant"]: row for row in map(json.loads, out.splitlines())}
+    rows = [e for e in fabric.running.db.ledger() if e.tenant == "demo-latam"]
+    assert totals["demo-latam"]["requests"] == len(rows) >= 3
+    assert totals["demo-latam"]["cost_micros"] == sum(e.cost_micros for e in rows)
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "usage",
+            "--state-dir",
+            str(fabric.state_dir),
+            "--by",
+            "point",
+            "--period",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "lima-edge" in table

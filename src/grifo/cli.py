@@ -90,6 +90,24 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a topology file")
     check.add_argument("config", type=Path)
+
+    usage = sub.add_parser(
+        "usage",
+        help="spending totals from the ledger",
+        description="Requests, tokens and cost (micro-USD) from the ledger in the state "
+        "directory, grouped by tenant, key, point, model or jurisdiction.",
+    )
+    usage.add_argument("--state-dir", type=Path, default=None)
+    usage.add_argument(
+        "--by", choices=["tenant", "key", "point", "model", "jurisdiction"], default="tenant"
+    )
+    usage.add_argument(
+        "--period",
+        choices=["day", "month", "all"],
+        default="month",
+        help="the current UTC day or month, or everything (default month)",
+    )
+    usage.add_argument("--json", action="store_true", help="one JSON object per group")
     return parser
 
 
@@ -105,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "point":
             return _point(args)
+        if args.command == "usage":
+            return _usage(args)
         config = load_config(args.config)
         print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
         return 0
@@ -191,4 +211,38 @@ def _point(args: argparse.Namespace) -> int:
         _run(serve_point(point, args.host, args.port, args.parent_pid))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from grifo.store.sqlite import StateDB
+
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    if not (state_dir / "grifo.db").is_file():
+        print(f"grifo: no ledger in {state_dir}", file=sys.stderr)
+        return 1
+    now = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    since = {"day": now, "month": now.replace(day=1), "all": None}[args.period]
+    db = StateDB(state_dir / "grifo.db")
+    try:
+        rows = db.totals(args.by, int(since.timestamp() * 1000) if since else 0)
+    finally:
+        db.close()
+    if args.json:
+        for group, n, prompt, completion, cost in rows:
+            line = {
+                args.by: group,
+                "requests": n,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "cost_micros": cost,
+            }
+            print(msgspec.json.encode(line).decode())
+        return 0
+    print(f"{args.by:<24} {'requests':>10} {'prompt tok':>12} {'output tok':>12} {'cost USD':>14}")
+    for group, n, prompt, completion, cost in rows:
+        usd = f"{cost // 1_000_000}.{cost % 1_000_000:06d}"
+        print(f"{group:<24} {n:>10,} {prompt:>12,} {completion:>12,} {usd:>14}")
     return 0

@@ -309,10 +309,10 @@ class Gateway:
             self.budgets.settle(ex.reservation, cost)
         self.metrics.meter(
             ex.principal.tenant,
+            ex.principal.key_id,
             point.name,
             ex.model,
-            usage.prompt_tokens,
-            usage.completion_tokens,
+            (usage.prompt_tokens, usage.completion_tokens),
             cost,
         )
         return cost

@@ -83,6 +83,15 @@ class LedgerEntry(NamedTuple):
     latency_ms: float
 
 
+_TOTAL_COLUMNS = {
+    "tenant": "tenant",
+    "key": "key_id",
+    "point": "point",
+    "model": "model",
+    "jurisdiction": "jurisdiction",
+}
+
+
 class BudgetCheck(NamedTuple):
     """One budget a request must fit in: `tenant:<name>` or `key:<id>`, for one period."""
 
@@ -255,6 +264,18 @@ class StateDB:
             self._conn.execute("DELETE FROM idempotency WHERE started_ms < ?", (older_than_ms,))
 
     # -- ledger (reads, for tests and tools) ----------------------------------------------------
+    def totals(self, by: str, since_ms: int = 0) -> list[tuple[str, int, int, int, int]]:
+        """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group."""
+        column = _TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
+                f"SUM(cost_micros) FROM ledger WHERE ts_ms >= ? GROUP BY {column} "
+                f"ORDER BY SUM(cost_micros) DESC, {column}",
+                (since_ms,),
+            ).fetchall()
+        return [(str(g), int(n), int(p), int(c), int(m)) for g, n, p, c, m in rows]
+
     def ledger(self) -> list[LedgerEntry]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM ledger ORDER BY ts_ms, request_id").fetchall()

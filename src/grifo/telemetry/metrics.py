@@ -18,7 +18,10 @@ class GatewayMetrics:
             "grifo_tokens", "Tokens metered", ["point", "model", "kind"], registry=r
         )
         self.cost = Counter(
-            "grifo_cost_micros", "Cost metered, micro-USD", ["tenant", "point"], registry=r
+            "grifo_cost_micros",
+            "Cost metered, micro-USD (resets with the process: bill from the ledger)",
+            ["tenant", "key", "point", "model"],
+            registry=r,
         )
         self.latency = Histogram(
             "grifo_request_duration_seconds",
@@ -56,11 +59,12 @@ class GatewayMetrics:
                 self._child(self.ttft, point).observe(ttft_s)  # type: ignore[attr-defined]
 
     def meter(
-        self, tenant: str, point: str, model: str, prompt: int, completion: int, cost: int
+        self, tenant: str, key: str, point: str, model: str, usage: tuple[int, int], cost: int
     ) -> None:
+        prompt, completion = usage
         self._child(self.tokens, point, model, "prompt").inc(prompt)  # type: ignore[attr-defined]
         self._child(self.tokens, point, model, "completion").inc(completion)  # type: ignore[attr-defined]
-        self._child(self.cost, tenant, point).inc(cost)  # type: ignore[attr-defined]
+        self._child(self.cost, tenant, key, point, model).inc(cost)  # type: ignore[attr-defined]
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> object:
         key = (metric._name, *labels)
