@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +212,71 @@ class _NoStore:
 
     def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None:
         return None
+
+    def spent_since(self, tenant: str, since_ms: int) -> int:
+        return 0
+
+
+class _Spend:
+    def __init__(self, rows: list[tuple[dt.datetime, int]]) -> None:
+        self.rows = rows
+
+    def spent_since(self, tenant: str, since_ms: int) -> int:
+        return sum(c for t, c in self.rows if t.timestamp() * 1000 >= since_ms)
+
+
+def test_burn_rate_projects_to_the_period_end() -> None:
+    from grifo.admission.burn import burn_rates
+
+    now = dt.datetime(2026, 11, 10, 12, tzinfo=dt.UTC)
+    spend = _Spend(
+        [
+            (dt.datetime(2026, 11, 2, tzinfo=dt.UTC), 400_000),  # earlier this month
+            (now - dt.timedelta(minutes=30), 10_000),  # the last hour: 10,000 micro-USD
+        ]
+    )
+    [burn] = burn_rates(spend, {"t": BudgetConfig(usd=1.0)}, now)
+    assert (burn.limit_micros, burn.spent_micros, burn.rate_micros_per_hour) == (
+        1_000_000,
+        410_000,
+        10_000,
+    )
+    hours_left = (dt.datetime(2026, 12, 1, tzinfo=dt.UTC) - now).total_seconds() / 3600
+    assert burn.projected_micros == 410_000 + round(10_000 * hours_left)
+    assert burn.runs_out_at == now + dt.timedelta(hours=59)  # 590,000 left at 10,000 an hour
+    [calm] = burn_rates(_Spend([]), {"t": BudgetConfig(usd=1.0)}, now)
+    assert calm.runs_out_at is None
+
+
+def test_budget_metrics_are_scraped(tmp_path: Path) -> None:
+    import urllib.request
+
+    fab = Fabric.from_yaml(TOPOLOGY, tmp_path)
+    try:
+        _until_refused(fab, "strict")
+        with urllib.request.urlopen(f"{fab.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    finally:
+        fab.close()
+    assert 'grifo_budget_micros{kind="limit",tenant="strict"} 10000.0' in text
+    assert 'grifo_budget_exhaustion_timestamp_seconds{tenant="strict"}' in text
+    config = tmp_path / "grifo.yaml"
+    config.write_text(TOPOLOGY)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "budgets",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    strict_line = next(line for line in out.splitlines() if line.startswith("strict"))
+    assert "10,000" in strict_line
+    assert "soft" in out

@@ -108,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the current UTC day or month, or everything (default month)",
     )
     usage.add_argument("--json", action="store_true", help="one JSON object per group")
+
+    budgets = sub.add_parser(
+        "budgets",
+        help="budget burn rates and when each runs out",
+        description="For every tenant budget in the config: spent this period, the last hour's "
+        "spending rate, the spend projected to the period end, and when the budget runs out.",
+    )
+    budgets.add_argument("--config", type=Path, required=True)
+    budgets.add_argument("--state-dir", type=Path, default=None)
     return parser
 
 
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _point(args)
         if args.command == "usage":
             return _usage(args)
+        if args.command == "budgets":
+            return _budgets(args)
         config = load_config(args.config)
         print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
         return 0
@@ -245,4 +256,32 @@ def _usage(args: argparse.Namespace) -> int:
     for group, n, prompt, completion, cost in rows:
         usd = f"{cost // 1_000_000}.{cost % 1_000_000:06d}"
         print(f"{group:<24} {n:>10,} {prompt:>12,} {completion:>12,} {usd:>14}")
+    return 0
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from grifo.admission.burn import burn_rates
+    from grifo.store.sqlite import StateDB
+
+    config = load_config(args.config)
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    db = StateDB(state_dir / "grifo.db")
+    try:
+        burns = burn_rates(
+            db, {t.name: t.budget for t in config.tenants if t.budget}, dt.datetime.now(dt.UTC)
+        )
+    finally:
+        db.close()
+    print(
+        f"{'tenant':<20} {'limit':>12} {'spent':>12} {'per hour':>12} {'projected':>12}  runs out"
+    )
+    for b in burns:
+        when = b.runs_out_at.strftime("%Y-%m-%d %H:%M UTC") if b.runs_out_at else "-"
+        print(
+            f"{b.tenant:<20} {b.limit_micros:>12,} {b.spent_micros:>12,} "
+            f"{b.rate_micros_per_hour:>12,} {b.projected_micros:>12,}  {when}"
+        )
+    print("(micro-USD)")
     return 0

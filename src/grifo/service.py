@@ -360,6 +360,15 @@ class Gateway:
     def render_metrics(self) -> bytes:
         for point in self.points:
             self.metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
+        for burn in self.budgets.burn() if self.budgets is not None else []:
+            for kind, value in (
+                ("limit", burn.limit_micros),
+                ("spent", burn.spent_micros),
+                ("projected", burn.projected_micros),
+            ):
+                self.metrics.budget.labels(burn.tenant, kind).set(value)
+            eta = burn.runs_out_at.timestamp() if burn.runs_out_at is not None else 0
+            self.metrics.budget_exhaustion.labels(burn.tenant).set(eta)
         return self.metrics.render()
 
     def ready(self) -> bool:

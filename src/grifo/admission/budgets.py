@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from grifo.admission.burn import Burn, burn_rates
 from grifo.config.model import BudgetConfig
 from grifo.errors import BudgetExceededError
 from grifo.metering.pricing import cost_micros
@@ -29,6 +30,8 @@ class BudgetStore(Protocol):
     def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None: ...
 
     def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None: ...
+
+    def spent_since(self, tenant: str, since_ms: int) -> int: ...
 
 
 @dataclass(slots=True)
@@ -50,6 +53,10 @@ class Budgets:
         self._tenants = tenants
         self._keys = keys
         self._timeout_ns = int(request_timeout_s * 1e9)
+
+    def burn(self, now: dt.datetime | None = None) -> list[Burn]:
+        """Every tenant budget's burn rate and projection (see `burn.py`)."""
+        return burn_rates(self._store, self._tenants, now or dt.datetime.now(dt.UTC))
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys

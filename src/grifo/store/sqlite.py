@@ -264,6 +264,14 @@ class StateDB:
             self._conn.execute("DELETE FROM idempotency WHERE started_ms < ?", (older_than_ms,))
 
     # -- ledger (reads, for tests and tools) ----------------------------------------------------
+    def spent_since(self, tenant: str, since_ms: int) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE tenant = ? AND ts_ms >= ?",
+                (tenant, since_ms),
+            ).fetchone()
+        return int(row[0])
+
     def totals(self, by: str, since_ms: int = 0) -> list[tuple[str, int, int, int, int]]:
         """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group."""
         column = _TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text

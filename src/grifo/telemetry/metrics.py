@@ -43,6 +43,19 @@ class GatewayMetrics:
             buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
             registry=r,
         )
+        self.budget = Gauge(
+            "grifo_budget_micros",
+            "Tenant budgets: limit, spent this period, and spent projected to the period end "
+            "at the last hour's rate",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.budget_exhaustion = Gauge(
+            "grifo_budget_exhaustion_timestamp_seconds",
+            "When a tenant's budget runs out at the last hour's rate (0: not this period)",
+            ["tenant"],
+            registry=r,
+        )
         self.point_up = Gauge("grifo_point_up", "1 if the point is healthy", ["point"], registry=r)
         self.denials = Counter(
             "grifo_jurisdiction_denials", "Requests refused: no compliant point", registry=r
