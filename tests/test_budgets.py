@@ -15,7 +15,7 @@ import openai
 from grifo.admission.budgets import Budgets, _check
 from grifo.config.model import BudgetConfig
 from grifo.security.keys import Principal
-from grifo.store.sqlite import BudgetCheck, LedgerEntry, LedgerWriter, StateDB
+from grifo.store.sqlite import Amount, BudgetCheck, LedgerEntry, LedgerWriter, StateDB
 from grifo.wire import requests as wire
 from tests.support.fabric import CHAT, Fabric
 
@@ -28,6 +28,7 @@ points:
 tenants:
   - {name: strict, budget: {usd: 0.01, period: day, mode: strict}}
   - {name: soft, budget: {usd: 0.01, period: day, mode: soft}}
+  - {name: tokens, budget: {tokens: 300, period: month}}
   - {name: free}
 """
 LIMIT_MICROS = 10_000
@@ -110,7 +111,7 @@ def _worst(fab: Fabric, i: int) -> int:
             }
         ).encode(),
     )
-    return gateway.budgets.worst_case(body, gateway.placement.rank(CHAT, None, 4, 3))
+    return gateway.budgets.worst_case(body, gateway.placement.rank(CHAT, None, 4, 3)).micros
 
 
 def test_soft_budget_overspends_at_most_one_worst_case(tmp_path: Path) -> None:
@@ -154,13 +155,13 @@ def test_reservations_are_released_and_spending_is_recounted_from_the_ledger(
     writer.close()
     day = BudgetCheck("tenant:t", int(now.replace(hour=0).timestamp() * 1000), 300, True)
     try:
-        assert db.reserve([day], 51) == day, "250 already spent + 51 > 300 must be refused"
-        assert db.reserve([day], 50) is None
-        db.settle([day], 50, 10)  # 40 of the reservation released, 10 spent: 260
-        assert db.reserve([day], 41) == day
-        assert db.reserve([day], 40) is None
+        assert db.reserve([day], Amount(51, 0)) == day, "250 spent + 51 > 300 must be refused"
+        assert db.reserve([day], Amount(50, 0)) is None
+        db.settle([day], Amount(50, 0), Amount(10, 0))  # 40 released, 10 spent: 260
+        assert db.reserve([day], Amount(41, 0)) == day
+        assert db.reserve([day], Amount(40, 0)) is None
         db.reset_reservations()  # a restart: spending is recounted from the ledger (250)
-        assert db.reserve([day], 50) is None
+        assert db.reserve([day], Amount(50, 0)) is None
     finally:
         db.close()
 
@@ -172,9 +173,9 @@ def test_tenant_and_key_budgets_are_reserved_together(tmp_path: Path) -> None:
     tenant = BudgetCheck("tenant:t", start, 1000, True)
     key = BudgetCheck("key:k", start, 100, True)
     try:
-        assert db.reserve([tenant, key], 101) == key
-        assert db.reserve([tenant], 900) is None, "the refused pair reserved nothing"
-        assert db.reserve([tenant, key], 101) in (tenant, key)
+        assert db.reserve([tenant, key], Amount(101, 0)) == key
+        assert db.reserve([tenant], Amount(900, 0)) is None, "the refused pair reserved nothing"
+        assert db.reserve([tenant, key], Amount(101, 0)) in (tenant, key)
     finally:
         db.close()
 
@@ -207,10 +208,10 @@ def test_budget_periods_are_utc_calendar_day_and_month() -> None:
 
 
 class _NoStore:
-    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None:
+    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None:
         return None
 
-    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None:
+    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
         return None
 
     def spent_since(self, tenant: str, since_ms: int) -> int:
@@ -280,3 +281,28 @@ def test_budget_metrics_are_scraped(tmp_path: Path) -> None:
     strict_line = next(line for line in out.splitlines() if line.startswith("strict"))
     assert "10,000" in strict_line
     assert "soft" in out
+
+
+def test_token_budget_is_never_exceeded(tmp_path: Path) -> None:
+    fab = Fabric.from_yaml(TOPOLOGY, tmp_path)
+    try:
+        outcomes = _hammer(fab, "tokens", 100)
+        assert "insufficient_quota" in outcomes
+        assert "ok" in outcomes
+        _spent(fab, "tokens", outcomes)  # waits for the ledger
+        rows = [e for e in fab.running.db.ledger() if e.tenant == "tokens"]
+        assert sum(e.prompt_tokens + e.completion_tokens for e in rows) <= 300
+    finally:
+        fab.close()
+
+
+def test_token_counts_and_money_are_both_checked(tmp_path: Path) -> None:
+    start = int(dt.datetime(2026, 11, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    both = BudgetCheck("tenant:b", start, 1000, True, 50)
+    db = StateDB(tmp_path / "grifo.db")
+    try:
+        assert db.reserve([both], Amount(10, 51)) == both, "tokens over the limit"
+        assert db.reserve([both], Amount(1001, 1)) == both, "money over the limit"
+        assert db.reserve([both], Amount(1000, 50)) is None
+    finally:
+        db.close()

@@ -252,3 +252,15 @@ def test_check_config_cli_rejects_a_bad_file(tmp_path: Path) -> None:
     assert str(path) in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_budget_needs_money_or_tokens() -> None:
+    text = """
+points:
+  - {name: p, site: s, region: r, jurisdiction: PE, tier: edge, url: "http://127.0.0.1:1"}
+tenants:
+  - {name: t, budget: {period: day}}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "t")
+    assert "$.tenants[0].budget: give `usd`, `tokens` or both" in str(info.value)

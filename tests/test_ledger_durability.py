@@ -128,3 +128,26 @@ def test_kill_9_under_load_loses_no_served_request(tmp_path: Path) -> None:
     missing = set(served) - set(ids)
     assert not missing, f"{len(missing)} answered requests have no ledger entry"
     assert segments(state / "spool") == []
+
+
+def test_schema_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from grifo.store import sqlite as store
+
+    path = tmp_path / "grifo.db"
+    old = sqlite3.connect(path)
+    old.executescript(store._MIGRATIONS[0])  # a database from before token budgets
+    old.execute("INSERT INTO budget_usage VALUES ('tenant:t', 0, 5, 7)")
+    old.commit()
+    old.close()
+    db = StateDB(path)  # opening migrates
+    db.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store._MIGRATIONS)
+        row = conn.execute("SELECT * FROM budget_usage").fetchone()
+    finally:
+        conn.close()
+    assert row == ("tenant:t", 0, 5, 7, 0, 0)
+    StateDB(path).close()  # a second open is a no-op

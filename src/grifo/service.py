@@ -34,7 +34,7 @@ from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
 from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tier
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
-from grifo.store.sqlite import LedgerEntry, LedgerWriter
+from grifo.store.sqlite import Amount, LedgerEntry, LedgerWriter
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState
 from grifo.wire import requests as wire
@@ -306,7 +306,8 @@ class Gateway:
             )
         )
         if ex.reservation is not None and self.budgets is not None:
-            self.budgets.settle(ex.reservation, cost)
+            tokens = usage.prompt_tokens + usage.completion_tokens
+            self.budgets.settle(ex.reservation, Amount(cost, tokens))
         self.metrics.meter(
             ex.principal.tenant,
             ex.principal.key_id,

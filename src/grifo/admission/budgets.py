@@ -19,7 +19,7 @@ from grifo.errors import BudgetExceededError
 from grifo.metering.pricing import cost_micros
 from grifo.placement.scoring import Candidate
 from grifo.security.keys import Principal
-from grifo.store.sqlite import BudgetCheck
+from grifo.store.sqlite import Amount, BudgetCheck
 from grifo.wire import requests as wire
 
 _TEMPLATE_TOKENS = 64  # chat template and default system prompt
@@ -27,9 +27,9 @@ _PER_MESSAGE_TOKENS = 8
 
 
 class BudgetStore(Protocol):
-    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None: ...
+    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None: ...
 
-    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None: ...
+    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None: ...
 
     def spent_since(self, tenant: str, since_ms: int) -> int: ...
 
@@ -37,7 +37,7 @@ class BudgetStore(Protocol):
 @dataclass(slots=True)
 class Reservation:
     checks: list[BudgetCheck]
-    micros: int
+    worst: Amount
     open: bool = True
 
 
@@ -81,21 +81,22 @@ class Budgets:
             scope = refused.scope.split(":", 1)[0]
             raise BudgetExceededError(
                 f"the {scope}'s budget for this period cannot cover this request (worst case "
-                f"{worst} micro-USD); raise the budget or lower max_tokens"
+                f"{worst.micros} micro-USD, {worst.tokens} tokens); raise the budget or lower "
+                "max_tokens"
             )
         return Reservation(active, worst)
 
-    def settle(self, reservation: Reservation, actual_micros: int) -> None:
+    def settle(self, reservation: Reservation, actual: Amount) -> None:
         if reservation.open:
             reservation.open = False
-            self._store.settle(reservation.checks, reservation.micros, actual_micros)
+            self._store.settle(reservation.checks, reservation.worst, actual)
 
     def release(self, reservation: Reservation) -> None:
-        self.settle(reservation, 0)
+        self.settle(reservation, Amount(0, 0))
 
-    def worst_case(self, body: wire.InferenceRequest, candidates: Sequence[Candidate]) -> int:
+    def worst_case(self, body: wire.InferenceRequest, candidates: Sequence[Candidate]) -> Amount:
         prompt = _prompt_bound(body)
-        worst = 0
+        worst = Amount(0, 0)
         for candidate in candidates:
             point = candidate.point
             completion = 0
@@ -110,7 +111,7 @@ class Budgets:
                 completion,
                 self._timeout_ns,
             )
-            worst = max(worst, cost)
+            worst = Amount(max(worst.micros, cost), max(worst.tokens, prompt + completion))
         return worst
 
 
@@ -130,5 +131,6 @@ def _check(scope: str, budget: BudgetConfig | None, now: dt.datetime) -> BudgetC
     start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if budget.period == "month":
         start = start.replace(day=1)
-    limit = round(budget.usd * 1_000_000)
-    return BudgetCheck(scope, int(start.timestamp() * 1000), limit, budget.mode == "strict")
+    limit = None if budget.usd is None else round(budget.usd * 1_000_000)
+    strict = budget.mode == "strict"
+    return BudgetCheck(scope, int(start.timestamp() * 1000), limit, strict, budget.tokens)

@@ -46,6 +46,8 @@ def burn_rates(
 ) -> list[Burn]:
     out = []
     for tenant, budget in sorted(budgets.items()):
+        if budget.usd is None:
+            continue  # a tokens-only budget: no money to burn
         start, end = period_bounds(budget, now)
         spent = source.spent_since(tenant, _ms(start))
         recent = source.spent_since(tenant, _ms(max(now - window, start)))

@@ -62,6 +62,13 @@ def check(config: GrifoConfig) -> list[str]:
     for i, point in enumerate(config.points):
         problems += _check_point(f"$.points[{i}]", point)
     tenants = {t.name for t in config.tenants}
+    owners = [(f"$.tenants[{i}]", t.budget) for i, t in enumerate(config.tenants)]
+    owners += [(f"$.keys[{i}]", k.budget) for i, k in enumerate(config.keys)]
+    problems += [
+        f"{where}.budget: give `usd`, `tokens` or both"
+        for where, budget in owners
+        if budget is not None and budget.usd is None and budget.tokens is None
+    ]
     for i, tenant in enumerate(config.tenants):
         try:
             expand(tenant.allowed_jurisdictions or [], blocs)

@@ -63,7 +63,9 @@ class BudgetConfig(Base, kw_only=True, frozen=True):
     soft: admitted while spending is under the limit (overspend at most one request's worst case).
     """
 
-    usd: Usd
+    usd: Usd | None = None
+    tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Prompt plus completion tokens; a budget limits micro-USD, tokens, or both."""
     period: Literal["day", "month"] = "month"
     mode: Literal["strict", "soft"] = "strict"
 

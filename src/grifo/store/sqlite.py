@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-_SCHEMA = """
+# Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
+# how many have run. Append new steps; never edit one that has shipped.
+_MIGRATIONS: tuple[str, ...] = (
+    """
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -58,7 +61,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     stream INTEGER,
     PRIMARY KEY (tenant, key)
 );
-"""
+""",
+    """
+ALTER TABLE budget_usage ADD COLUMN reserved_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE budget_usage ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
+""",
+)
 
 
 class LedgerEntry(NamedTuple):
@@ -97,8 +105,16 @@ class BudgetCheck(NamedTuple):
 
     scope: str
     period_start_ms: int
-    limit_micros: int
+    limit_micros: int | None
     strict: bool
+    limit_tokens: int | None = None
+
+
+class Amount(NamedTuple):
+    """What a request costs or may cost: micro-USD and tokens (prompt + completion)."""
+
+    micros: int
+    tokens: int
 
 
 class StoredOutcome(NamedTuple):
@@ -118,8 +134,25 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(_SCHEMA)
+    migrate(conn)
     return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date (safe when several processes open the database at once);
+    returns the schema version."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(_MIGRATIONS)
 
 
 class StateDB:
@@ -160,58 +193,81 @@ class StateDB:
         with self._lock:
             self._conn.execute("DELETE FROM budget_usage")
 
-    def reserve(self, checks: list[BudgetCheck], worst_micros: int) -> BudgetCheck | None:
-        """Atomically reserve `worst_micros` in every scope, or none: returns the first check
-        that refused (nothing reserved then)."""
+    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None:
+        """Atomically reserve `worst` (micro-USD and tokens) in every scope, or nothing:
+        returns the first check that refused."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for check in checks:
-                    reserved, spent = self._usage(check)
-                    committed = reserved + spent
-                    room = committed + worst_micros if check.strict else committed + 1
-                    if room > check.limit_micros:
-                        self._conn.execute("ROLLBACK")
-                        return check
-                for check in checks:
-                    self._conn.execute(
-                        "UPDATE budget_usage SET reserved_micros = reserved_micros + ? "
-                        "WHERE scope = ? AND period_start_ms = ?",
-                        (worst_micros, check.scope, check.period_start_ms),
-                    )
+                refused = next((c for c in checks if not self._fits(c, worst)), None)
+                if refused is not None:
+                    self._conn.execute("ROLLBACK")
+                    return refused
+                self._conn.executemany(
+                    "UPDATE budget_usage SET reserved_micros = reserved_micros + ?, "
+                    "reserved_tokens = reserved_tokens + ? "
+                    "WHERE scope = ? AND period_start_ms = ?",
+                    [(worst.micros, worst.tokens, c.scope, c.period_start_ms) for c in checks],
+                )
                 self._conn.execute("COMMIT")
                 return None
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
 
-    def settle(self, checks: list[BudgetCheck], reserved_micros: int, cost_micros: int) -> None:
+    def _fits(self, check: BudgetCheck, worst: Amount) -> bool:
+        """strict: committed + worst within the limit; soft: committed still under it."""
+        reserved, spent = self._usage(check)
+        for limit, committed, need in (
+            (check.limit_micros, reserved.micros + spent.micros, worst.micros),
+            (check.limit_tokens, reserved.tokens + spent.tokens, worst.tokens),
+        ):
+            if limit is not None and committed + (need if check.strict else 1) > limit:
+                return False
+        return True
+
+    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
         with self._lock:
             self._conn.executemany(
                 "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
-                "spent_micros = spent_micros + ? WHERE scope = ? AND period_start_ms = ?",
-                [(reserved_micros, cost_micros, c.scope, c.period_start_ms) for c in checks],
+                "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
+                "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
+                [
+                    (
+                        reserved.micros,
+                        actual.micros,
+                        reserved.tokens,
+                        actual.tokens,
+                        c.scope,
+                        c.period_start_ms,
+                    )
+                    for c in checks
+                ],
             )
 
-    def _usage(self, check: BudgetCheck) -> tuple[int, int]:
+    def _usage(self, check: BudgetCheck) -> tuple[Amount, Amount]:
+        """(reserved, spent) in a scope's period; spent is counted from the ledger the first
+        time a scope is seen (after a restart)."""
         row = self._conn.execute(
-            "SELECT reserved_micros, spent_micros FROM budget_usage "
-            "WHERE scope = ? AND period_start_ms = ?",
+            "SELECT reserved_micros, reserved_tokens, spent_micros, spent_tokens "
+            "FROM budget_usage WHERE scope = ? AND period_start_ms = ?",
             (check.scope, check.period_start_ms),
         ).fetchone()
         if row is not None:
-            return int(row[0]), int(row[1])
+            return Amount(int(row[0]), int(row[1])), Amount(int(row[2]), int(row[3]))
         column = "tenant" if check.scope.startswith("tenant:") else "key_id"
-        spent = self._conn.execute(
-            f"SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE {column} = ? "  # noqa: S608
+        micros, tokens = self._conn.execute(
+            "SELECT COALESCE(SUM(cost_micros), 0), "  # noqa: S608 (column from a fixed pair)
+            f"COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM ledger WHERE {column} = ? "
             "AND ts_ms >= ?",
             (check.scope.split(":", 1)[1], check.period_start_ms),
-        ).fetchone()[0]
+        ).fetchone()
         self._conn.execute(
-            "INSERT INTO budget_usage VALUES (?, ?, 0, ?)",
-            (check.scope, check.period_start_ms, int(spent)),
+            "INSERT INTO budget_usage (scope, period_start_ms, reserved_micros, spent_micros, "
+            "reserved_tokens, spent_tokens) VALUES (?, ?, 0, ?, 0, ?)",
+            (check.scope, check.period_start_ms, int(micros), int(tokens)),
         )
-        return 0, int(spent)
+        return Amount(0, 0), Amount(int(micros), int(tokens))
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(
