@@ -724,3 +724,24 @@ def test_batched_request_pays_its_share_of_the_hour() -> None:
     hour = 3_600_000_000  # 3,600 USD per hour: one micro-USD per microsecond
     assert cost_micros(price, hour, 0, 0, 2_000_000_000) == 2_000_000
     assert cost_micros(price, hour, 0, 0, 2_000_000_000 // 8) == 250_000  # 1 of 8 in a batch
+
+
+def test_ejection_grows_with_each_ejection_and_is_capped() -> None:
+    from grifo.config.model import EjectionConfig
+
+    ejection = EjectionConfig(consecutive_failures=2, base_s=30, max_s=70)
+    point = make_point("p", "PE")
+    point.failed(0.0, ejection)
+    assert point.healthy
+    point.succeeded()  # a success in between resets the count
+    point.failed(1.0, ejection)
+    assert point.healthy
+    point.failed(2.0, ejection)
+    assert not point.healthy
+    assert (point.ejected(31.9), point.ejected(32.0)) == (True, False)
+    point.failed(40.0, ejection)
+    point.failed(40.0, ejection)
+    assert point.ejected_until == 100.0  # 60 s the second time
+    point.failed(200.0, ejection)
+    point.failed(200.0, ejection)
+    assert point.ejected_until == 270.0  # capped at 70 s

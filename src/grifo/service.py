@@ -158,6 +158,7 @@ class Gateway:
             upstream_body,
             headers,
             self.config.request_timeout_s,
+            self.config.ejection,
         )
         ex.point = point
         point.gateway_in_flight += 1
@@ -173,8 +174,16 @@ class Gateway:
 
     async def _whole(self, ex: Exchange, response: UpstreamResponse) -> Response:
         assert ex.point is not None
-        payload = await response.read()
+        try:
+            payload = await response.read()
+        except GrifoError:
+            ex.point.failed(time.monotonic(), self.config.ejection)
+            raise
         answered_ns = time.monotonic_ns()
+        if response.status >= 500:
+            ex.point.failed(time.monotonic(), self.config.ejection)
+        else:
+            ex.point.succeeded()  # a 4xx is the request's fault, not the point's
         cost = 0
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
@@ -243,7 +252,11 @@ class Gateway:
                     yield b"".join(out)
             if rest := splitter.rest():
                 yield rest  # an unterminated last event passes through as it came
+            if ex.point is not None:
+                ex.point.succeeded()
         except (GrifoError, ValueError) as exc:
+            if ex.point is not None:
+                ex.point.failed(time.monotonic(), self.config.ejection)
             # After the head was sent, failures travel in-band, as OpenAI does.
             error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
             yield b"data: " + error.envelope() + b"\n\n"

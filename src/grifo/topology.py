@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from grifo.config.load import parse_point_url, usd_to_micros
-from grifo.config.model import PointConfig
+from grifo.config.model import EjectionConfig, PointConfig
 from grifo.metering.sharing import BusyClock
 
 _epoch = [0]
@@ -54,6 +54,9 @@ class PointState:
     tokens_per_s: float = 0.0
     gateway_in_flight: int = 0
     busy: BusyClock = field(default_factory=BusyClock)
+    failures: int = 0  # consecutive failed answers
+    ejections: int = 0
+    ejected_until: float = 0.0  # monotonic seconds
 
     @property
     def name(self) -> str:
@@ -75,6 +78,23 @@ class PointState:
     def mark_down(self, reason: str) -> None:
         self.healthy = False
         self.reason = reason
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, now_s: float, ejection: EjectionConfig) -> None:
+        """A failed answer (5xx, broken or timed-out response); enough in a row eject the point."""
+        self.failures += 1
+        if self.failures < ejection.consecutive_failures:
+            return
+        self.ejections += 1
+        duration = min(ejection.base_s * self.ejections, ejection.max_s)
+        self.ejected_until = now_s + duration
+        self.failures = 0
+        self.mark_down(f"ejected for {duration:g} s after {ejection.consecutive_failures} failures")
+
+    def ejected(self, now_s: float) -> bool:
+        return now_s < self.ejected_until
 
 
 def build_point_state(config: PointConfig, url: str) -> PointState:

@@ -96,6 +96,15 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     """How many compliant points a request may be tried on before the first byte."""
 
 
+class EjectionConfig(Base, kw_only=True, frozen=True):
+    """Passive outlier detection (Envoy's defaults): after `consecutive_failures` failed answers
+    in a row a point is taken out for base_s × times ejected, at most max_s."""
+
+    consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    base_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
 class GatewayConfig(Base, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -104,6 +113,7 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     demo_keys: bool = False
     placement: PlacementConfig = PlacementConfig()
+    ejection: EjectionConfig = EjectionConfig()
 
 
 class GrifoConfig(Base, kw_only=True, frozen=True):

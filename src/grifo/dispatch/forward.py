@@ -10,7 +10,13 @@ import logging
 import time
 from collections.abc import Sequence
 
-from grifo.errors import NoCompliantPointError, PointProtocolError, PointUnavailableError
+from grifo.config.model import EjectionConfig
+from grifo.errors import (
+    NoCompliantPointError,
+    PointProtocolError,
+    PointTimeoutError,
+    PointUnavailableError,
+)
 from grifo.http.client import ConnectionPool, UpstreamResponse
 from grifo.http.message import Headers
 from grifo.placement.scoring import Candidate
@@ -43,6 +49,7 @@ async def forward(
     body: bytes,
     headers: Headers,
     head_timeout_s: float,
+    ejection: EjectionConfig,
 ) -> tuple[PointState, UpstreamResponse, float]:
     """The first candidate that answers, with its response head and its busy-clock mark (give
     it back with `point.busy.leave` when the request is done there)."""
@@ -58,8 +65,10 @@ async def forward(
             point.mark_down(str(exc))
             log.warning("point %s unavailable, trying the next compliant one", point.name)
             continue
-        except BaseException:
+        except BaseException as exc:
             point.busy.leave(mark, time.monotonic_ns())
+            if isinstance(exc, PointTimeoutError | PointProtocolError):
+                point.failed(time.monotonic(), ejection)
             raise
         claimed = response.headers.get(b"x-grifo-jurisdiction", b"").decode("latin-1")
         if claimed != point.jurisdiction:

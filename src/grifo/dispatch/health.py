@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -54,6 +55,8 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
     point.set_models({m.id: m for m in info.models})
     point.queued, point.point_in_flight = load.queued, load.in_flight
     point.tokens_per_s = load.tokens_per_s
+    if point.ejected(time.monotonic()):
+        return  # healthy to a probe, but failing real requests: wait out the ejection
     if not point.healthy:
         log.info("point %s is up", point.name)
     point.healthy, point.reason = True, "ok"

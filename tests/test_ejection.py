@@ -1,0 +1,100 @@
+"""Passive outlier detection: a point that keeps failing is ejected and traffic moves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import openai
+import pytest
+
+from grifo.http.message import Request, Response
+from grifo.http.server import HttpServer
+from tests.support.fabric import CHAT, Fabric
+
+
+class FailingPoint:
+    """Healthy to probes, 500 to every inference request."""
+
+    def __init__(self) -> None:
+        self.inference_requests = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = HttpServer(self.handle)
+        self.port = asyncio.run_coroutine_threadsafe(
+            self._server.start("127.0.0.1", 0), self._loop
+        ).result(10)
+
+    async def handle(self, request: Request) -> Response:
+        ident = [(b"x-grifo-point", b"bad-lima"), (b"x-grifo-jurisdiction", b"PE")]
+        if request.path == "/health":
+            body = {
+                "status": "ready",
+                "name": "bad-lima",
+                "jurisdiction": "PE",
+                "models": [{"id": CHAT, "kind": "chat", "context_length": 2048}],
+            }
+            return Response(200, msgspec.json.encode(body), ident)
+        if request.path == "/load":
+            return Response(200, b"{}", ident)
+        self.inference_requests += 1
+        return Response(500, b'{"error": {"message": "boom", "type": "server_error"}}', ident)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.close(0.1), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture
+def failing_point() -> Iterator[FailingPoint]:
+    point = FailingPoint()
+    yield point
+    point.close()
+
+
+def test_failing_point_is_ejected_and_stays_out(
+    failing_point: FailingPoint, tmp_path: Path
+) -> None:
+    topology = f"""
+gateway: {{demo_keys: true, health_interval_s: 0.1,
+          ejection: {{consecutive_failures: 3, base_s: 60}}}}
+points:
+  - {{name: bad-lima, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 1,
+     url: "http://127.0.0.1:{failing_point.port}"}}
+  - {{name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 50,
+     engine: {{kind: fake, embeddings: fake}}}}
+tenants:
+  - {{name: demo-global}}
+"""
+    fab = Fabric.from_yaml(topology, tmp_path)
+    try:
+        client = fab.client("demo-global")
+        for _ in range(3):  # the fastest point answers 500: passed on, counted
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "x"}]
+                )
+        assert failing_point.inference_requests == 3
+        for _ in range(5):  # ejected: the next point serves, and probes do not bring it back
+            raw = client.chat.completions.with_raw_response.create(
+                model=CHAT, messages=[{"role": "user", "content": "x"}]
+            )
+            assert raw.headers["x-grifo-point"] == "lima-edge"
+        assert failing_point.inference_requests == 3
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(f"{fab.url}/readyz", timeout=5)
+        state = json.loads(ready.value.read())["points"]["bad-lima"]
+        ready.value.close()
+        assert state["ready"] is False
+        assert state["reason"].startswith("ejected for 60 s")
+    finally:
+        fab.close()
