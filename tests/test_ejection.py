@@ -22,7 +22,8 @@ from tests.support.fabric import CHAT, Fabric
 class FailingPoint:
     """Healthy to probes, 500 to every inference request."""
 
-    def __init__(self) -> None:
+    def __init__(self, jurisdiction: str = "PE") -> None:
+        self.jurisdiction = jurisdiction
         self.inference_requests = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -33,12 +34,13 @@ class FailingPoint:
         ).result(10)
 
     async def handle(self, request: Request) -> Response:
-        ident = [(b"x-grifo-point", b"bad-lima"), (b"x-grifo-jurisdiction", b"PE")]
+        here = self.jurisdiction.encode()
+        ident = [(b"x-grifo-point", b"bad-lima"), (b"x-grifo-jurisdiction", here)]
         if request.path == "/health":
             body = {
                 "status": "ready",
                 "name": "bad-lima",
-                "jurisdiction": "PE",
+                "jurisdiction": self.jurisdiction,
                 "models": [{"id": CHAT, "kind": "chat", "context_length": 2048}],
             }
             return Response(200, msgspec.json.encode(body), ident)
@@ -61,7 +63,7 @@ def failing_point() -> Iterator[FailingPoint]:
     point.close()
 
 
-def test_failing_point_is_ejected_and_stays_out(
+def test_failing_point_is_retried_around_then_ejected(
     failing_point: FailingPoint, tmp_path: Path
 ) -> None:
     topology = f"""
@@ -78,13 +80,9 @@ tenants:
     fab = Fabric.from_yaml(topology, tmp_path)
     try:
         client = fab.client("demo-global")
-        for _ in range(3):  # the fastest point answers 500: passed on, counted
-            with pytest.raises(openai.InternalServerError):
-                client.chat.completions.create(
-                    model=CHAT, messages=[{"role": "user", "content": "x"}]
-                )
-        assert failing_point.inference_requests == 3
-        for _ in range(5):  # ejected: the next point serves, and probes do not bring it back
+        for _ in range(8):
+            # The nearest point answers 500: retried on the next compliant point (nothing had
+            # reached the client). After 3 failures it is ejected and no longer tried at all.
             raw = client.chat.completions.with_raw_response.create(
                 model=CHAT, messages=[{"role": "user", "content": "x"}]
             )
@@ -98,3 +96,41 @@ tenants:
         assert state["reason"].startswith("ejected for 60 s")
     finally:
         fab.close()
+
+
+def test_retry_budget() -> None:
+    from grifo.dispatch.forward import RetryBudget
+
+    budget = RetryBudget(ratio=0.2, min_concurrent=3)
+    budget.active = 5
+    assert [budget.acquire() for _ in range(4)] == [True, True, True, False]  # floor of 3
+    budget.active, budget.retrying = 100, 0
+    assert sum(budget.acquire() for _ in range(30)) == 20  # 20% of 100 in progress
+
+
+def test_retries_never_leave_the_allowed_jurisdictions(tmp_path: Path) -> None:
+    bad = FailingPoint(jurisdiction="DE")
+    topology = f"""
+gateway: {{demo_keys: true, health_interval_s: 0.1}}
+points:
+  - {{name: bad-lima, site: frankfurt, region: eu, jurisdiction: DE, tier: edge, rtt_ms: 1,
+     url: "http://127.0.0.1:{bad.port}"}}
+  - {{name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 50,
+     engine: {{kind: fake, embeddings: fake}}}}
+tenants:
+  - {{name: demo-eu, allowed_jurisdictions: [EU]}}
+"""
+    fab = Fabric.from_yaml(topology, tmp_path)
+    try:
+        before = fab.completed("lima-edge")
+        client = fab.client("demo-eu")
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "x"}]
+                )
+        assert bad.inference_requests == 2
+        assert fab.completed("lima-edge") == before, "a retry crossed the border"
+    finally:
+        fab.close()
+        bad.close()

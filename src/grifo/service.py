@@ -20,7 +20,7 @@ from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
 from grifo.config.model import GatewayConfig
-from grifo.dispatch.forward import PointPools, forward
+from grifo.dispatch.forward import PointPools, RetryBudget, forward
 from grifo.errors import (
     GrifoError,
     NoCompliantPointError,
@@ -81,6 +81,7 @@ class Gateway:
         self.pools = pools
         self.metrics = metrics
         self.placement = PlacementIndex(self.points, config.placement)
+        self.retry_budget = RetryBudget()
         self.idempotency = idempotency
         self.budgets = budgets
 
@@ -154,11 +155,10 @@ class Gateway:
         point, response, ex.busy_mark = await forward(
             self.pools,
             candidates,
-            request.path,
-            upstream_body,
-            headers,
+            (request.path, upstream_body, headers),
             self.config.request_timeout_s,
             self.config.ejection,
+            self.retry_budget,
         )
         ex.point = point
         point.gateway_in_flight += 1
@@ -180,10 +180,8 @@ class Gateway:
             ex.point.failed(time.monotonic(), self.config.ejection)
             raise
         answered_ns = time.monotonic_ns()
-        if response.status >= 500:
-            ex.point.failed(time.monotonic(), self.config.ejection)
-        else:
-            ex.point.succeeded()  # a 4xx is the request's fault, not the point's
+        if response.status < 500:  # 5xx were counted by forward; a 4xx is the request's fault
+            ex.point.succeeded()
         cost = 0
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
