@@ -10,7 +10,8 @@
     │   └── BudgetExceededError 429
     └── UpstreamError (5xx: a point or the fabric failed)
         ├── NoCompliantPointError 503    ├── PointUnavailableError 503 (retryable)
-        └── PointProtocolError 502       └── PointTimeoutError 504
+        ├── PointProtocolError 502       └── PointTimeoutError 504
+        └── DeadlineExceededError 504 (the request's own deadline, a PointTimeoutError)
 
 Only `envelope()` turns an error into bytes; messages never carry secrets or stack traces.
 """
@@ -169,6 +170,12 @@ class PointTimeoutError(UpstreamError):
 
     status = 504
     code = "point_timeout"
+
+
+class DeadlineExceededError(PointTimeoutError):
+    """The request's own deadline (`x-grifo-timeout-ms` or the gateway default) passed."""
+
+    code = "deadline_exceeded"
 
 
 class PointProtocolError(UpstreamError):

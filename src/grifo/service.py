@@ -6,25 +6,31 @@ api (decode) → security (key → principal) → placement (allowed set, then r
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
 
 from grifo.admission.budgets import Budgets, Reservation
+from grifo.admission.deadline import HEADER as DEADLINE_HEADER
+from grifo.admission.deadline import POINT_HEADER as DEADLINE_POINT_HEADER
+from grifo.admission.deadline import timeout_s
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, RetryBudget, forward
 from grifo.errors import (
+    DeadlineExceededError,
     GrifoError,
     NoCompliantPointError,
     PointProtocolError,
+    PointTimeoutError,
 )
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
@@ -43,6 +49,10 @@ from grifo.wire.responses import model_list
 log = logging.getLogger("grifo.gateway")
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(slots=True)
 class Exchange:
     """What the gateway knows about one request as it moves through the stages."""
@@ -58,6 +68,13 @@ class Exchange:
     busy_mark: float = 0.0
     busy_share_ns: int | None = None
     first_token_ns: int | None = None
+    timeout_s: float = 0.0
+    deadline: float = 0.0  # monotonic seconds
+    deadline_hit: bool = False
+    cancel_deadline: Callable[[], None] = _nothing
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
 
 
 class Gateway:
@@ -129,8 +146,12 @@ class Gateway:
             raise
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
+        ex.timeout_s = timeout_s(
+            request.headers.get(DEADLINE_HEADER), self.config.request_timeout_s
+        )
+        ex.deadline = time.monotonic() + ex.timeout_s
         if self.budgets is not None and self.budgets.applies(principal):
-            ex.reservation = self.budgets.reserve(principal, body, candidates)
+            ex.reservation = self.budgets.reserve(principal, body, candidates, ex.timeout_s)
         try:
             return await self._dispatch(ex, request, body, candidates)
         except BaseException:
@@ -150,17 +171,31 @@ class Gateway:
             isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream
         )
         upstream_body = wire.upstream_body(body)
-        headers: Headers = [(b"x-request-id", ex.request_id.encode())]
+        headers: Headers = [
+            (b"x-request-id", ex.request_id.encode()),
+            (DEADLINE_POINT_HEADER, str(int(ex.timeout_s * 1000)).encode()),
+        ]
         ex.dispatched_ns = time.monotonic_ns()
-        point, response, ex.busy_mark = await forward(
-            self.pools,
-            candidates,
-            (request.path, upstream_body, headers),
-            self.config.request_timeout_s,
-            self.config.ejection,
-            self.retry_budget,
-        )
+        ours = ex.timeout_s < self.config.request_timeout_s  # the client's deadline, not the point
+        try:
+            point, response, ex.busy_mark = await forward(
+                self.pools,
+                candidates,
+                (request.path, upstream_body, headers),
+                ex.timeout_s,
+                self.config.ejection,
+                self.retry_budget,
+                blame_timeouts=not ours,
+            )
+        except PointTimeoutError:
+            if ours:
+                raise DeadlineExceededError(_deadline_message(ex)) from None
+            raise
         ex.point = point
+        timer = asyncio.get_running_loop().call_later(
+            max(ex.remaining_s(), 0), self._expire, ex, response
+        )
+        ex.cancel_deadline = timer.cancel
         point.gateway_in_flight += 1
         if response.status != 200 or not stream:
             try:
@@ -176,9 +211,13 @@ class Gateway:
         assert ex.point is not None
         try:
             payload = await response.read()
+        except DeadlineExceededError:
+            raise  # the request's own deadline: not the point's failure
         except GrifoError:
             ex.point.failed(time.monotonic(), self.config.ejection)
             raise
+        finally:
+            ex.cancel_deadline()
         answered_ns = time.monotonic_ns()
         if response.status < 500:  # 5xx were counted by forward; a 4xx is the request's fault
             ex.point.succeeded()
@@ -219,8 +258,11 @@ class Gateway:
         head_cost = cost_micros(price, 0, prompt_tokens, 0, 0)
 
         async def on_close(completed: bool) -> None:
+            ex.cancel_deadline()
             point.gateway_in_flight -= 1
             status = "ok" if completed and state.usage is not None else "client_closed"
+            if ex.deadline_hit and state.usage is None:
+                status = "deadline_exceeded"
             usage = state.usage or Usage(prompt_tokens, state.events)
             source = "point" if state.usage is not None else "estimated"
             if state.cost is None:
@@ -253,7 +295,7 @@ class Gateway:
             if ex.point is not None:
                 ex.point.succeeded()
         except (GrifoError, ValueError) as exc:
-            if ex.point is not None:
+            if ex.point is not None and not isinstance(exc, DeadlineExceededError):
                 ex.point.failed(time.monotonic(), self.config.ejection)
             # After the head was sent, failures travel in-band, as OpenAI does.
             error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
@@ -336,6 +378,12 @@ class Gateway:
             ex.busy_share_ns = ex.point.busy.leave(ex.busy_mark, time.monotonic_ns())
         return ex.busy_share_ns
 
+    def _expire(self, ex: Exchange, response: UpstreamResponse) -> None:
+        """The deadline passed while the point was still answering: stop reading, which closes
+        the connection, and the point stops generating for nobody."""
+        ex.deadline_hit = True
+        response.fail(DeadlineExceededError(_deadline_message(ex)))
+
     def _release(self, ex: Exchange) -> None:
         if ex.reservation is not None and self.budgets is not None:
             self.budgets.release(ex.reservation)
@@ -410,3 +458,7 @@ def _point_headers(point: PointState, cost: int) -> Headers:
         (b"x-grifo-jurisdiction", point.jurisdiction.encode()),
         (b"x-grifo-cost-micros", str(cost).encode()),
     ]
+
+
+def _deadline_message(ex: Exchange) -> str:
+    return f"the request's deadline of {ex.timeout_s * 1000:.0f} ms passed (x-grifo-timeout-ms)"

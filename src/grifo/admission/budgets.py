@@ -2,7 +2,8 @@
 
 Worst case = an upper bound of the prompt's tokens (a token is at least one byte, plus template
 overhead) and `max_tokens`, at the dearest candidate's token prices, plus that point's hourly
-price for the whole request timeout (a request cannot hold a point longer). Reservations for a
+price for the whole request deadline (a request cannot hold a point longer: the gateway stops
+reading at the deadline). Reservations for a
 tenant's and a key's budget are taken together, atomically, in the shared state database.
 """
 
@@ -66,6 +67,7 @@ class Budgets:
         principal: Principal,
         body: wire.InferenceRequest,
         candidates: Sequence[Candidate],
+        timeout_s: float | None = None,
         now: dt.datetime | None = None,
     ) -> Reservation:
         """Reserve the worst case in every budget that applies, or raise 429."""
@@ -75,7 +77,7 @@ class Budgets:
             _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), now),
         ]
         active = [c for c in checks if c is not None]
-        worst = self.worst_case(body, candidates)
+        worst = self.worst_case(body, candidates, timeout_s)
         refused = self._store.reserve(active, worst)
         if refused is not None:
             scope = refused.scope.split(":", 1)[0]
@@ -94,7 +96,15 @@ class Budgets:
     def release(self, reservation: Reservation) -> None:
         self.settle(reservation, Amount(0, 0))
 
-    def worst_case(self, body: wire.InferenceRequest, candidates: Sequence[Candidate]) -> Amount:
+    def worst_case(
+        self,
+        body: wire.InferenceRequest,
+        candidates: Sequence[Candidate],
+        timeout_s: float | None = None,
+    ) -> Amount:
+        """Upper bound of what `body` can cost at any candidate, holding it for the request's
+        deadline (`timeout_s`, default the gateway's request timeout)."""
+        busy_ns = self._timeout_ns if timeout_s is None else int(timeout_s * 1e9)
         prompt = _prompt_bound(body)
         worst = Amount(0, 0)
         for candidate in candidates:
@@ -109,7 +119,7 @@ class Budgets:
                 point.usd_per_hour_micros,
                 prompt,
                 completion,
-                self._timeout_ns,
+                busy_ns,
             )
             worst = Amount(max(worst.micros, cost), max(worst.tokens, prompt + completion))
         return worst

@@ -66,6 +66,8 @@ async def forward(
     head_timeout_s: float,
     ejection: EjectionConfig,
     budget: RetryBudget,
+    *,
+    blame_timeouts: bool = True,
 ) -> tuple[PointState, UpstreamResponse, float]:
     """The first candidate that answers, with its response head and its busy-clock mark (give
     it back with `point.busy.leave` when the request is done there).
@@ -79,7 +81,9 @@ async def forward(
         for i, candidate in enumerate(candidates):
             point = candidate.point
             mark = point.busy.enter(time.monotonic_ns())
-            response = await _attempt(pools, point, mark, request, head_timeout_s, ejection)
+            response = await _attempt(
+                pools, point, mark, request, head_timeout_s, ejection, blame_timeouts
+            )
             if response is None:
                 continue
             if response.status >= 500:
@@ -106,6 +110,7 @@ async def _attempt(
     request: tuple[str, bytes, Headers],
     head_timeout_s: float,
     ejection: EjectionConfig,
+    blame_timeouts: bool,
 ) -> UpstreamResponse | None:
     """The point's response head, or None if it refused the connection (marked down)."""
     path, body, headers = request
@@ -120,7 +125,10 @@ async def _attempt(
         return None
     except BaseException as exc:
         point.busy.leave(mark, time.monotonic_ns())
-        if isinstance(exc, PointTimeoutError | PointProtocolError):
+        blame = isinstance(exc, PointProtocolError) or (
+            isinstance(exc, PointTimeoutError) and blame_timeouts
+        )
+        if blame:  # a client's short deadline is not the point's fault
             point.failed(time.monotonic(), ejection)
         raise
     claimed = response.headers.get(b"x-grifo-jurisdiction", b"").decode("latin-1")

@@ -84,6 +84,13 @@ class UpstreamResponse:
         """The whole body."""
         return b"".join([chunk async for chunk in self.iter_body()])
 
+    def fail(self, error: Exception) -> None:
+        """End the body now with `error` (a deadline): readers get it, the connection closes."""
+        if not self._done:
+            if self._conn is not None:
+                self._conn.abort()
+            self._finish(error)
+
     def close(self) -> None:
         """Abandon the rest of the body: the connection is closed, never reused half-read."""
         if not self._done and self._conn is not None:

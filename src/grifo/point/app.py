@@ -6,6 +6,7 @@ the gateway can check each response against what it believes about the point.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from grifo.errors import (
 )
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.engines.base import Generation, Generator, SamplingParams
-from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob
+from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob, Kind, Payload
 from grifo.wire import responses
 from grifo.wire.requests import (
     ChatCompletionRequest,
@@ -144,11 +145,10 @@ class PointApp:
             for m in chat.messages
         ]
         params = _params(chat, chat.token_limit(), gen.context_length)
-        job = await self.runner.generate("chat", messages, params)
+        job, generation, timer = await self._start(request, "chat", messages, params)
         frames = responses.ChatFrames(chat.model)
-        generation = job.started_future.result()
         if not chat.stream:
-            text = "".join([piece async for piece in job.pieces()])
+            text = await _collect(job, timer)
             self._count(generation)
             return Response(200, frames.complete(text, *_totals(generation)))
 
@@ -161,18 +161,17 @@ class PointApp:
                 yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
             yield responses.DONE
 
-        return self._stream(job, generation, body())
+        return self._stream(job, generation, body(), timer)
 
     async def completions(self, request: Request) -> Response | StreamResponse:
         comp = decode(CompletionRequest, request.body)
         gen = self._generator(comp.model)
         params = _params(comp, comp.token_limit(), gen.context_length)
         prompt = comp.prompt_text()
-        job = await self.runner.generate("completion", prompt, params)
+        job, generation, timer = await self._start(request, "completion", prompt, params)
         frames = responses.CompletionFrames(comp.model)
-        generation = job.started_future.result()
         if not comp.stream:
-            text = "".join([piece async for piece in job.pieces()])
+            text = await _collect(job, timer)
             self._count(generation)
             return Response(200, frames.complete(text, *_totals(generation)))
 
@@ -184,10 +183,25 @@ class PointApp:
                 yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
             yield responses.DONE
 
-        return self._stream(job, generation, body())
+        return self._stream(job, generation, body(), timer)
+
+    async def _start(
+        self, request: Request, kind: Kind, payload: Payload, params: SamplingParams
+    ) -> tuple[GenerationJob, Generation, asyncio.TimerHandle | None]:
+        """Start a generation; with `x-grifo-deadline-ms` it is cancelled when that passes."""
+        job = await self.runner.generate(kind, payload, params)
+        timer = None
+        deadline_ms = request.headers.get(b"x-grifo-deadline-ms", b"")
+        if deadline_ms.isdigit():
+            timer = asyncio.get_running_loop().call_later(int(deadline_ms) / 1000, job.cancel)
+        return job, job.started_future.result(), timer
 
     def _stream(
-        self, job: GenerationJob, generation: Generation, frames: AsyncIterator[bytes]
+        self,
+        job: GenerationJob,
+        generation: Generation,
+        frames: AsyncIterator[bytes],
+        timer: asyncio.TimerHandle | None,
     ) -> StreamResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -207,6 +221,8 @@ class PointApp:
                 )
 
         async def on_close(completed: bool) -> None:
+            if timer is not None:
+                timer.cancel()
             if not completed:
                 job.cancel()
             self._count(generation)
@@ -235,6 +251,20 @@ class PointApp:
     def _count(self, generation: Generation) -> None:
         self.metrics.tokens.labels("prompt").inc(generation.prompt_tokens)
         self.metrics.tokens.labels("completion").inc(generation.completion_tokens)
+
+
+async def _collect(job: GenerationJob, timer: asyncio.TimerHandle | None) -> str:
+    """The whole text; if the request goes away (cancelled), the generation stops too."""
+    done = False
+    try:
+        text = "".join([piece async for piece in job.pieces()])
+        done = True
+        return text
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if not done:
+            job.cancel()
 
 
 def _card(model_id: str, kind: str, context_length: int) -> dict[str, object]:
