@@ -15,7 +15,8 @@ import openai
 from grifo.admission.budgets import Budgets, _check
 from grifo.config.model import BudgetConfig
 from grifo.security.keys import Principal
-from grifo.store.sqlite import Amount, BudgetCheck, LedgerEntry, LedgerWriter, StateDB
+from grifo.store.ledger import LedgerWriter
+from grifo.store.sqlite import Amount, BudgetCheck, LedgerEntry, StateDB
 from grifo.wire import requests as wire
 from tests.support.fabric import CHAT, Fabric
 

@@ -13,8 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+from grifo.store.ledger import LedgerWriter, replay_spool
 from grifo.store.spool import segments
-from grifo.store.sqlite import LedgerEntry, LedgerWriter, StateDB, replay_spool
+from grifo.store.sqlite import LedgerEntry, StateDB
 from tests.support.fabric import CHAT, topology_yaml
 
 

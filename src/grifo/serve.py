@@ -28,7 +28,8 @@ from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
 from grifo.service import Gateway
-from grifo.store.sqlite import LedgerWriter, StateDB, replay_spool
+from grifo.store.ledger import LedgerWriter, replay_spool
+from grifo.store.sqlite import StateDB
 from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state

@@ -7,14 +7,10 @@ api (decode) → security (key → principal) → placement (allowed set, then r
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import msgspec
 
 from grifo.admission.budgets import Budgets, Reservation
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
@@ -29,22 +25,22 @@ from grifo.errors import (
     DeadlineExceededError,
     GrifoError,
     NoCompliantPointError,
-    PointProtocolError,
     PointTimeoutError,
 )
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
-from grifo.metering.usage import SseSplitter, Usage, usage_of
+from grifo.metering.relay import StreamRelay
+from grifo.metering.usage import Usage, usage_of
 from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
 from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tier
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
-from grifo.store.sqlite import Amount, LedgerEntry, LedgerWriter
+from grifo.store.ledger import LedgerWriter
+from grifo.store.sqlite import Amount, LedgerEntry
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState
 from grifo.wire import requests as wire
-from grifo.wire.responses import model_list
 
 log = logging.getLogger("grifo.gateway")
 
@@ -67,7 +63,6 @@ class Exchange:
     dispatched_ns: int = 0
     busy_mark: float = 0.0
     busy_share_ns: int | None = None
-    first_token_ns: int | None = None
     timeout_s: float = 0.0
     deadline: float = 0.0  # monotonic seconds
     deadline_hit: bool = False
@@ -251,83 +246,38 @@ class Gateway:
         assert ex.point is not None
         answered_ns = time.monotonic_ns()
         point = ex.point
-        prompt_header = response.headers.get(b"x-grifo-prompt-tokens", b"0")
-        prompt_tokens = int(prompt_header) if prompt_header.isdigit() else 0
-        state = _StreamState(prompt_tokens)
-        price = point.price(ex.model)
-        head_cost = cost_micros(price, 0, prompt_tokens, 0, 0)
+
+        def point_outcome(ok: bool) -> None:
+            if ok:
+                point.succeeded()
+            else:
+                point.failed(time.monotonic(), self.config.ejection)
+
+        relay = StreamRelay(
+            response,
+            include_usage,
+            lambda usage, status, source: self._meter(ex, usage, status, source),
+            point_outcome,
+        )
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()
             point.gateway_in_flight -= 1
-            status = "ok" if completed and state.usage is not None else "client_closed"
-            if ex.deadline_hit and state.usage is None:
-                status = "deadline_exceeded"
-            usage = state.usage or Usage(prompt_tokens, state.events)
-            source = "point" if state.usage is not None else "estimated"
-            if state.cost is None:
-                self._meter(ex, usage, status, source)
+            if relay.cost is None:  # the usage event never came: bill what was produced
+                status = "client_closed" if not completed else "ok"
+                status = "deadline_exceeded" if ex.deadline_hit else status
+                self._meter(ex, relay.usage_so_far(), status, "estimated")
             latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
-            ttft_s = (
-                None if ex.first_token_ns is None else (ex.first_token_ns - ex.received_ns) / 1e9
-            )
+            first = relay.first_event_ns
+            ttft_s = None if first is None else (first - ex.received_ns) / 1e9
             self.metrics.observe(
                 ex.endpoint, point.name, 200 if completed else 499, latency_s, ttft_s
             )
 
+        head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
         headers = _point_headers(point, head_cost)
         headers.append(self._overhead(ex, answered_ns))
-        return StreamResponse(
-            200, self._relay(ex, response, state, include_usage), headers=headers, on_close=on_close
-        )
-
-    async def _relay(
-        self, ex: Exchange, response: UpstreamResponse, state: _StreamState, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        splitter = SseSplitter()
-        try:
-            async for data in response.iter_body():
-                out = [self._relay_event(ex, state, e, include_usage) for e in splitter.feed(data)]
-                if any(out):
-                    yield b"".join(out)
-            if rest := splitter.rest():
-                yield rest  # an unterminated last event passes through as it came
-            if ex.point is not None:
-                ex.point.succeeded()
-        except (GrifoError, ValueError) as exc:
-            if ex.point is not None and not isinstance(exc, DeadlineExceededError):
-                ex.point.failed(time.monotonic(), self.config.ejection)
-            # After the head was sent, failures travel in-band, as OpenAI does.
-            error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
-            yield b"data: " + error.envelope() + b"\n\n"
-
-    def _relay_event(
-        self, ex: Exchange, state: _StreamState, event: bytes, include_usage: bool
-    ) -> bytes:
-        if ex.first_token_ns is None:
-            ex.first_token_ns = time.monotonic_ns()
-        if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
-            return event
-        if b'"usage"' in event:
-            return self._usage_event(ex, state, event, include_usage)
-        state.events += 1
-        return event
-
-    def _usage_event(
-        self, ex: Exchange, state: _StreamState, event: bytes, include_usage: bool
-    ) -> bytes:
-        payload = event[5:].strip()
-        usage = usage_of(payload)
-        if usage is None:
-            return event
-        state.usage = usage
-        state.cost = self._meter(ex, usage, "ok", "point")
-        if not include_usage:
-            return b""  # the client did not ask for the usage chunk; we asked for it to meter
-        chunk = msgspec.json.decode(payload)
-        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-            chunk["usage"]["cost_micros"] = state.cost
-        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
 
     def _meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
         point = ex.point
@@ -389,34 +339,6 @@ class Gateway:
             self.budgets.release(ex.reservation)
 
     # -- models -----------------------------------------------------------------------------------
-    def list_models(self, request: Request) -> Response:
-        principal = self.keys.authenticate(request.headers.get(b"authorization"))
-        allowed = allowed_set(
-            principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
-        )
-        cards: dict[str, dict[str, object]] = {}
-        for point in self.points:
-            if allowed is not None and point.jurisdiction not in allowed:
-                continue
-            for model in point.models.values():
-                card = cards.setdefault(
-                    model.id,
-                    {
-                        "id": model.id,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "grifo",
-                        "kind": model.kind,
-                        "context_length": model.context_length,
-                        "jurisdictions": [],
-                    },
-                )
-                jurisdictions = card["jurisdictions"]
-                assert isinstance(jurisdictions, list)
-                if point.jurisdiction not in jurisdictions:
-                    jurisdictions.append(point.jurisdiction)
-        return Response(200, model_list(sorted(cards.values(), key=lambda c: str(c["id"]))))
-
     def render_metrics(self) -> bytes:
         for point in self.points:
             self.metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
@@ -433,23 +355,6 @@ class Gateway:
 
     def ready(self) -> bool:
         return all(p.healthy for p in self.points)
-
-
-@dataclass(slots=True)
-class _StreamState:
-    prompt_tokens: int
-    events: int = 0
-    usage: Usage | None = None
-    cost: int | None = None
-
-
-_ID_PREFIX = f"req-{uuid.uuid4().hex[:16]}"
-_ids = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """Unique across processes (random per-process prefix) without a syscall per request."""
-    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 def _point_headers(point: PointState, cost: int) -> Headers:

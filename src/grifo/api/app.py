@@ -6,13 +6,25 @@ detail (the log has it, keyed by request id); client mistakes are always 4xx.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import uuid
 
+from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
-from grifo.service import Gateway, new_request_id
+from grifo.service import Gateway
 
 log = logging.getLogger("grifo.api")
+
+_ID_PREFIX = f"req-{uuid.uuid4().hex[:16]}"
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique across processes (random per-process prefix) without a syscall per request."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
+
 
 _INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 _GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
@@ -52,7 +64,7 @@ class GatewayApp:
 
     def _get(self, request: Request) -> Response:
         if request.path == "/v1/models":
-            return self.gateway.list_models(request)
+            return list_models(self.gateway, request)
         if request.path == "/healthz":
             return Response(200, b'{"status":"ok"}')
         if request.path == "/readyz":

@@ -1,0 +1,84 @@
+"""Relaying a point's SSE stream to the client while metering it.
+
+Events pass through as they come (no re-encoding), except the usage event: it is metered the
+moment it arrives, gets the request's `cost_micros`, and is dropped if the client did not ask
+for usage. Content events are counted so a stream cut short can be billed by estimate. After
+the head was sent, failures travel in-band as an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+
+from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
+from grifo.http.client import UpstreamResponse
+from grifo.metering.usage import SseSplitter, Usage, usage_of
+
+Meter = Callable[[Usage, str, str], int]  # (usage, status, source) -> cost micro-USD
+
+
+class StreamRelay:
+    def __init__(
+        self,
+        response: UpstreamResponse,
+        include_usage: bool,
+        meter: Meter,
+        point_outcome: Callable[[bool], None],
+    ) -> None:
+        self._response = response
+        self._include_usage = include_usage
+        self._meter = meter
+        self._point_outcome = point_outcome
+        header = response.headers.get(b"x-grifo-prompt-tokens", b"0")
+        self.prompt_tokens = int(header) if header.isdigit() else 0
+        self.events = 0
+        self.usage: Usage | None = None
+        self.cost: int | None = None
+        self.first_event_ns: int | None = None
+
+    def usage_so_far(self) -> Usage:
+        """The point's usage if it came; else the prompt and the content events seen."""
+        return self.usage or Usage(self.prompt_tokens, self.events)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        splitter = SseSplitter()
+        try:
+            async for data in self._response.iter_body():
+                out = [self._event(e) for e in splitter.feed(data)]
+                if any(out):
+                    yield b"".join(out)
+            if rest := splitter.rest():
+                yield rest  # an unterminated last event passes through as it came
+            self._point_outcome(True)
+        except (GrifoError, ValueError) as exc:
+            if not isinstance(exc, DeadlineExceededError):  # a client deadline is not the point's
+                self._point_outcome(False)
+            error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
+            yield b"data: " + error.envelope() + b"\n\n"
+
+    def _event(self, event: bytes) -> bytes:
+        if self.first_event_ns is None:
+            self.first_event_ns = time.monotonic_ns()
+        if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
+            return event
+        if b'"usage"' in event:
+            return self._usage_event(event)
+        self.events += 1
+        return event
+
+    def _usage_event(self, event: bytes) -> bytes:
+        payload = event[5:].strip()
+        usage = usage_of(payload)
+        if usage is None:
+            return event
+        self.usage = usage
+        self.cost = self._meter(usage, "ok", "point")
+        if not self._include_usage:
+            return b""  # the client did not ask for the usage chunk; we asked for it to meter
+        chunk = msgspec.json.decode(payload)
+        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+            chunk["usage"]["cost_micros"] = self.cost
+        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
