@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--json", action="store_true", help="one JSON object per group")
 
+    keys = sub.add_parser(
+        "keys",
+        help="create, revoke and list API keys in the state database",
+        description="API keys kept (hashed) in the state directory; running gateways pick up "
+        "changes within seconds. A new key is printed once and never stored in clear.",
+    )
+    keys.add_argument("action", choices=["create", "revoke", "list"])
+    keys.add_argument("key_id", nargs="?", help="for revoke: the key id (see list)")
+    keys.add_argument("--tenant", help="for create: a tenant of --config")
+    keys.add_argument("--config", type=Path, help="for create: the topology naming the tenant")
+    keys.add_argument("--state-dir", type=Path, default=None)
+
     budgets = sub.add_parser(
         "budgets",
         help="budget burn rates and when each runs out",
@@ -136,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return _usage(args)
         if args.command == "budgets":
             return _budgets(args)
+        if args.command == "keys":
+            return _keys(args)
         config = load_config(args.config)
         print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
         return 0
@@ -285,3 +299,37 @@ def _budgets(args: argparse.Namespace) -> int:
         )
     print("(micro-USD)")
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from grifo.security.keys import generate_key, hash_key
+    from grifo.store.sqlite import StateDB
+
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    db = StateDB(state_dir / "grifo.db")
+    try:
+        if args.action == "create":
+            if not args.tenant or not args.config:
+                raise ConfigError("keys create needs --tenant and --config")
+            if args.tenant not in {t.name for t in load_config(args.config).tenants}:
+                raise ConfigError(f"{args.config}: no tenant named {args.tenant!r}")
+            key = generate_key()
+            key_id = f"key-{key[4:12]}"
+            db.add_key(key_id, args.tenant, hash_key(key))
+            print(f"{key_id} {key}")
+            print("the key is shown once; only its hash is kept", file=sys.stderr)
+            return 0
+        if args.action == "revoke":
+            if not args.key_id or not db.revoke_key(args.key_id):
+                print(f"grifo: no active key {args.key_id!r}", file=sys.stderr)
+                return 1
+            return 0
+        for key_id, tenant, created, revoked in db.list_keys():
+            stamp = dt.datetime.fromtimestamp(created / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+            print(f"{key_id:<28} {tenant:<20} {stamp}  {'revoked' if revoked else 'active'}")
+        return 0
+    finally:
+        db.close()

@@ -35,6 +35,7 @@ from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state
 
 log = logging.getLogger("grifo.serve")
+KEY_REFRESH_S = 2.0
 
 
 @dataclass(slots=True)
@@ -48,8 +49,11 @@ class Running:
     port: int
     local_points: list[LocalPoint] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
+    refresher: asyncio.Task[None] | None = None
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        if self.refresher is not None:
+            self.refresher.cancel()
         await self.server.close(grace_s)
         await self.poller.stop()
         await stop_points(self.local_points)
@@ -79,6 +83,17 @@ def build_keyring(
         if tenant in allowed:
             ring.add(digest, Principal(tenant, key_id, allowed[tenant], tiers[tenant]))
     return ring, demo
+
+
+async def refresh_keys(
+    config: GrifoConfig, db: StateDB, state_dir: Path, ring: KeyRing, interval_s: float
+) -> None:
+    """Re-read keys from the state database, so keys created or revoked with `grifo keys`
+    (or by another gateway process) take effect within `interval_s`."""
+    while True:
+        await asyncio.sleep(interval_s)
+        fresh, _ = build_keyring(config, db, state_dir, create_demo=False)
+        ring.replace(fresh)
 
 
 def _demo_keys(config: GrifoConfig, db: StateDB, state_dir: Path) -> dict[str, str]:
@@ -148,11 +163,14 @@ async def start(
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
     poller.start()
+    refresher = asyncio.get_running_loop().create_task(
+        refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S)
+    )
     server = HttpServer(
         GatewayApp(gateway).handle, ServerLimits(max_body_bytes=config.gateway.max_body_bytes)
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
-    return Running(gateway, server, poller, db, bound, local, demo)
+    return Running(gateway, server, poller, db, bound, local, demo, refresher)
 
 
 async def _wait_ready(

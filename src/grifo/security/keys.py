@@ -40,6 +40,10 @@ class KeyRing:
     def add(self, sha256_hex: str, principal: Principal) -> None:
         self._by_digest[bytes.fromhex(sha256_hex)] = principal
 
+    def replace(self, other: KeyRing) -> None:
+        """Take `other`'s keys, all at once (a refresh from the shared store)."""
+        self._by_digest = dict(other._by_digest)
+
     def __len__(self) -> int:
         return len(self._by_digest)
 

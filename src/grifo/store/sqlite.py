@@ -176,6 +176,22 @@ class StateDB:
                 (int(time.time() * 1000), tenant),
             )
 
+    def revoke_key(self, key_id: str) -> bool:
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
+                (int(time.time() * 1000), key_id),
+            )
+        return cursor.rowcount == 1
+
+    def list_keys(self) -> list[tuple[str, str, int, int | None]]:
+        """(key id, tenant, created ms, revoked ms or None) of every key, newest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, tenant, created_ms, revoked_ms FROM api_keys ORDER BY created_ms DESC"
+            ).fetchall()
+        return [(str(a), str(b), int(c), None if d is None else int(d)) for a, b, c, d in rows]
+
     def active_keys(self) -> list[tuple[str, str, str]]:
         """(key id, tenant, sha256) of every key not revoked."""
         with self._lock:
