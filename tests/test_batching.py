@@ -173,3 +173,28 @@ def test_requantized_model_is_cached_and_serves(model: Path, tmp_path: Path, qua
     finally:
         engine.close()
     assert not list(tmp_path.glob("*.partial"))
+
+
+class _FakeLlamaApi:
+    """Stands in for llama.cpp's C API where only its build report matters."""
+
+    def __init__(self, system_info: bytes) -> None:
+        self._info = system_info
+
+    def llama_print_system_info(self) -> bytes:
+        return self._info
+
+    def llama_model_default_params(self) -> object:
+        from llama_cpp import llama_cpp as capi
+
+        return capi.llama_model_default_params()
+
+
+@pytest.mark.parametrize(
+    ("info", "repacked"),
+    [(b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False), (b"CPU : AVX2 = 1 |", True)],
+)
+def test_a_build_with_amx_kernels_loads_weights_unrepacked(info: bytes, repacked: bool) -> None:
+    from grifo.point.engines.llama import model_params
+
+    assert model_params(_FakeLlamaApi(info)).use_extra_bufts is repacked

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
-from grifo.point.engines.llama import ContextLengthError, StopHold
+from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
 
 Kind = Literal["chat", "completion"]
 
@@ -91,7 +91,7 @@ class BatchedLlamaGenerator:
         self.slots = slots
         self._batch_tokens = batch_tokens
         self._model: Any = self._internals.LlamaModel(
-            path_model=str(model_path), params=capi.llama_model_default_params(), verbose=False
+            path_model=str(model_path), params=model_params(capi), verbose=False
         )
         params = capi.llama_context_default_params()
         params.n_ctx = context_length * slots

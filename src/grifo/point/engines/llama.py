@@ -1,14 +1,17 @@
 """llama.cpp model files and text handling shared by the engine (`batching.py`).
 
-Finding packaged GGUF files, converting them once to a faster quantization, the context-length
-error, and holding back text that may be the start of a stop string.
+Finding packaged GGUF files, converting them once to a faster quantization, model load
+parameters, the context-length error, and holding back text that may be the start of a stop
+string.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from grifo.errors import InvalidRequestError
 
@@ -39,6 +42,26 @@ def resolve_model(model: str) -> tuple[Path, str]:
     if not path.is_file():
         raise ModelFileMissingError(f"model file not found: {path}")
     return path, model_id
+
+
+log = logging.getLogger(__name__)
+
+
+def model_params(capi: Any) -> Any:
+    """llama.cpp model parameters, with repacked weights unless this build has AMX kernels.
+
+    llama.cpp's AMX matrix kernels crash on first use on some Sapphire Rapids machines
+    (ggml-org/llama.cpp#20824). The Makefile builds without them; a build that has them (a
+    `-march=native` build on such a machine) loads weights unrepacked, slower but sound.
+    """
+    params = capi.llama_model_default_params()
+    if b"AMX_INT8 = 1" in capi.llama_print_system_info():
+        log.warning(
+            "this llama.cpp build has AMX kernels, which can crash: weight repacking is off. "
+            "Rebuild it with `make` (CMAKE_ARGS without native CPU flags) for full speed."
+        )
+        params.use_extra_bufts = False
+    return params
 
 
 _FTYPES = {"q4_0": 2, "q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
