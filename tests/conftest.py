@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.fabric import Fabric, topology_yaml
+from tests.support.stores import pg_schema, redis_prefix
+
+__all__ = ["pg_schema", "redis_prefix"]  # fixtures for every test module
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from grifo.admission.budgets import Budgets, _check
 from grifo.config.model import BudgetConfig
 from grifo.security.keys import Principal
 from grifo.store.ledger import LedgerWriter
-from grifo.store.sqlite import Amount, BudgetCheck, LedgerEntry, StateDB
+from grifo.store.records import Amount, BudgetCheck, LedgerEntry
+from grifo.store.sqlite import StateDB
 from grifo.wire import requests as wire
 from tests.support.fabric import CHAT, Fabric
 
@@ -134,7 +135,7 @@ def test_reservations_are_released_and_spending_is_recounted_from_the_ledger(
 ) -> None:
     now = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
     db = StateDB(tmp_path / "grifo.db")
-    writer = LedgerWriter(db.path, tmp_path / "spool")
+    writer = LedgerWriter(db.open_ledger, tmp_path / "spool")
     writer.record(
         LedgerEntry(
             "r1",
@@ -184,6 +185,7 @@ def test_tenant_and_key_budgets_are_reserved_together(tmp_path: Path) -> None:
 def test_budget_periods_are_utc_calendar_day_and_month() -> None:
     budgets = Budgets(
         _NoStore(),
+        _NoStore(),
         {"t": BudgetConfig(usd=1.0, period="month")},
         {"k": BudgetConfig(usd=0.5, period="day", mode="soft")},
         1.0,
@@ -209,10 +211,19 @@ def test_budget_periods_are_utc_calendar_day_and_month() -> None:
 
 
 class _NoStore:
-    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None:
+    up = True
+
+    async def reserve(
+        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
+    ) -> BudgetCheck | None:
         return None
 
-    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
+    def settle(
+        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
+    ) -> None:
+        return None
+
+    async def close(self) -> None:
         return None
 
     def spent_since(self, tenant: str, since_ms: int) -> int:

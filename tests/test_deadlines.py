@@ -6,6 +6,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -68,3 +69,24 @@ def test_a_stream_past_its_deadline_ends_in_band_and_bills_what_it_got(slow: Fab
     assert entry.usage_source == "estimated"
     assert 0 < entry.completion_tokens < 8
     assert _idle(slow, "lima-edge")
+
+
+def test_a_tenant_default_deadline_applies_without_the_header(tmp_path: Path) -> None:
+    topology = """
+gateway: {demo_keys: true, health_interval_s: 0.2}
+points:
+  - {name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 4,
+     engine: {kind: fake, embeddings: fake, token_delay_ms: 100}}
+tenants:
+  - {name: hasty, timeout_ms: 250}
+  - {name: patient}
+"""
+    fab = Fabric.from_yaml(topology, tmp_path)
+    try:
+        with pytest.raises(openai.APIStatusError) as late:
+            fab.client("hasty").chat.completions.create(model=CHAT, messages=EIGHT)
+        assert late.value.code == "deadline_exceeded"
+        ok = fab.client("patient").chat.completions.create(model=CHAT, messages=EIGHT)
+        assert ok.choices[0].finish_reason == "stop"
+    finally:
+        fab.close()

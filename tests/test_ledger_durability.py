@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from grifo.store.ledger import LedgerWriter, replay_spool
+from grifo.store.records import LedgerEntry
 from grifo.store.spool import segments
-from grifo.store.sqlite import LedgerEntry, StateDB
+from grifo.store.sqlite import StateDB
 from tests.support.fabric import CHAT, topology_yaml
 
 
@@ -27,13 +29,65 @@ def entry(i: int) -> LedgerEntry:
 
 def test_writer_commits_and_empties_the_spool(tmp_path: Path) -> None:
     db = StateDB(tmp_path / "grifo.db")
-    writer = LedgerWriter(db.path, tmp_path / "spool")
+    writer = LedgerWriter(db.open_ledger, tmp_path / "spool")
     for i in range(500):
         writer.record(entry(i))
     writer.close()
     assert [e.request_id for e in db.ledger()] == sorted(f"req-{i}" for i in range(500))
     assert segments(tmp_path / "spool") == []
     db.close()
+
+
+class FlakyLedger:
+    """A real SQLite ledger connection behind a switch that makes the database unreachable."""
+
+    down = threading.Event()
+
+    def __init__(self, db: StateDB) -> None:
+        if self.down.is_set():
+            raise ConnectionError("database unreachable")
+        self._inner = db.open_ledger()
+
+    def write_entries(self, entries: list[LedgerEntry]) -> None:
+        if self.down.is_set():
+            raise ConnectionError("database unreachable")
+        self._inner.write_entries(entries)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_entries_wait_in_the_spool_while_the_database_is_down(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "grifo.db")
+    FlakyLedger.down.clear()
+    writer = LedgerWriter(lambda: FlakyLedger(db), tmp_path / "spool", retry_s=0.05, rotate_s=0.05)
+    for i in range(100):
+        writer.record(entry(i))
+    _wait(lambda: writer.written == 100)
+    FlakyLedger.down.set()
+    for i in range(100, 300):
+        writer.record(entry(i))
+        if i % 50 == 0:
+            time.sleep(0.02)
+    _wait(lambda: not writer.up)
+    assert len(db.ledger()) < 300
+    assert segments(tmp_path / "spool"), "the entries must be kept on disk meanwhile"
+    FlakyLedger.down.clear()
+    time.sleep(0.1)
+    writer.record(entry(300))  # rotates the spool segment, which then replays
+    _wait(lambda: len(db.ledger()) == 301)
+    assert writer.up
+    writer.close()
+    assert [e.request_id for e in db.ledger()] == sorted(f"req-{i}" for i in range(301))
+    assert segments(tmp_path / "spool") == []
+    db.close()
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_replay_is_idempotent_and_skips_a_torn_line(tmp_path: Path) -> None:
@@ -43,7 +97,7 @@ def test_replay_is_idempotent_and_skips_a_torn_line(tmp_path: Path) -> None:
     lines = [json.dumps(list(entry(i))) for i in range(3)]
     (spool / "ledger-1-1-0.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
     (spool / "ledger-1-1-1.jsonl").write_text(lines[1] + "\n")  # a duplicate of a replayed one
-    assert replay_spool(db.path, spool) == 4
+    assert replay_spool(db.open_ledger, spool) == 4
     assert [e.request_id for e in db.ledger()] == ["req-0", "req-1", "req-2"]
     assert segments(spool) == []
     db.close()

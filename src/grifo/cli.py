@@ -12,7 +12,9 @@ import msgspec
 
 from grifo import __version__
 from grifo.config.load import ConfigError, default_config, load_config
-from grifo.config.model import EngineConfig, GrifoConfig, PointConfig
+from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
+from grifo.errors import StoreUnavailableError
+from grifo.store.select import StateStore
 
 _DESCRIPTION = """\
 grifo: an OpenAI-compatible inference fabric. It decides for every request where it may run
@@ -95,9 +97,11 @@ def _parser() -> argparse.ArgumentParser:
         "usage",
         help="spending totals from the ledger",
         description="Requests, tokens and cost (micro-USD) from the ledger in the state "
-        "directory, grouped by tenant, key, point, model or jurisdiction.",
+        "directory (or the PostgreSQL database of --config), grouped by tenant, key, point, "
+        "model or jurisdiction.",
     )
     usage.add_argument("--state-dir", type=Path, default=None)
+    usage.add_argument("--config", type=Path, help="read the ledger from this config's store")
     usage.add_argument(
         "--by", choices=["tenant", "key", "point", "model", "jurisdiction"], default="tenant"
     )
@@ -118,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("action", choices=["create", "revoke", "list"])
     keys.add_argument("key_id", nargs="?", help="for revoke: the key id (see list)")
     keys.add_argument("--tenant", help="for create: a tenant of --config")
-    keys.add_argument("--config", type=Path, help="for create: the topology naming the tenant")
+    keys.add_argument(
+        "--config",
+        type=Path,
+        help="the topology naming the tenant (needed for create), and whose store holds keys",
+    )
     keys.add_argument("--state-dir", type=Path, default=None)
 
     budgets = sub.add_parser(
@@ -156,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"grifo: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailableError as exc:
+        print(f"grifo: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def _run(coro: object) -> None:
@@ -242,15 +253,13 @@ def _point(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from grifo.store.sqlite import StateDB
-
     state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
-    if not (state_dir / "grifo.db").is_file():
+    if args.config is None and not (state_dir / "grifo.db").is_file():
         print(f"grifo: no ledger in {state_dir}", file=sys.stderr)
         return 1
     now = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     since = {"day": now, "month": now.replace(day=1), "all": None}[args.period]
-    db = StateDB(state_dir / "grifo.db")
+    db = _open_state(args)
     try:
         rows = db.totals(args.by, int(since.timestamp() * 1000) if since else 0)
     finally:
@@ -277,11 +286,9 @@ def _budgets(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from grifo.admission.burn import burn_rates
-    from grifo.store.sqlite import StateDB
 
     config = load_config(args.config)
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
-    db = StateDB(state_dir / "grifo.db")
+    db = _open_state(args)
     try:
         burns = burn_rates(
             db, {t.name: t.budget for t in config.tenants if t.budget}, dt.datetime.now(dt.UTC)
@@ -301,15 +308,21 @@ def _budgets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_state(args: argparse.Namespace) -> StateStore:
+    """The state database of --config's `gateway.store` (SQLite in --state-dir by default)."""
+    from grifo.store.select import open_state
+
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    store = load_config(args.config).gateway.store if args.config else StoreConfig()
+    return open_state(store, state_dir)
+
+
 def _keys(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from grifo.security.keys import generate_key, hash_key
-    from grifo.store.sqlite import StateDB
 
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    db = StateDB(state_dir / "grifo.db")
+    db = _open_state(args)
     try:
         if args.action == "create":
             if not args.tenant or not args.config:

@@ -183,3 +183,11 @@ class PointProtocolError(UpstreamError):
 
     status = 502
     code = "point_protocol_error"
+
+
+class StoreUnavailableError(GrifoError):
+    """A shared store (PostgreSQL, Redis) the request needs did not answer; nothing was run."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"

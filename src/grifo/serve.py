@@ -18,17 +18,20 @@ from pathlib import Path
 
 import msgspec
 
-from grifo.admission.budgets import Budgets
+from grifo.admission.budgets import Budgets, BudgetStore, LocalReservations
 from grifo.admission.idempotency import Idempotency
 from grifo.api.app import GatewayApp
-from grifo.config.model import GrifoConfig
+from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
+from grifo.errors import StoreUnavailableError
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
 from grifo.service import Gateway
-from grifo.store.ledger import LedgerWriter, replay_spool
+from grifo.store.ledger import LedgerWriter
+from grifo.store.select import StateStore, open_state, redis_url
+from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
 from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
 from grifo.telemetry.metrics import GatewayMetrics
@@ -45,7 +48,7 @@ class Running:
     gateway: Gateway
     server: HttpServer
     poller: HealthPoller
-    db: StateDB
+    db: StateStore
     port: int
     local_points: list[LocalPoint] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
@@ -58,12 +61,14 @@ class Running:
         await self.poller.stop()
         await stop_points(self.local_points)
         await self.gateway.pools.close()
+        if self.gateway.budgets is not None:
+            await self.gateway.budgets.close()
         self.gateway.ledger.close()
         self.db.close()
 
 
 def build_keyring(
-    config: GrifoConfig, db: StateDB, state_dir: Path, *, create_demo: bool = True
+    config: GrifoConfig, db: StateStore, state_dir: Path, *, create_demo: bool = True
 ) -> tuple[KeyRing, dict[str, str]]:
     """Keys from the config and the state database; demo keys are created once and kept."""
     blocs = merge_blocs(config.blocs)
@@ -72,31 +77,42 @@ def build_keyring(
         for t in config.tenants
     }
     tiers = {t.name: None if t.tier == "any" else t.tier for t in config.tenants}
+    timeouts = {t.name: t.timeout_ms / 1000 if t.timeout_ms else None for t in config.tenants}
+
+    def principal(tenant: str, key_id: str) -> Principal:
+        return Principal(tenant, key_id, allowed[tenant], tiers[tenant], timeouts[tenant])
+
     ring = KeyRing()
     for key in config.keys:
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
-        ring.add(digest, Principal(key.tenant, key.id, allowed[key.tenant], tiers[key.tenant]))
+        ring.add(digest, principal(key.tenant, key.id))
     demo: dict[str, str] = {}
     if config.gateway.demo_keys and create_demo:
         demo = _demo_keys(config, db, state_dir)
     for key_id, tenant, digest in db.active_keys():
         if tenant in allowed:
-            ring.add(digest, Principal(tenant, key_id, allowed[tenant], tiers[tenant]))
+            ring.add(digest, principal(tenant, key_id))
     return ring, demo
 
 
 async def refresh_keys(
-    config: GrifoConfig, db: StateDB, state_dir: Path, ring: KeyRing, interval_s: float
+    config: GrifoConfig, db: StateStore, state_dir: Path, ring: KeyRing, interval_s: float
 ) -> None:
     """Re-read keys from the state database, so keys created or revoked with `grifo keys`
-    (or by another gateway process) take effect within `interval_s`."""
+    (or by another gateway process) take effect within `interval_s`. While the database is
+    unreachable the keys last read stay in force."""
     while True:
         await asyncio.sleep(interval_s)
-        fresh, _ = build_keyring(config, db, state_dir, create_demo=False)
+        try:
+            fresh, _ = await asyncio.to_thread(
+                build_keyring, config, db, state_dir, create_demo=False
+            )
+        except StoreUnavailableError:
+            continue
         ring.replace(fresh)
 
 
-def _demo_keys(config: GrifoConfig, db: StateDB, state_dir: Path) -> dict[str, str]:
+def _demo_keys(config: GrifoConfig, db: StateStore, state_dir: Path) -> dict[str, str]:
     path = state_dir / "demo-keys.json"
     known: dict[str, str] = {}
     if path.exists():
@@ -128,14 +144,16 @@ async def start(
     """Start a gateway. With `point_urls` (a worker of `serve --workers`), local points are
     already running elsewhere and demo keys already exist."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    db = StateDB(state_dir / "grifo.db")
+    db = open_state(config.gateway.store, state_dir)
     keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
     db.prune_keys(int(time.time() * 1000) - 24 * 3600 * 1000)  # keys are kept for a day
+    backlog: list[Path] = []
     if point_urls is None:  # the first process: no other gateway writes the spool yet
-        db.reset_reservations()
-        replayed = replay_spool(db.path, state_dir / "spool")
-        if replayed:
-            log.warning("committed %d ledger entries left in the spool by a previous run", replayed)
+        if isinstance(db, StateDB) and redis_url(config.gateway.store) is None:
+            db.reset_reservations()
+        backlog = segments(state_dir / "spool")
+        if backlog:
+            log.warning("replaying %d ledger spool segments left by a previous run", len(backlog))
     local: list[LocalPoint] = []
     if point_urls is None:
         local = await start_points(
@@ -149,16 +167,11 @@ async def start(
         points,
         keys,
         merge_blocs(config.blocs),
-        LedgerWriter(db.path, state_dir / "spool"),
+        LedgerWriter(db.open_ledger, state_dir / "spool", backlog=backlog),
         pools,
         GatewayMetrics(),
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
-        Budgets(
-            db,
-            {t.name: t.budget for t in config.tenants if t.budget is not None},
-            {k.id: k.budget for k in config.keys if k.budget is not None},
-            config.gateway.request_timeout_s,
-        ),
+        budgets(config, db),
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
@@ -171,6 +184,32 @@ async def start(
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
     return Running(gateway, server, poller, db, bound, local, demo, refresher)
+
+
+def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:
+    tenants = {t.name: t.budget for t in config.tenants if t.budget is not None}
+    keys = {k.id: k.budget for k in config.keys if k.budget is not None}
+    if not tenants and not keys:
+        return None
+    return Budgets(
+        reservations(config.gateway.store, db),
+        db,
+        tenants,
+        keys,
+        config.gateway.request_timeout_s,
+        config.gateway.store.budget_outage,
+    )
+
+
+def reservations(store: StoreConfig, db: StateStore) -> BudgetStore:
+    """Redis when configured (replicas), else the SQLite state database (one host)."""
+    url = redis_url(store)
+    if url is not None:
+        from grifo.store.redis_budgets import RedisReservations
+
+        return RedisReservations(url, db.spent, prefix=store.redis_prefix)
+    assert isinstance(db, StateDB), "checked with the config: PostgreSQL budgets need Redis"
+    return LocalReservations(db)
 
 
 async def _wait_ready(

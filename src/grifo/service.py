@@ -7,12 +7,15 @@ api (decode) → security (key → principal) → placement (allowed set, then r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from grifo.admission.budgets import Budgets, Reservation
+from grifo.admission.burn import Burn
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
 from grifo.admission.deadline import POINT_HEADER as DEADLINE_POINT_HEADER
 from grifo.admission.deadline import timeout_s
@@ -26,6 +29,7 @@ from grifo.errors import (
     GrifoError,
     NoCompliantPointError,
     PointTimeoutError,
+    StoreUnavailableError,
 )
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
@@ -37,7 +41,7 @@ from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tie
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
-from grifo.store.sqlite import Amount, LedgerEntry
+from grifo.store.records import Amount, LedgerEntry
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState
 from grifo.wire import requests as wire
@@ -141,12 +145,13 @@ class Gateway:
             raise
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
-        ex.timeout_s = timeout_s(
-            request.headers.get(DEADLINE_HEADER), self.config.request_timeout_s
-        )
+        default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
+        ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
         if self.budgets is not None and self.budgets.applies(principal):
-            ex.reservation = self.budgets.reserve(principal, body, candidates, ex.timeout_s)
+            ex.reservation = await self.budgets.reserve(
+                principal, body, candidates, request_id, ex.timeout_s
+            )
         try:
             return await self._dispatch(ex, request, body, candidates)
         except BaseException:
@@ -342,7 +347,15 @@ class Gateway:
     def render_metrics(self) -> bytes:
         for point in self.points:
             self.metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
-        for burn in self.budgets.burn() if self.budgets is not None else []:
+        self.metrics.store_up.labels("ledger").set(1 if self.ledger.up else 0)
+        self.metrics.spool_backlog.set(self.ledger.pending_segments)
+        burns: list[Burn] = []
+        if self.budgets is not None:
+            self.metrics.store_up.labels("budgets").set(1 if self.budgets.store_up else 0)
+            self.metrics.count_unchecked(self.budgets.unchecked)
+            with contextlib.suppress(StoreUnavailableError):
+                burns = self.budgets.burn()
+        for burn in burns:
             for kind, value in (
                 ("limit", burn.limit_micros),
                 ("spent", burn.spent_micros),

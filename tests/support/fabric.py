@@ -16,7 +16,7 @@ import openai
 from grifo.config.load import parse_config
 from grifo.config.model import GrifoConfig
 from grifo.serve import Running, start
-from grifo.store.sqlite import LedgerEntry
+from grifo.store.records import LedgerEntry
 
 T = TypeVar("T")
 

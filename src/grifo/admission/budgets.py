@@ -14,13 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from grifo.admission.burn import Burn, burn_rates
-from grifo.config.model import BudgetConfig
-from grifo.errors import BudgetExceededError
+from grifo.admission.burn import Burn, SpendSource, burn_rates
+from grifo.config.model import BudgetConfig, OutagePolicy
+from grifo.errors import BudgetExceededError, StoreUnavailableError
 from grifo.metering.pricing import cost_micros
 from grifo.placement.scoring import Candidate
 from grifo.security.keys import Principal
-from grifo.store.sqlite import Amount, BudgetCheck
+from grifo.store.records import Amount, BudgetCheck
+from grifo.store.sqlite import StateDB
 from grifo.wire import requests as wire
 
 _TEMPLATE_TOKENS = 64  # chat template and default system prompt
@@ -28,45 +29,86 @@ _PER_MESSAGE_TOKENS = 8
 
 
 class BudgetStore(Protocol):
-    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None: ...
+    """Where reservations are counted: the state database (one host) or Redis (replicas)."""
 
-    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None: ...
+    async def reserve(
+        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
+    ) -> BudgetCheck | None: ...
 
-    def spent_since(self, tenant: str, since_ms: int) -> int: ...
+    def settle(
+        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
+    ) -> None: ...
+
+    @property
+    def up(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalReservations:
+    """Reservations in the SQLite state database, shared by the workers of one host."""
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        self.up = True
+
+    async def reserve(
+        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
+    ) -> BudgetCheck | None:
+        return self._db.reserve(checks, worst)
+
+    def settle(
+        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
+    ) -> None:
+        self._db.settle(checks, reserved, actual)
+
+    async def close(self) -> None:
+        pass  # the state database is closed by its owner
 
 
 @dataclass(slots=True)
 class Reservation:
+    request_id: str
     checks: list[BudgetCheck]
     worst: Amount
     open: bool = True
 
 
 class Budgets:
+    """Budgets of tenants and keys. When the store is unreachable, `on_outage` decides:
+    `fail-closed` refuses (503), `fail-open` admits without a reservation (counted in
+    `unchecked`); `auto` is closed for a strict budget and open for a soft one."""
+
     def __init__(
         self,
         store: BudgetStore,
+        spend: SpendSource,
         tenants: Mapping[str, BudgetConfig],
         keys: Mapping[str, BudgetConfig],
         request_timeout_s: float,
+        on_outage: OutagePolicy = "auto",
     ) -> None:
         self._store = store
+        self._spend = spend
         self._tenants = tenants
         self._keys = keys
         self._timeout_ns = int(request_timeout_s * 1e9)
+        self._on_outage = on_outage
+        self.unchecked = 0
 
     def burn(self, now: dt.datetime | None = None) -> list[Burn]:
         """Every tenant budget's burn rate and projection (see `burn.py`)."""
-        return burn_rates(self._store, self._tenants, now or dt.datetime.now(dt.UTC))
+        return burn_rates(self._spend, self._tenants, now or dt.datetime.now(dt.UTC))
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
 
-    def reserve(
+    async def reserve(
         self,
         principal: Principal,
         body: wire.InferenceRequest,
         candidates: Sequence[Candidate],
+        request_id: str,
         timeout_s: float | None = None,
         now: dt.datetime | None = None,
     ) -> Reservation:
@@ -78,7 +120,17 @@ class Budgets:
         ]
         active = [c for c in checks if c is not None]
         worst = self.worst_case(body, candidates, timeout_s)
-        refused = self._store.reserve(active, worst)
+        hold_s = self._timeout_ns / 1e9 if timeout_s is None else timeout_s
+        try:
+            refused = await self._store.reserve(active, worst, request_id, hold_s)
+        except StoreUnavailableError:
+            closed = self._on_outage == "fail-closed" or (
+                self._on_outage == "auto" and any(c.strict for c in active)
+            )
+            if closed:
+                raise
+            self.unchecked += 1
+            return Reservation(request_id, active, worst, open=False)
         if refused is not None:
             scope = refused.scope.split(":", 1)[0]
             raise BudgetExceededError(
@@ -86,15 +138,24 @@ class Budgets:
                 f"{worst.micros} micro-USD, {worst.tokens} tokens); raise the budget or lower "
                 "max_tokens"
             )
-        return Reservation(active, worst)
+        return Reservation(request_id, active, worst)
 
     def settle(self, reservation: Reservation, actual: Amount) -> None:
         if reservation.open:
             reservation.open = False
-            self._store.settle(reservation.checks, reservation.worst, actual)
+            self._store.settle(
+                reservation.checks, reservation.request_id, reservation.worst, actual
+            )
 
     def release(self, reservation: Reservation) -> None:
         self.settle(reservation, Amount(0, 0))
+
+    @property
+    def store_up(self) -> bool:
+        return self._store.up
+
+    async def close(self) -> None:
+        await self._store.close()
 
     def worst_case(
         self,

@@ -9,16 +9,23 @@ fingerprint of its validated, re-encoded form, so whitespace and key order do no
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
 
-from grifo.errors import ConflictError, InvalidRequestError, UnprocessableError
+from grifo.errors import (
+    ConflictError,
+    InvalidRequestError,
+    StoreUnavailableError,
+    UnprocessableError,
+)
 from grifo.http.message import Response, StreamResponse
-from grifo.store.sqlite import StoredOutcome
+from grifo.store.records import StoredOutcome
 
+log = logging.getLogger("grifo.idempotency")
 HEADER = b"idempotency-key"
 _KEPT = frozenset(
     {b"x-request-id", b"x-grifo-point", b"x-grifo-jurisdiction", b"x-grifo-cost-micros"}
@@ -79,8 +86,12 @@ class Idempotency:
         return _replay(held)
 
     def release(self, claim: Claim) -> None:
-        """The request failed before any answer: the key may be used again."""
-        self._store.release_key(claim.tenant, claim.key, claim.request_id)
+        """The request failed before any answer: the key may be used again (or, if the store
+        is unreachable now, once the claim is stale)."""
+        try:
+            self._store.release_key(claim.tenant, claim.key, claim.request_id)
+        except StoreUnavailableError:
+            log.warning("could not release an idempotency key: the store is unavailable")
 
     def seal(self, claim: Claim, response: Response | StreamResponse) -> Response | StreamResponse:
         """Store the answer (a stream once it ends) under the claim, and pass it on."""
@@ -120,9 +131,14 @@ class Idempotency:
     ) -> None:
         kept = {n.decode(): v.decode("latin-1") for n, v in headers if n in _KEPT}
         kept.setdefault("x-request-id", claim.request_id)
-        self._store.settle_key(
-            claim.tenant, claim.key, status, msgspec.json.encode(kept).decode(), body, stream
-        )
+        try:
+            self._store.settle_key(
+                claim.tenant, claim.key, status, msgspec.json.encode(kept).decode(), body, stream
+            )
+        except StoreUnavailableError:
+            # The answer was produced and billed: deliver it. A retry meanwhile gets 409 until
+            # the claim is stale.
+            log.warning("could not store an idempotent answer: the store is unavailable")
 
 
 def _replay(held: StoredOutcome) -> Response:

@@ -84,6 +84,33 @@ def check(config: GrifoConfig) -> list[str]:
             problems.append(f"{where}.env: environment variable {key.env} is not set")
     if not config.points:
         problems.append("$.points: at least one point is required")
+    problems += _check_store(config)
+    return problems
+
+
+def _check_store(config: GrifoConfig) -> list[str]:
+    store = config.gateway.store
+    where = "$.gateway.store"
+    problems: list[str] = []
+    for name, url, env in (
+        ("postgres", store.postgres_url, store.postgres_url_env),
+        ("redis", store.redis_url, store.redis_url_env),
+    ):
+        if url is not None and env is not None:
+            problems.append(f"{where}: give `{name}_url` or `{name}_url_env`, not both")
+        elif env is not None and not os.environ.get(env):
+            problems.append(f"{where}.{name}_url_env: environment variable {env} is not set")
+        elif url is not None and not url.startswith(
+            ("postgresql://", "postgres://") if name == "postgres" else ("redis://", "rediss://")
+        ):
+            problems.append(f"{where}.{name}_url: not a {name} URL")
+    budgets = any(t.budget for t in config.tenants) or any(k.budget for k in config.keys)
+    shared_db = store.postgres_url is not None or store.postgres_url_env is not None
+    shared_reservations = store.redis_url is not None or store.redis_url_env is not None
+    if budgets and shared_db and not shared_reservations:
+        problems.append(
+            f"{where}: budgets on a shared PostgreSQL need `redis_url` for their reservations"
+        )
     return problems
 
 

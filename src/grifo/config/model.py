@@ -34,9 +34,9 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     model_id: str | None = None
     threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     quantization: Literal["as-is", "q4_0", "q8_0"] = "as-is"
     """llama_cpp: convert the model once (cached in $GRIFO_CACHE_DIR or ~/.cache/grifo)."""
-    """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
     embeddings: Literal["minilm", "fake", "none"] = "minilm"
     upstream_url: str | None = None
@@ -77,6 +77,8 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     tier: Literal["edge", "regional", "central", "any"] = "any"
     """Default tier for the tenant's requests; `x-grifo-tier` overrides it per request."""
     budget: BudgetConfig | None = None
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Default deadline for the tenant's requests (`x-grifo-timeout-ms` overrides it)."""
 
 
 class KeyConfig(Base, kw_only=True, frozen=True):
@@ -105,6 +107,28 @@ class EjectionConfig(Base, kw_only=True, frozen=True):
     max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
 
+OutagePolicy = Literal["auto", "fail-closed", "fail-open"]
+
+
+class StoreConfig(Base, kw_only=True, frozen=True):
+    """Where state lives. Unset: SQLite in the state directory (one host, any number of
+    workers). Gateway replicas on several hosts share PostgreSQL (keys, ledger, idempotency
+    keys) and Redis (budget reservations)."""
+
+    postgres_url: str | None = None
+    """e.g. `postgresql://grifo@db.internal:5432/grifo`; `postgres_url_env` names a variable
+    holding it instead (for URLs with a password)."""
+    postgres_url_env: str | None = None
+    postgres_schema: Name = "grifo"
+    redis_url: str | None = None
+    """e.g. `redis://cache.internal:6379/0`; or `redis_url_env`."""
+    redis_url_env: str | None = None
+    redis_prefix: Name = "grifo"
+    budget_outage: OutagePolicy = "auto"
+    """Redis unreachable: refuse budgeted requests (`fail-closed`, 503), admit them unchecked
+    (`fail-open`), or `auto`: closed for strict budgets, open for soft ones."""
+
+
 class GatewayConfig(Base, kw_only=True, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -114,6 +138,7 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     demo_keys: bool = False
     placement: PlacementConfig = PlacementConfig()
     ejection: EjectionConfig = EjectionConfig()
+    store: StoreConfig = StoreConfig()
 
 
 class GrifoConfig(Base, kw_only=True, frozen=True):

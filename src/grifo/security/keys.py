@@ -23,6 +23,7 @@ class Principal:
     key_id: str
     allowed: frozenset[str] | None  # None: unrestricted
     tier: str | None = None  # None: any tier
+    timeout_s: float | None = None  # the tenant's default deadline, if any
 
 
 def generate_key() -> str:

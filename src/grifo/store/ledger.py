@@ -2,20 +2,38 @@
 
 Entries are appended to the spool and queued from the event loop; one thread commits them in
 batches (one transaction per batch), so the hot path never waits on the database, and deletes
-spool segments once all their entries are committed. `close()` writes whatever is still queued.
+spool segments once all their entries are committed. When the database is down, requests go
+on: the entries stay in their spool segments, which the thread replays once the database
+answers again (every `retry_s`). `close()` writes whatever is still queued; what could not be
+written stays in the spool for the next start.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
-import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
+from grifo.store.records import LedgerEntry
 from grifo.store.spool import Spool, read_segment, segments
-from grifo.store.sqlite import LedgerEntry, connect
+
+log = logging.getLogger("grifo.ledger")
+
+
+class LedgerSink(Protocol):
+    """A database connection that commits ledger entries; an entry already present (same
+    request id) is left as it is, so replays are harmless."""
+
+    def write_entries(self, entries: list[LedgerEntry]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Connect = Callable[[], LedgerSink]
 
 
 class _Segment(NamedTuple):
@@ -25,26 +43,37 @@ class _Segment(NamedTuple):
 
 
 class LedgerWriter:
-    """Batches ledger entries into SQLite from a dedicated thread, behind a durable spool.
+    """Batches ledger entries into the database from a dedicated thread, behind a durable spool.
 
     `record` appends the entry to the spool (a crash after that loses nothing) and queues it;
     the thread commits batches and deletes spool segments whose entries are all committed.
+    `up` says whether the last write reached the database.
     """
 
     def __init__(
         self,
-        path: Path,
+        connect: Connect,
         spool_dir: Path,
         *,
         max_batch: int = 256,
         max_wait_s: float = 0.005,
+        retry_s: float = 1.0,
+        rotate_s: float = 2.0,
+        backlog: Sequence[Path] = (),
     ) -> None:
-        self._path = path
-        self._spool = Spool(spool_dir)
+        self._connect = connect
+        self._backlog = list(backlog)  # segments left by an earlier run: replayed first
+        self._spool = Spool(spool_dir, rotate_s=rotate_s)
         self._queue: queue.SimpleQueue[LedgerEntry | _Segment | None] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
+        self._retry_s = retry_s
+        self._sink: LedgerSink | None = None
+        self._down_until = 0.0
         self.written = 0
+        self.replayed = 0  # entries committed from spool segments rather than from the queue
+        self.up = True
+        self.pending_segments = 0
         self._thread = threading.Thread(target=self._run, name="grifo-ledger", daemon=True)
         self._thread.start()
 
@@ -60,27 +89,88 @@ class LedgerWriter:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        conn = connect(self._path)
+        dirty = False  # an entry since the last segment marker did not reach the database
+        pending: list[Path] = self._backlog  # closed segments holding uncommitted entries
         try:
+            pending = self._replay(pending)
             stop = False
             while not stop:
-                batch, segment, stop = self._next_batch()
-                if batch:
-                    self._write(conn, batch)
+                waiting = pending or dirty
+                batch, segment, stop = self._next_batch(self._retry_s if waiting else None)
+                if batch and not self._commit(batch):
+                    dirty = True
                 if segment is not None:
-                    segment.unlink(missing_ok=True)  # every entry of it is committed
+                    if dirty:
+                        pending.append(segment)
+                        dirty = False
+                    else:
+                        segment.unlink(missing_ok=True)  # every entry of it is committed
+                if dirty and not stop and time.monotonic() >= self._down_until:
+                    # Time to try the database again, and the open segment holds entries it
+                    # lacks: close it now rather than wait for the next request to rotate it.
+                    closed = self._spool.rotate()
+                    if closed is not None:  # else `close()` sends it as the last marker
+                        pending.append(closed)
+                        dirty = False
+                if pending:
+                    pending = self._replay(pending)
+                self.pending_segments = len(pending)
         finally:
-            conn.close()
+            if self._sink is not None:
+                self._sink.close()
 
-    def _next_batch(self) -> tuple[list[LedgerEntry], Path | None, bool]:
-        """Block for one item, let more gather for `max_wait_s`, then take what is there, up
-        to a segment marker or the stop signal.
+    def _commit(self, entries: list[LedgerEntry]) -> bool:
+        """Write `entries`; False (and the database is left alone for `retry_s`) on failure."""
+        if time.monotonic() < self._down_until:
+            return False
+        try:
+            if self._sink is None:
+                self._sink = self._connect()
+            self._sink.write_entries(entries)
+        except Exception as exc:  # any database or network error: the spool keeps the entries
+            if self.up:
+                log.warning(
+                    "ledger database unavailable (%s); entries wait in the spool",
+                    type(exc).__name__,
+                )
+            self.up = False
+            self._down_until = time.monotonic() + self._retry_s
+            if self._sink is not None:
+                sink, self._sink = self._sink, None
+                try:
+                    sink.close()
+                except Exception:  # already broken
+                    log.debug("closing a broken ledger connection failed", exc_info=True)
+            return False
+        if not self.up:
+            log.warning("ledger database is back")
+        self.up = True
+        self.written += len(entries)
+        return True
+
+    def _replay(self, pending: list[Path]) -> list[Path]:
+        """Commit the segments' entries (oldest first); returns those still pending."""
+        for index, path in enumerate(pending):
+            entries = list(read_segment(path))
+            for start in range(0, len(entries), self._max_batch * 8):
+                if not self._commit(entries[start : start + self._max_batch * 8]):
+                    return pending[index:]
+            path.unlink(missing_ok=True)
+            self.replayed += len(entries)
+        return []
+
+    def _next_batch(self, timeout_s: float | None) -> tuple[list[LedgerEntry], Path | None, bool]:
+        """Block for one item (at most `timeout_s`), let more gather for `max_wait_s`, then
+        take what is there, up to a segment marker or the stop signal.
 
         Sleeping once and draining without timeouts costs far less per entry than a timed
         `get()` for each.
         """
         batch: list[LedgerEntry] = []
-        item = self._queue.get()
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return batch, None, False
         if item is not None and not isinstance(item, _Segment):
             batch.append(item)
             time.sleep(self._max_wait_s)
@@ -98,32 +188,18 @@ class LedgerWriter:
             return batch, None, True
         return batch, item.path, False
 
-    def _write(self, conn: sqlite3.Connection, batch: list[LedgerEntry]) -> None:
-        write_entries(conn, batch)
-        self.written += len(batch)
 
-
-def write_entries(conn: sqlite3.Connection, entries: list[LedgerEntry]) -> None:
-    """One transaction; an entry already present (same request id) is left as it is."""
-    conn.execute("BEGIN")
-    conn.executemany(
-        "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        entries,
-    )
-    conn.execute("COMMIT")
-
-
-def replay_spool(db_path: Path, spool_dir: Path) -> int:
+def replay_spool(connect: Connect, spool_dir: Path) -> int:
     """Commit what earlier processes spooled but did not commit; returns entries replayed."""
-    conn = connect(db_path)
+    sink = connect()
     replayed = 0
     try:
         for segment in segments(spool_dir):
             entries = list(read_segment(segment))
             if entries:
-                write_entries(conn, entries)
+                sink.write_entries(entries)
             replayed += len(entries)
             segment.unlink()
     finally:
-        conn.close()
+        sink.close()
     return replayed

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 
-from grifo.store.sqlite import LedgerEntry
+from grifo.store.records import LedgerEntry
 
 _decoder = msgspec.json.Decoder(LedgerEntry)
 _encoder = msgspec.json.Encoder()
 
 
 class Spool:
-    """The current segment of one process; `append` returns a segment it closed, if any."""
+    """The current segment of one process; `append` returns a segment it closed, if any.
+
+    Safe to share between the event loop (appends) and the ledger writer (which rotates when
+    it must replay the current segment)."""
 
     def __init__(
         self, directory: Path, *, rotate_entries: int = 20_000, rotate_s: float = 2.0
@@ -37,6 +41,7 @@ class Spool:
         self._fd = -1
         self._count = 0
         self._opened = 0.0
+        self._lock = threading.Lock()
         self.segment = self._open()
 
     def _open(self) -> Path:
@@ -46,22 +51,32 @@ class Spool:
         return path
 
     def append(self, entry: LedgerEntry) -> Path | None:
-        os.write(self._fd, _encoder.encode(entry) + b"\n")
-        self._count += 1
-        if self._count < self._rotate_entries and time.monotonic() - self._opened < self._rotate_s:
-            return None
-        return self.rotate()
+        line = _encoder.encode(entry) + b"\n"
+        with self._lock:
+            os.write(self._fd, line)
+            self._count += 1
+            if (
+                self._count < self._rotate_entries
+                and time.monotonic() - self._opened < self._rotate_s
+            ):
+                return None
+            return self._rotate()
 
-    def rotate(self) -> Path:
-        """Close the current segment (returned) and start a new one."""
+    def rotate(self) -> Path | None:
+        """Close the current segment (returned) and start a new one; None once closed."""
+        with self._lock:
+            return None if self._fd < 0 else self._rotate()
+
+    def _rotate(self) -> Path:
         os.close(self._fd)
         closed, self.segment = self.segment, self._open()
         return closed
 
     def close(self) -> Path:
-        os.close(self._fd)
-        self._fd = -1
-        return self.segment
+        with self._lock:
+            os.close(self._fd)
+            self._fd = -1
+            return self.segment
 
 
 def segments(directory: Path) -> list[Path]:

@@ -10,7 +10,8 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+
+from grifo.store.records import TOTAL_COLUMNS, Amount, BudgetCheck, LedgerEntry, StoredOutcome
 
 # Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
 # how many have run. Append new steps; never edit one that has shipped.
@@ -67,66 +68,6 @@ ALTER TABLE budget_usage ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
 )
 
 
-class LedgerEntry(NamedTuple):
-    """One metered request. `usage_source` is `point` (reported) or `estimated` (cut short).
-
-    A tuple in column order, so rows go to `executemany` without conversion.
-    """
-
-    request_id: str
-    ts_ms: int
-    tenant: str
-    key_id: str
-    endpoint: str
-    model: str
-    point: str
-    jurisdiction: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_micros: int
-    status: str
-    usage_source: str
-    latency_ms: float
-
-
-_TOTAL_COLUMNS = {
-    "tenant": "tenant",
-    "key": "key_id",
-    "point": "point",
-    "model": "model",
-    "jurisdiction": "jurisdiction",
-}
-
-
-class BudgetCheck(NamedTuple):
-    """One budget a request must fit in: `tenant:<name>` or `key:<id>`, for one period."""
-
-    scope: str
-    period_start_ms: int
-    limit_micros: int | None
-    strict: bool
-    limit_tokens: int | None = None
-
-
-class Amount(NamedTuple):
-    """What a request costs or may cost: micro-USD and tokens (prompt + completion)."""
-
-    micros: int
-    tokens: int
-
-
-class StoredOutcome(NamedTuple):
-    """What an idempotency key holds: a claim in progress (status None) or a finished answer."""
-
-    fingerprint: str
-    request_id: str
-    started_ms: int
-    status: int | None
-    headers: str | None
-    body: bytes | None
-    stream: int | None
-
-
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -153,6 +94,29 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(_MIGRATIONS)
 
 
+class SqliteLedger:
+    """The ledger writer's connection (see `ledger.py`)."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = connect(path)
+
+    def write_entries(self, entries: list[LedgerEntry]) -> None:
+        """One transaction; an entry already present (same request id) is left as it is."""
+        self._conn.execute("BEGIN")
+        try:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                entries,
+            )
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class StateDB:
     """Keys and ledger of one gateway, in `<state-dir>/grifo.db`."""
 
@@ -160,6 +124,10 @@ class StateDB:
         self.path = path
         self._conn = connect(path)
         self._lock = threading.Lock()
+
+    def open_ledger(self) -> SqliteLedger:
+        """A connection of its own for the ledger writer's thread."""
+        return SqliteLedger(self.path)
 
     # -- keys -------------------------------------------------------------------------------------
     def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
@@ -269,19 +237,28 @@ class StateDB:
         ).fetchone()
         if row is not None:
             return Amount(int(row[0]), int(row[1])), Amount(int(row[2]), int(row[3]))
-        column = "tenant" if check.scope.startswith("tenant:") else "key_id"
+        spent = self._ledger_spent(check.scope, check.period_start_ms)
+        self._conn.execute(
+            "INSERT INTO budget_usage (scope, period_start_ms, reserved_micros, spent_micros, "
+            "reserved_tokens, spent_tokens) VALUES (?, ?, 0, ?, 0, ?)",
+            (check.scope, check.period_start_ms, spent.micros, spent.tokens),
+        )
+        return Amount(0, 0), spent
+
+    def spent(self, scope: str, since_ms: int) -> Amount:
+        """Micro-USD and tokens a `tenant:<name>` or `key:<id>` scope spent since `since_ms`."""
+        with self._lock:
+            return self._ledger_spent(scope, since_ms)
+
+    def _ledger_spent(self, scope: str, since_ms: int) -> Amount:
+        column = "tenant" if scope.startswith("tenant:") else "key_id"
         micros, tokens = self._conn.execute(
             "SELECT COALESCE(SUM(cost_micros), 0), "  # noqa: S608 (column from a fixed pair)
             f"COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM ledger WHERE {column} = ? "
             "AND ts_ms >= ?",
-            (check.scope.split(":", 1)[1], check.period_start_ms),
+            (scope.split(":", 1)[1], since_ms),
         ).fetchone()
-        self._conn.execute(
-            "INSERT INTO budget_usage (scope, period_start_ms, reserved_micros, spent_micros, "
-            "reserved_tokens, spent_tokens) VALUES (?, ?, 0, ?, 0, ?)",
-            (check.scope, check.period_start_ms, int(micros), int(tokens)),
-        )
-        return Amount(0, 0), Amount(int(micros), int(tokens))
+        return Amount(int(micros), int(tokens))
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(
@@ -344,7 +321,7 @@ class StateDB:
 
     def totals(self, by: str, since_ms: int = 0) -> list[tuple[str, int, int, int, int]]:
         """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group."""
-        column = _TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text
+        column = TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608

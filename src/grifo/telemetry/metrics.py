@@ -60,7 +60,32 @@ class GatewayMetrics:
         self.denials = Counter(
             "grifo_jurisdiction_denials", "Requests refused: no compliant point", registry=r
         )
+        self.store_up = Gauge(
+            "grifo_store_up",
+            "1 if the store answered its last use: `ledger` (the ledger database) or "
+            "`budgets` (where reservations are counted)",
+            ["store"],
+            registry=r,
+        )
+        self.spool_backlog = Gauge(
+            "grifo_ledger_spool_backlog_segments",
+            "Spool segments holding ledger entries that wait for the database",
+            registry=r,
+        )
+        self.unchecked = Counter(
+            "grifo_budget_unchecked",
+            "Requests admitted without a budget reservation because the budget store was down "
+            "(budget_outage: fail-open)",
+            registry=r,
+        )
+        self._unchecked_seen = 0
         self._children: dict[tuple[str, ...], object] = {}
+
+    def count_unchecked(self, total: int) -> None:
+        """Bring the counter up to `total` (the budgets' own running count)."""
+        if total > self._unchecked_seen:
+            self.unchecked.inc(total - self._unchecked_seen)
+            self._unchecked_seen = total
 
     def observe(
         self, endpoint: str, point: str, status: int, latency_s: float, ttft_s: float | None

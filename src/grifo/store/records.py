@@ -1,0 +1,65 @@
+"""What the stores hold, independent of which database holds it."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class LedgerEntry(NamedTuple):
+    """One metered request. `usage_source` is `point` (reported) or `estimated` (cut short).
+
+    A tuple in column order, so rows go to `executemany` without conversion.
+    """
+
+    request_id: str
+    ts_ms: int
+    tenant: str
+    key_id: str
+    endpoint: str
+    model: str
+    point: str
+    jurisdiction: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    status: str
+    usage_source: str
+    latency_ms: float
+
+
+TOTAL_COLUMNS = {
+    "tenant": "tenant",
+    "key": "key_id",
+    "point": "point",
+    "model": "model",
+    "jurisdiction": "jurisdiction",
+}
+
+
+class BudgetCheck(NamedTuple):
+    """One budget a request must fit in: `tenant:<name>` or `key:<id>`, for one period."""
+
+    scope: str
+    period_start_ms: int
+    limit_micros: int | None
+    strict: bool
+    limit_tokens: int | None = None
+
+
+class Amount(NamedTuple):
+    """What a request costs or may cost: micro-USD and tokens (prompt + completion)."""
+
+    micros: int
+    tokens: int
+
+
+class StoredOutcome(NamedTuple):
+    """What an idempotency key holds: a claim in progress (status None) or a finished answer."""
+
+    fingerprint: str
+    request_id: str
+    started_ms: int
+    status: int | None
+    headers: str | None
+    body: bytes | None
+    stream: int | None

@@ -1,0 +1,167 @@
+"""Three gateway processes sharing PostgreSQL and Redis: one budget, one ledger, one key set.
+
+The budget race: 120 requests spread over three gateways race for a budget that holds exactly
+twelve of them (each costs what its worst case reserves: eight output tokens at 1,000 micro-USD,
+input free), so exactly twelve are served, whichever gateway they reach. Afterwards the ledger
+invariants hold: one entry per served request, no reservation left open, Redis's spending
+equals the ledger's.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from grifo.security.keys import generate_key
+from tests.support.fabric import CHAT
+from tests.support.stores import POSTGRES_URL, REDIS_URL
+
+LIMIT_MICROS = 100_000
+EACH_MICROS = 8 * 1000
+REQUESTS = 120
+
+
+def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grifo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> Iterator[tuple[list[int], tuple[str, str], str, str]]:
+    key, other = generate_key(), generate_key()
+    env = os.environ | {"GRIFO_TEST_KEY": key, "GRIFO_TEST_OTHER_KEY": other}
+    point_yaml = tmp_path / "point.yaml"
+    point_yaml.write_text(
+        "points:\n  - {name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,\n"
+        "     engine: {kind: fake, embeddings: fake, token_delay_ms: 3}}\n"
+    )
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        point, line = _start(
+            ["point", "--config", str(point_yaml), "--name", "p1", "--port", "0"], env
+        )
+        procs.append(point)
+        port = json.loads(line)["port"]
+        gateway_yaml = tmp_path / "gateway.yaml"
+        gateway_yaml.write_text(
+            f"""
+gateway:
+  health_interval_s: 0.2
+  store: {{postgres_url: "{POSTGRES_URL}", postgres_schema: {pg_schema},
+           redis_url: "{REDIS_URL}", redis_prefix: {redis_prefix}}}
+points:
+  - {{name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,
+     url: "http://127.0.0.1:{port}",
+     prices: {{default: {{input_usd_per_1m: 0, output_usd_per_1m: 1000}}}}}}
+tenants:
+  - {{name: acme, budget: {{usd: {LIMIT_MICROS / 1e6}, period: day, mode: strict}}}}
+  - {{name: other}}
+keys:
+  - {{id: acme-1, tenant: acme, env: GRIFO_TEST_KEY}}
+  - {{id: other-1, tenant: other, env: GRIFO_TEST_OTHER_KEY}}
+"""
+        )
+        ports = []
+        for n in range(3):
+            args = ["serve", "--config", str(gateway_yaml), "--port", "0"]
+            gateway, banner = _start([*args, "--state-dir", str(tmp_path / f"gw{n}")], env)
+            procs.append(gateway)
+            match = re.search(r":(\d+)/v1", banner)
+            assert match, "a gateway did not start"
+            ports.append(int(match.group(1)))
+        yield ports, (key, other), pg_schema, redis_prefix
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            assert proc.wait(30) == 0, "a process did not stop cleanly"
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _chat(port: int, key: str, idempotency_key: str | None = None) -> tuple[int, dict[str, str]]:
+    body = json.dumps(
+        {
+            "model": CHAT,
+            "messages": [{"role": "user", "content": "a b c d e f g h"}],  # echoed: 8 tokens
+            "max_tokens": 8,
+        }
+    )
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    if idempotency_key:
+        headers["idempotency-key"] = idempotency_key
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_three_gateways_share_one_budget_and_one_ledger(
+    replicas: tuple[list[int], tuple[str, str], str, str],
+) -> None:
+    ports, (key, other), schema, prefix = replicas
+    results: list[tuple[int, dict[str, str]]] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        for i in range(worker, REQUESTS, 24):
+            outcome = _chat(ports[i % 3], key)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    statuses = [status for status, _ in results]
+    assert len(statuses) == REQUESTS
+    assert set(statuses) <= {200, 429}, statuses
+    served = {h["x-request-id"] for status, h in results if status == 200}
+    billed = sum(int(h["x-grifo-cost-micros"]) for status, h in results if status == 200)
+    assert statuses.count(200) == LIMIT_MICROS // EACH_MICROS, "strict: exactly what fits"
+    assert billed == statuses.count(200) * EACH_MICROS
+
+    time.sleep(0.5)  # the gateways' ledger writers commit within milliseconds
+    with psycopg.connect(POSTGRES_URL) as conn:
+        rows = conn.execute(f"SELECT request_id, cost_micros FROM {schema}.ledger").fetchall()
+    assert len(rows) == len(served), "one entry per served request"
+    assert {r for r, _ in rows} == served
+    assert sum(c for _, c in rows) == billed
+    client_ = redis.Redis.from_url(REDIS_URL)
+    [counters_key] = list(client_.scan_iter(f"{prefix}:b:tenant:acme:*"))
+    counters = {k.decode(): int(v) for k, v in client_.hgetall(counters_key).items()}
+    client_.close()
+    assert (counters["rm"], counters["rt"]) == (0, 0), "every reservation settled"
+    assert counters["sm"] == billed, "Redis's spending equals the ledger's"
+
+    # A retried request is answered by another replica from the first answer, not re-run.
+    status, first = _chat(ports[0], other, idempotency_key="same-request")
+    again_status, again = _chat(ports[1], other, idempotency_key="same-request")
+    assert (status, again_status, again.get("idempotent-replayed")) == (200, 200, "true")
+    assert again["x-request-id"] == first["x-request-id"]
