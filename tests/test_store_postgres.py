@@ -55,7 +55,10 @@ def test_replicas_migrate_once_and_share_keys(pg_schema: str) -> None:
     try:
         a.add_key("k1", "acme", "ab" * 32)
         a.add_key("k2", "acme", "cd" * 32)
-        assert b.active_keys() == [("k1", "acme", "ab" * 32), ("k2", "acme", "cd" * 32)]
+        assert b.active_keys() == [
+            ("k1", "acme", "ab" * 32, "user"),
+            ("k2", "acme", "cd" * 32, "user"),
+        ]
         assert b.revoke_key("k1")
         assert not b.revoke_key("k1"), "already revoked"
         assert [k for k, *_ in a.active_keys()] == ["k2"]

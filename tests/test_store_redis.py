@@ -35,7 +35,10 @@ def _counters(prefix: str, check: BudgetCheck) -> dict[str, int]:
 
 def test_replicas_racing_for_the_last_cent_never_overspend(redis_prefix: str) -> None:
     async def scenario() -> None:
-        replicas = [RedisReservations(REDIS_URL, _ledger(), prefix=redis_prefix) for _ in range(3)]
+        replicas = [  # few connections each: requests beyond them wait, never fail
+            RedisReservations(REDIS_URL, _ledger(), prefix=redis_prefix, max_connections=4)
+            for _ in range(3)
+        ]
         worst = Amount(100, 10)
         results = await asyncio.gather(
             *(replicas[i % 3].reserve([STRICT], worst, f"req-{i}", hold_s=30) for i in range(100))

@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("action", choices=["create", "revoke", "list"])
     keys.add_argument("key_id", nargs="?", help="for revoke: the key id (see list)")
+    keys.add_argument(
+        "--role",
+        choices=["user", "tenant-admin", "auditor", "admin"],
+        default="user",
+        help="for create: user (inference), tenant-admin, auditor or admin (see README)",
+    )
     keys.add_argument("--tenant", help="for create: a tenant of --config")
     keys.add_argument(
         "--config",
@@ -331,7 +337,7 @@ def _keys(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{args.config}: no tenant named {args.tenant!r}")
             key = generate_key()
             key_id = f"key-{key[4:12]}"
-            db.add_key(key_id, args.tenant, hash_key(key))
+            db.add_key(key_id, args.tenant, hash_key(key), args.role)
             print(f"{key_id} {key}")
             print("the key is shown once; only its hash is kept", file=sys.stderr)
             return 0

@@ -27,7 +27,7 @@ from grifo.dispatch.health import HealthPoller
 from grifo.errors import StoreUnavailableError
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import expand, merge_blocs
-from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
+from grifo.security.keys import ROLES, KeyRing, Principal, Role, generate_key, hash_key
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
 from grifo.store.select import StateStore, open_state, redis_url
@@ -79,19 +79,20 @@ def build_keyring(
     tiers = {t.name: None if t.tier == "any" else t.tier for t in config.tenants}
     timeouts = {t.name: t.timeout_ms / 1000 if t.timeout_ms else None for t in config.tenants}
 
-    def principal(tenant: str, key_id: str) -> Principal:
-        return Principal(tenant, key_id, allowed[tenant], tiers[tenant], timeouts[tenant])
+    def principal(tenant: str, key_id: str, role: str) -> Principal:
+        known: Role = next((r for r in ROLES if r == role), "user")  # never more than stored
+        return Principal(tenant, key_id, allowed[tenant], tiers[tenant], timeouts[tenant], known)
 
     ring = KeyRing()
     for key in config.keys:
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
-        ring.add(digest, principal(key.tenant, key.id))
+        ring.add(digest, principal(key.tenant, key.id, key.role))
     demo: dict[str, str] = {}
     if config.gateway.demo_keys and create_demo:
         demo = _demo_keys(config, db, state_dir)
-    for key_id, tenant, digest in db.active_keys():
+    for key_id, tenant, digest, role in db.active_keys():
         if tenant in allowed:
-            ring.add(digest, principal(tenant, key_id))
+            ring.add(digest, principal(tenant, key_id, role))
     return ring, demo
 
 
@@ -117,7 +118,7 @@ def _demo_keys(config: GrifoConfig, db: StateStore, state_dir: Path) -> dict[str
     known: dict[str, str] = {}
     if path.exists():
         known = json.loads(path.read_text(encoding="utf-8"))
-    active = {tenant for _, tenant, _ in db.active_keys()}
+    active = {tenant for _, tenant, _, _ in db.active_keys()}
     keys: dict[str, str] = {}
     for tenant in config.tenants:
         key = known.get(tenant.name)

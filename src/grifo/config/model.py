@@ -87,6 +87,9 @@ class KeyConfig(Base, kw_only=True, frozen=True):
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
     env: str | None = None
     budget: BudgetConfig | None = None
+    role: Literal["user", "tenant-admin", "auditor", "admin"] = "user"
+    """user: inference; tenant-admin: inference and its tenant's /admin reads; auditor: its
+    tenant's /admin reads only; admin: every tenant's /admin reads."""
 
 
 class PlacementConfig(Base, kw_only=True, frozen=True):

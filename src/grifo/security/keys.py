@@ -9,10 +9,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 from grifo.errors import AuthenticationError
 
 _MAX_KEY_LEN = 256
+
+Role = Literal["user", "tenant-admin", "auditor", "admin"]
+"""user: inference only; tenant-admin: inference and its tenant's usage, budgets and keys;
+auditor: read its tenant's usage and budgets, no inference; admin: read every tenant's."""
+ROLES: tuple[Role, ...] = ("user", "tenant-admin", "auditor", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +30,11 @@ class Principal:
     allowed: frozenset[str] | None  # None: unrestricted
     tier: str | None = None  # None: any tier
     timeout_s: float | None = None  # the tenant's default deadline, if any
+    role: Role = "user"
+
+    def sees(self, tenant: str) -> bool:
+        """Whether this principal may read `tenant`'s usage, budgets and keys."""
+        return self.role == "admin" or (self.role != "user" and tenant == self.tenant)
 
 
 def generate_key() -> str:

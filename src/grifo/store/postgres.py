@@ -70,6 +70,9 @@ CREATE TABLE idempotency (
     PRIMARY KEY (tenant, key)
 );
 """,
+    """
+ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
+""",
 )
 
 _INSERT_LEDGER = (
@@ -159,11 +162,12 @@ class PostgresDB:
                 ) from None
 
     # -- keys -------------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
+    def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None:
         self._run(
             lambda c: c.execute(
-                "INSERT INTO api_keys (id, tenant, sha256, created_ms) VALUES (%s, %s, %s, %s)",
-                (key_id, tenant, sha256, _now_ms()),
+                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (key_id, tenant, sha256, _now_ms(), role),
             )
         )
 
@@ -192,13 +196,13 @@ class PostgresDB:
         )
         return [(str(a), str(b), int(c), None if d is None else int(d)) for a, b, c, d in rows]
 
-    def active_keys(self) -> list[tuple[str, str, str]]:
+    def active_keys(self) -> list[tuple[str, str, str, str]]:
         rows = self._run(
             lambda c: c.execute(
-                "SELECT id, tenant, sha256 FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
+                "SELECT id, tenant, sha256, role FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
         )
-        return [(str(a), str(b), str(c)) for a, b, c in rows]
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(
@@ -278,15 +282,19 @@ class PostgresDB:
     def spent_since(self, tenant: str, since_ms: int) -> int:
         return self.spent(f"tenant:{tenant}", since_ms).micros
 
-    def totals(self, by: str, since_ms: int = 0) -> list[tuple[str, int, int, int, int]]:
-        """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group."""
+    def totals(
+        self, by: str, since_ms: int = 0, tenant: str | None = None
+    ) -> list[tuple[str, int, int, int, int]]:
+        """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group, of
+        one tenant's requests or everyone's."""
         column = sql.Identifier(TOTAL_COLUMNS[by])
         query = sql.SQL(
             "SELECT {col}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
-            "SUM(cost_micros) FROM ledger WHERE ts_ms >= %s GROUP BY {col} "
+            "SUM(cost_micros) FROM ledger WHERE ts_ms >= %s "
+            "AND (%s::text IS NULL OR tenant = %s) GROUP BY {col} "
             "ORDER BY SUM(cost_micros) DESC, {col}"
         ).format(col=column)
-        rows = self._run(lambda c: c.execute(query, (since_ms,)).fetchall())
+        rows = self._run(lambda c: c.execute(query, (since_ms, tenant, tenant)).fetchall())
         return [(str(g), int(n), int(p), int(c), int(m)) for g, n, p, c, m in rows]
 
     def ledger(self) -> list[LedgerEntry]:

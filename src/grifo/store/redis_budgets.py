@@ -135,10 +135,17 @@ class RedisReservations:
         prefix: str = "grifo",
         timeout_s: float = 0.5,
         margin_s: float = 60.0,
+        max_connections: int = 32,
     ) -> None:
-        self._redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        # Requests beyond `max_connections` wait for a free connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
         )
+        self._redis: Any = aioredis.Redis(connection_pool=pool)
         self._spent = spent
         self._prefix = prefix
         self._margin_ms = int(margin_s * 1000)
@@ -230,4 +237,4 @@ class RedisReservations:
 
     async def close(self) -> None:
         await self.drain()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)

@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ALTER TABLE budget_usage ADD COLUMN reserved_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE budget_usage ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
 """,
+    """
+ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
+""",
 )
 
 
@@ -130,11 +133,12 @@ class StateDB:
         return SqliteLedger(self.path)
 
     # -- keys -------------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str) -> None:
+    def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None:
         with self._lock:
             self._conn.execute(
-                "INSERT INTO api_keys (id, tenant, sha256, created_ms) VALUES (?, ?, ?, ?)",
-                (key_id, tenant, sha256, int(time.time() * 1000)),
+                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key_id, tenant, sha256, int(time.time() * 1000), role),
             )
 
     def revoke_keys(self, tenant: str) -> None:
@@ -160,13 +164,13 @@ class StateDB:
             ).fetchall()
         return [(str(a), str(b), int(c), None if d is None else int(d)) for a, b, c, d in rows]
 
-    def active_keys(self) -> list[tuple[str, str, str]]:
-        """(key id, tenant, sha256) of every key not revoked."""
+    def active_keys(self) -> list[tuple[str, str, str, str]]:
+        """(key id, tenant, sha256, role) of every key not revoked."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, tenant, sha256 FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
+                "SELECT id, tenant, sha256, role FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
-        return [(str(a), str(b), str(c)) for a, b, c in rows]
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
     # -- budgets ----------------------------------------------------------------------------------
     def reset_reservations(self) -> None:
@@ -319,15 +323,18 @@ class StateDB:
             ).fetchone()
         return int(row[0])
 
-    def totals(self, by: str, since_ms: int = 0) -> list[tuple[str, int, int, int, int]]:
-        """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group."""
+    def totals(
+        self, by: str, since_ms: int = 0, tenant: str | None = None
+    ) -> list[tuple[str, int, int, int, int]]:
+        """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group, of
+        one tenant's requests or everyone's."""
         column = TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text
         with self._lock:
             rows = self._conn.execute(
                 f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
-                f"SUM(cost_micros) FROM ledger WHERE ts_ms >= ? GROUP BY {column} "
-                f"ORDER BY SUM(cost_micros) DESC, {column}",
-                (since_ms,),
+                f"SUM(cost_micros) FROM ledger WHERE ts_ms >= ? AND (? IS NULL OR tenant = ?) "
+                f"GROUP BY {column} ORDER BY SUM(cost_micros) DESC, {column}",
+                (since_ms, tenant, tenant),
             ).fetchall()
         return [(str(g), int(n), int(p), int(c), int(m)) for g, n, p, c, m in rows]
 

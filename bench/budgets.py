@@ -1,0 +1,100 @@
+"""What budgets cost the gateway: wrk at c=64 through grifo with no budget, with a strict tenant
+budget reserved in SQLite, and with the reservation in Redis, in the same run (one gateway at a
+time on CPU 1, wrk and the mock point on CPU 0), alternating 3 rounds; medians and ratios.
+
+Usage: python bench/budgets.py [--seconds 8] [--redis redis://127.0.0.1:6379/0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import redis
+from overhead import CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, ROOT, run_wrk, wait_http
+
+BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: strict}}]"
+
+
+def configs(redis_url: str, prefix: str) -> dict[str, str]:
+    budgeted = CONFIG.replace("tenants: [{name: bench}]", BUDGET)
+    store = f'store: {{redis_url: "{redis_url}", redis_prefix: {prefix}}}, '
+    return {
+        "no budget": CONFIG,
+        "budget, SQLite": budgeted,
+        "budget, Redis": budgeted.replace("gateway: {", "gateway: {" + store),
+    }
+
+
+def measure(config: str, work: Path, seconds: int) -> float:
+    (work / "bench.yaml").write_text(config)
+    gateway = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "grifo",
+            "serve",
+            "--config",
+            str(work / "bench.yaml"),
+            "--state-dir",
+            str(work / "state"),
+        ],
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "GRIFO_BENCH_KEY": KEY},
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+        url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
+        run_wrk(url, 8, 2, work / "post.lua")  # warm-up
+        result = run_wrk(url, 64, seconds, work / "post.lua")
+        assert result["non_2xx"] == 0, result
+        return result["rps"]
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
+    (work / "post.lua").write_text(LUA)
+    prefix = f"grifo-bench-{secrets.token_hex(4)}"
+    mock = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
+        stdout=subprocess.DEVNULL,
+    )
+    rates: dict[str, list[float]] = {}
+    try:
+        wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
+        for _ in range(3):
+            for name, config in configs(args.redis, prefix).items():
+                rates.setdefault(name, []).append(measure(config, work, args.seconds))
+    finally:
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=20)
+        client = redis.Redis.from_url(args.redis)
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+    base = statistics.median(rates["no budget"])
+    print(f"| gateway at c=64, {args.seconds}s x 3 rounds | req/s (median) | vs no budget |")
+    print("|---|---:|---:|")
+    for name, values in rates.items():
+        rps = statistics.median(values)
+        print(f"| {name} | {rps:,.0f} | x{rps / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
