@@ -18,8 +18,9 @@ from pathlib import Path
 
 import msgspec
 
-from grifo.admission.budgets import Budgets, BudgetStore, LocalReservations
+from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
+from grifo.admission.reservations import BudgetStore, LocalReservations
 from grifo.api.app import GatewayApp
 from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools

@@ -12,58 +12,19 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from grifo.admission.burn import Burn, SpendSource, burn_rates
+from grifo.admission.reservations import Batched, BudgetStore
 from grifo.config.model import BudgetConfig, OutagePolicy
 from grifo.errors import BudgetExceededError, StoreUnavailableError
 from grifo.metering.pricing import cost_micros
 from grifo.placement.scoring import Candidate
 from grifo.security.keys import Principal
-from grifo.store.records import Amount, BudgetCheck
-from grifo.store.sqlite import StateDB
+from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.wire import requests as wire
 
 _TEMPLATE_TOKENS = 64  # chat template and default system prompt
 _PER_MESSAGE_TOKENS = 8
-
-
-class BudgetStore(Protocol):
-    """Where reservations are counted: the state database (one host) or Redis (replicas)."""
-
-    async def reserve(
-        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
-    ) -> BudgetCheck | None: ...
-
-    def settle(
-        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
-    ) -> None: ...
-
-    @property
-    def up(self) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-class LocalReservations:
-    """Reservations in the SQLite state database, shared by the workers of one host."""
-
-    def __init__(self, db: StateDB) -> None:
-        self._db = db
-        self.up = True
-
-    async def reserve(
-        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
-    ) -> BudgetCheck | None:
-        return self._db.reserve(checks, worst)
-
-    def settle(
-        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
-    ) -> None:
-        self._db.settle(checks, reserved, actual)
-
-    async def close(self) -> None:
-        pass  # the state database is closed by its owner
 
 
 @dataclass(slots=True)
@@ -88,7 +49,7 @@ class Budgets:
         request_timeout_s: float,
         on_outage: OutagePolicy = "auto",
     ) -> None:
-        self._store = store
+        self._store = Batched(store)
         self._spend = spend
         self._tenants = tenants
         self._keys = keys
@@ -122,7 +83,7 @@ class Budgets:
         worst = self.worst_case(body, candidates, timeout_s)
         hold_s = self._timeout_ns / 1e9 if timeout_s is None else timeout_s
         try:
-            refused = await self._store.reserve(active, worst, request_id, hold_s)
+            refused = await self._store.reserve(Ask(active, worst, request_id, hold_s))
         except StoreUnavailableError:
             closed = self._on_outage == "fail-closed" or (
                 self._on_outage == "auto" and any(c.strict for c in active)
@@ -144,7 +105,7 @@ class Budgets:
         if reservation.open:
             reservation.open = False
             self._store.settle(
-                reservation.checks, reservation.request_id, reservation.worst, actual
+                Settlement(reservation.checks, reservation.request_id, reservation.worst, actual)
             )
 
     def release(self, reservation: Reservation) -> None:
@@ -152,10 +113,11 @@ class Budgets:
 
     @property
     def store_up(self) -> bool:
-        return self._store.up
+        return self._store.store.up
 
     async def close(self) -> None:
-        await self._store.close()
+        self._store.flush()
+        await self._store.store.close()
 
     def worst_case(
         self,

@@ -63,3 +63,21 @@ class StoredOutcome(NamedTuple):
     headers: str | None
     body: bytes | None
     stream: int | None
+
+
+class Ask(NamedTuple):
+    """A reservation wanted: `worst` in every one of `checks`, held at most `hold_s`."""
+
+    checks: list[BudgetCheck]
+    worst: Amount
+    request_id: str
+    hold_s: float
+
+
+class Settlement(NamedTuple):
+    """A reservation done with: `reserved` is given back, `actual` is spent."""
+
+    checks: list[BudgetCheck]
+    request_id: str
+    reserved: Amount
+    actual: Amount

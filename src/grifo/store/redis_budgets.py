@@ -19,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from grifo.errors import StoreUnavailableError
-from grifo.store.records import Amount, BudgetCheck
+from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 
 log = logging.getLogger("grifo.redis")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 _KEEP_S = 40 * 24 * 3600  # counters outlive the longest period (a month)
+_encode = msgspec.json.Encoder().encode
 
 # Amounts travel as decimal strings and are added by HINCRBY, never through Lua's doubles
 # (which would print large ones in exponent form); comparisons in doubles are exact below 2^53.
@@ -43,60 +45,83 @@ local function give_back(b, held)
 end
 """
 
+# One call decides a batch of asks in order. KEYS: the (b, r, a) keys of every scope in the
+# batch; ARGV: now (ms), counter lifetime (s), then the asks as JSON: request id `id`, expiry
+# `e`, worst case `m`/`t` (strings), checks `c` = [scope index, micro-USD limit, token limit,
+# strict] (-1: no limit). Per ask: 0 reserved, j refused by its check j, -j check j has no
+# counters yet: the answer stops there, to be asked again from that ask once they are counted
+# from the ledger, so asks are always decided in order.
 _RESERVE = (
     _GIVE_BACK
     + """
-local now, expires, rid = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local wm, wt = tonumber(ARGV[4]), tonumber(ARGV[5])
-local n = #KEYS / 3
-for i = 0, n - 1 do
-  local b, r, a = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  if redis.call('EXISTS', b) == 0 then return -(i + 1) end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', r, '-inf', now)) do
-    local held = redis.call('HGET', a, id)
-    if held then
-      give_back(b, held)
-      redis.call('HDEL', a, id)
+local now, keep = tonumber(ARGV[1]), ARGV[2]
+local swept, out = {}, {}
+for n, ask in ipairs(cjson.decode(ARGV[3])) do
+  local result = 0
+  for j, c in ipairs(ask.c) do
+    local s = c[1] * 3
+    local b = KEYS[s + 1]
+    if redis.call('EXISTS', b) == 0 then
+      out[n] = -j
+      return out
     end
-    redis.call('ZREM', r, id)
+    if not swept[s] then
+      swept[s] = true
+      local r, a = KEYS[s + 2], KEYS[s + 3]
+      for _, id in ipairs(redis.call('ZRANGEBYSCORE', r, '-inf', now)) do
+        local held = redis.call('HGET', a, id)
+        if held then give_back(b, held); redis.call('HDEL', a, id) end
+        redis.call('ZREM', r, id)
+      end
+    end
   end
+  if result == 0 then
+    local wm, wt = tonumber(ask.m), tonumber(ask.t)
+    for j, c in ipairs(ask.c) do
+      local v = redis.call('HMGET', KEYS[c[1] * 3 + 1], 'rm', 'rt', 'sm', 'st')
+      local cm = tonumber(v[1] or 0) + tonumber(v[3] or 0)
+      local ct = tonumber(v[2] or 0) + tonumber(v[4] or 0)
+      local strict = c[4] == 1
+      if (c[2] >= 0 and cm + (strict and wm or 1) > c[2])
+          or (c[3] >= 0 and ct + (strict and wt or 1) > c[3]) then
+        result = j
+        break
+      end
+    end
+  end
+  if result == 0 then
+    for _, c in ipairs(ask.c) do
+      local s = c[1] * 3
+      redis.call('HINCRBY', KEYS[s + 1], 'rm', ask.m)
+      redis.call('HINCRBY', KEYS[s + 1], 'rt', ask.t)
+      redis.call('ZADD', KEYS[s + 2], ask.e, ask.id)
+      redis.call('HSET', KEYS[s + 3], ask.id, ask.m .. ' ' .. ask.t)
+      redis.call('EXPIRE', KEYS[s + 2], keep)
+      redis.call('EXPIRE', KEYS[s + 3], keep)
+    end
+  end
+  out[n] = result
 end
-for i = 0, n - 1 do
-  local v = redis.call('HMGET', KEYS[3 * i + 1], 'rm', 'rt', 'sm', 'st')
-  local lm, lt = tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
-  local strict = ARGV[8 + 3 * i] == '1'
-  local cm = tonumber(v[1] or 0) + tonumber(v[3] or 0)
-  local ct = tonumber(v[2] or 0) + tonumber(v[4] or 0)
-  if lm >= 0 and cm + (strict and wm or 1) > lm then return i + 1 end
-  if lt >= 0 and ct + (strict and wt or 1) > lt then return i + 1 end
-end
-for i = 0, n - 1 do
-  local b, r, a = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  redis.call('HINCRBY', b, 'rm', ARGV[4])
-  redis.call('HINCRBY', b, 'rt', ARGV[5])
-  redis.call('ZADD', r, expires, rid)
-  redis.call('HSET', a, rid, ARGV[4] .. ' ' .. ARGV[5])
-  redis.call('EXPIRE', r, ARGV[#ARGV])
-  redis.call('EXPIRE', a, ARGV[#ARGV])
-end
-return 0
+return out
 """
 )
 
+# ARGV[1]: settlements as JSON: request id `id`, spent `m`/`t` (strings), scope indices `s`.
 _SETTLE = (
     _GIVE_BACK
     + """
-local rid = ARGV[1]
-for i = 0, #KEYS / 3 - 1 do
-  local b, r, a = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  if redis.call('EXISTS', b) == 1 then
-    if redis.call('ZREM', r, rid) == 1 then
-      local held = redis.call('HGET', a, rid)
-      if held then give_back(b, held) end
-      redis.call('HDEL', a, rid)
+for _, x in ipairs(cjson.decode(ARGV[1])) do
+  for _, i in ipairs(x.s) do
+    local b, r, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+    if redis.call('EXISTS', b) == 1 then
+      if redis.call('ZREM', r, x.id) == 1 then
+        local held = redis.call('HGET', a, x.id)
+        if held then give_back(b, held) end
+        redis.call('HDEL', a, x.id)
+      end
+      redis.call('HINCRBY', b, 'sm', x.m)
+      redis.call('HINCRBY', b, 'st', x.t)
     end
-    redis.call('HINCRBY', b, 'sm', ARGV[2])
-    redis.call('HINCRBY', b, 'st', ARGV[3])
   end
 end
 return 0
@@ -160,35 +185,57 @@ class RedisReservations:
         tail = f"{check.scope}:{check.period_start_ms}"
         return [f"{self._prefix}:{part}:{tail}" for part in ("b", "r", "a")]
 
-    async def reserve(
-        self, checks: list[BudgetCheck], worst: Amount, request_id: str, hold_s: float
-    ) -> BudgetCheck | None:
-        """Reserve `worst` in every scope, or nothing: returns the first check that refused.
-        Raises `StoreUnavailableError` when Redis does not answer."""
-        keys = [k for check in checks for k in self._keys(check)]
-        now_ms = int(time.time() * 1000)
-        args: list[int | str] = [
-            now_ms,
-            now_ms + int(hold_s * 1000) + self._margin_ms,
-            request_id,
-            worst.micros,
-            worst.tokens,
-        ]
+    def _scopes(
+        self, checks: Iterable[BudgetCheck]
+    ) -> tuple[dict[tuple[str, int], int], list[str]]:
+        """Each distinct scope's index, and the keys of all of them in that order."""
+        index: dict[tuple[str, int], int] = {}
+        keys: list[str] = []
         for check in checks:
-            args += [
-                -1 if check.limit_micros is None else check.limit_micros,
-                -1 if check.limit_tokens is None else check.limit_tokens,
-                int(check.strict),
-            ]
-        args.append(_KEEP_S)
+            if (check.scope, check.period_start_ms) not in index:
+                index[check.scope, check.period_start_ms] = len(index)
+                keys += self._keys(check)
+        return index, keys
+
+    async def reserve_many(self, asks: list[Ask]) -> list[BudgetCheck | None]:
+        """Each ask's worst case in every one of its scopes, or nothing, in order; per ask the
+        check that refused it or None. Raises `StoreUnavailableError` when Redis is away."""
+        index, keys = self._scopes(c for ask in asks for c in ask.checks)
+        now_ms = int(time.time() * 1000)
+        payload = [
+            {
+                "id": ask.request_id,
+                "e": str(now_ms + int(ask.hold_s * 1000) + self._margin_ms),
+                "m": str(ask.worst.micros),
+                "t": str(ask.worst.tokens),
+                "c": [
+                    [
+                        index[c.scope, c.period_start_ms],
+                        -1 if c.limit_micros is None else c.limit_micros,
+                        -1 if c.limit_tokens is None else c.limit_tokens,
+                        int(c.strict),
+                    ]
+                    for c in ask.checks
+                ],
+            }
+            for ask in asks
+        ]
+        results: list[BudgetCheck | None] = [None] * len(asks)
+        waiting = list(range(len(asks)))
         try:
             await self._forget_stale()
-            for _ in range(len(checks) + 1):
-                result = int(await self._reserve(keys=keys, args=args))
-                if result >= 0:
+            for _ in range(2 * len(index) + 1):  # each scope is counted at most once or twice
+                batch = _encode([payload[i] for i in waiting])
+                raw = await self._reserve(keys=keys, args=[now_ms, _KEEP_S, batch])
+                answers = [int(a) for a in raw]
+                for i, answer in zip(waiting, answers, strict=False):
+                    results[i] = None if answer <= 0 else asks[i].checks[answer - 1]
+                if answers[-1] >= 0:
                     self._mark(up=True)
-                    return None if result == 0 else checks[result - 1]
-                await self._count(checks[-result - 1])
+                    return results
+                stopped = waiting[len(answers) - 1]
+                await self._count(asks[stopped].checks[-answers[-1] - 1])
+                waiting = waiting[len(answers) - 1 :]
         except _UNAVAILABLE as exc:
             self._mark(up=False, reason=exc)
             raise StoreUnavailableError("the budget store is unavailable; retry shortly") from None
@@ -205,23 +252,30 @@ class RedisReservations:
             stale, self._stale = self._stale, set()
             await self._redis.delete(*stale)
 
-    def settle(
-        self, checks: list[BudgetCheck], request_id: str, reserved: Amount, actual: Amount
-    ) -> None:
-        """Give back the reservation and count what was spent (in the background)."""
-        del reserved  # Redis knows what each reservation holds
-        task = asyncio.get_running_loop().create_task(self._settle_now(checks, request_id, actual))
+    def settle_many(self, settlements: list[Settlement]) -> None:
+        """Give back the reservations and count what was spent (in the background; Redis
+        knows what each reservation holds)."""
+        task = asyncio.get_running_loop().create_task(self._settle_now(settlements))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _settle_now(self, checks: list[BudgetCheck], request_id: str, actual: Amount) -> None:
-        keys = [k for check in checks for k in self._keys(check)]
+    async def _settle_now(self, settlements: list[Settlement]) -> None:
+        index, keys = self._scopes(c for s in settlements for c in s.checks)
+        payload = [
+            {
+                "id": s.request_id,
+                "m": str(s.actual.micros),
+                "t": str(s.actual.tokens),
+                "s": [index[c.scope, c.period_start_ms] for c in s.checks],
+            }
+            for s in settlements
+        ]
         try:
-            await self._settle(keys=keys, args=[request_id, actual.micros, actual.tokens])
+            await self._settle(keys=keys, args=[_encode(payload)])
         except _UNAVAILABLE as exc:
             self._mark(up=False, reason=exc)
-            # The ledger has the entry; the counters are rebuilt from it once Redis is back.
-            self._stale.update(self._keys(check)[0] for check in checks)
+            # The ledger has the entries; the counters are rebuilt from it once Redis is back.
+            self._stale.update(keys[3 * i] for i in index.values())
 
     def _mark(self, *, up: bool, reason: BaseException | None = None) -> None:
         if up != self.up:

@@ -182,24 +182,34 @@ class StateDB:
     def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None:
         """Atomically reserve `worst` (micro-USD and tokens) in every scope, or nothing:
         returns the first check that refused."""
+        return self.reserve_many([(checks, worst)])[0]
+
+    def reserve_many(
+        self, asks: list[tuple[list[BudgetCheck], Amount]]
+    ) -> list[BudgetCheck | None]:
+        """`reserve` for each ask in order, all in one transaction."""
+        results: list[BudgetCheck | None] = []
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                refused = next((c for c in checks if not self._fits(c, worst)), None)
-                if refused is not None:
-                    self._conn.execute("ROLLBACK")
-                    return refused
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = reserved_micros + ?, "
-                    "reserved_tokens = reserved_tokens + ? "
-                    "WHERE scope = ? AND period_start_ms = ?",
-                    [(worst.micros, worst.tokens, c.scope, c.period_start_ms) for c in checks],
-                )
+                for checks, worst in asks:
+                    refused = next((c for c in checks if not self._fits(c, worst)), None)
+                    if refused is None:
+                        self._conn.executemany(
+                            "UPDATE budget_usage SET reserved_micros = reserved_micros + ?, "
+                            "reserved_tokens = reserved_tokens + ? "
+                            "WHERE scope = ? AND period_start_ms = ?",
+                            [
+                                (worst.micros, worst.tokens, c.scope, c.period_start_ms)
+                                for c in checks
+                            ],
+                        )
+                    results.append(refused)
                 self._conn.execute("COMMIT")
-                return None
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+        return results
 
     def _fits(self, check: BudgetCheck, worst: Amount) -> bool:
         """strict: committed + worst within the limit; soft: committed still under it."""
@@ -213,23 +223,28 @@ class StateDB:
         return True
 
     def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
+        self.settle_many([(checks, reserved, actual)])
+
+    def settle_many(self, items: list[tuple[list[BudgetCheck], Amount, Amount]]) -> None:
+        """Give back each reservation and count what was spent, in one transaction."""
+        rows = [
+            (r.micros, a.micros, r.tokens, a.tokens, c.scope, c.period_start_ms)
+            for checks, r, a in items
+            for c in checks
+        ]
         with self._lock:
-            self._conn.executemany(
-                "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
-                "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
-                "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
-                [
-                    (
-                        reserved.micros,
-                        actual.micros,
-                        reserved.tokens,
-                        actual.tokens,
-                        c.scope,
-                        c.period_start_ms,
-                    )
-                    for c in checks
-                ],
-            )
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
+                    "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
+                    "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
+                    rows,
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def _usage(self, check: BudgetCheck) -> tuple[Amount, Amount]:
         """(reserved, spent) in a scope's period; spent is counted from the ledger the first
