@@ -21,6 +21,7 @@ import msgspec
 from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
 from grifo.admission.reservations import BudgetStore, LocalReservations
+from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
 from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
@@ -182,10 +183,16 @@ async def start(
         refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S)
     )
     server = HttpServer(
-        GatewayApp(gateway).handle, ServerLimits(max_body_bytes=config.gateway.max_body_bytes)
+        GatewayApp(gateway, admin_api(config, keys, db)).handle,
+        ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
     return Running(gateway, server, poller, db, bound, local, demo, refresher)
+
+
+def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
+    tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
+    return AdminApi(keys, db, tenant_budgets)
 
 
 def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:

@@ -28,6 +28,7 @@ from grifo.errors import (
     DeadlineExceededError,
     GrifoError,
     NoCompliantPointError,
+    PermissionDeniedError,
     PointTimeoutError,
     StoreUnavailableError,
 )
@@ -105,6 +106,11 @@ class Gateway:
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
+        if principal.role in ("auditor", "admin"):
+            raise PermissionDeniedError(
+                f"a key with role {principal.role} reads the admin API; inference needs a user "
+                "or tenant-admin key"
+            )
         body = wire.decode_for(request.path, request.body)
         raw_key = request.headers.get(IDEMPOTENCY_HEADER)
         if raw_key is None or self.idempotency is None:

@@ -10,6 +10,8 @@ import itertools
 import logging
 import uuid
 
+from grifo.api.admin import ROUTES as ADMIN_ROUTES
+from grifo.api.admin import AdminApi
 from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
@@ -31,8 +33,9 @@ _GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
 
 
 class GatewayApp:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, admin: AdminApi | None = None) -> None:
         self.gateway = gateway
+        self.admin = admin
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         request_id = new_request_id()
@@ -60,6 +63,10 @@ class GatewayApp:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
             return self._get(request)
+        if path in ADMIN_ROUTES and self.admin is not None:
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowedError(f"{path} accepts GET only")
+            return await self.admin.handle(request)
         raise NotFoundError(f"no route {request.method} {path}")
 
     def _get(self, request: Request) -> Response:

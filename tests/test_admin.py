@@ -1,0 +1,130 @@
+"""`/admin/...` with roles: admins see every tenant, tenant admins and auditors their own only."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from grifo.security.keys import generate_key
+from tests.support.fabric import CHAT, Fabric, topology_yaml
+
+ROLES = {"root": "admin", "eu-admin": "tenant-admin", "eu-audit": "auditor"}
+OWNERS = {"root": "demo-global", "eu-admin": "demo-eu", "eu-audit": "demo-eu"}
+
+
+@pytest.fixture(scope="module")
+def admin_fabric(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Fabric, dict[str, str]]]:
+    secrets = {name: generate_key() for name in ROLES}
+    os.environ.update(
+        {f"GRIFO_TEST_{name.upper().replace('-', '_')}": k for name, k in secrets.items()}
+    )
+    keys = "\n".join(
+        f"  - {{id: {name}, tenant: {OWNERS[name]}, role: {role}, "
+        f"env: GRIFO_TEST_{name.upper().replace('-', '_')}}}"
+        for name, role in ROLES.items()
+    )
+    text = topology_yaml().replace(
+        "{name: demo-eu, allowed_jurisdictions: [EU]}",
+        "{name: demo-eu, allowed_jurisdictions: [EU], budget: {usd: 5.0, period: month}}",
+    )
+    fab = Fabric.from_yaml(f"{text}keys:\n{keys}\n", tmp_path_factory.mktemp("admin"))
+    served = []
+    for tenant, n in (("demo-eu", 3), ("demo-global", 2)):
+        client = fab.client(tenant)
+        for _ in range(n):
+            raw = client.chat.completions.with_raw_response.create(
+                model=CHAT, messages=[{"role": "user", "content": "count me"}]
+            )
+            served.append(raw.headers["x-request-id"])
+    fab.ledger(*served)  # written
+    yield fab, secrets
+    fab.close()
+
+
+def get(fab: Fabric, path: str, key: str, method: str = "GET") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"{fab.url}{path}", headers={"authorization": f"Bearer {key}"}, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_an_admin_sees_every_tenant(admin_fabric: tuple[Fabric, dict[str, str]]) -> None:
+    fab, keys = admin_fabric
+    status, body = get(fab, "/admin/usage?by=tenant&period=all", keys["root"])
+    assert status == 200
+    counts = {row["tenant"]: row["requests"] for row in body["data"]}
+    assert counts == {"demo-eu": 3, "demo-global": 2}
+    status, body = get(fab, "/admin/usage?by=point&tenant=demo-global", keys["root"])
+    assert status == 200
+    assert sum(row["requests"] for row in body["data"]) == 2
+    assert all(row["cost_micros"] > 0 for row in body["data"])
+
+
+@pytest.mark.parametrize("who", ["eu-admin", "eu-audit"])
+def test_a_tenant_role_sees_its_own_tenant_only(
+    admin_fabric: tuple[Fabric, dict[str, str]], who: str
+) -> None:
+    fab, keys = admin_fabric
+    status, body = get(fab, "/admin/usage?period=all", keys[who])
+    assert (status, [row["tenant"] for row in body["data"]]) == (200, ["demo-eu"])
+    status, body = get(fab, "/admin/usage?tenant=demo-global", keys[who])
+    assert (status, body["error"]["code"]) == (404, "not_found"), "another tenant does not exist"
+    status, body = get(fab, "/admin/keys", keys[who])
+    assert status == 200
+    assert body["data"]
+    assert {k["tenant"] for k in body["data"]} == {"demo-eu"}
+    status, body = get(fab, "/admin/budgets", keys[who])
+    assert status == 200
+    [burn] = body["data"]
+    assert (burn["tenant"], burn["limit_micros"]) == ("demo-eu", 5_000_000)
+    assert burn["spent_micros"] > 0
+
+
+def test_roles_keep_to_their_side(admin_fabric: tuple[Fabric, dict[str, str]]) -> None:
+    fab, keys = admin_fabric
+    status, body = get(fab, "/admin/usage", fab.keys["demo-eu"])
+    assert (status, body["error"]["code"]) == (403, "permission_denied")
+    auditor = openai.OpenAI(base_url=f"{fab.url}/v1", api_key=keys["eu-audit"], max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError, match="admin API"):
+        auditor.chat.completions.create(
+            model=CHAT, messages=[{"role": "user", "content": "may I?"}]
+        )
+    auditor.close()
+    status, body = get(fab, "/admin/keys", "grf-00000000-not-a-key")
+    assert status == 401
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/admin/usage?by=nope", "by"),
+        ("/admin/usage?period=year", "period"),
+        ("/admin/usage?tenant=a&tenant=b", None),
+        ("/admin/keys?secret=1", "secret"),
+    ],
+)
+def test_bad_queries_are_named(
+    admin_fabric: tuple[Fabric, dict[str, str]], path: str, param: str | None
+) -> None:
+    fab, keys = admin_fabric
+    status, body = get(fab, path, keys["root"])
+    assert (status, body["error"]["param"]) == (400, param)
+
+
+def test_admin_routes_are_read_only(admin_fabric: tuple[Fabric, dict[str, str]]) -> None:
+    fab, keys = admin_fabric
+    status, _ = get(fab, "/admin/keys", keys["root"], method="POST")
+    assert status == 405
