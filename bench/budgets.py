@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import redis
-from overhead import CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, ROOT, run_wrk, wait_http
+from overhead import CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, ROOT, cpu_s, run_wrk, wait_http
 
 BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: strict}}]"
 
@@ -33,7 +33,8 @@ def configs(redis_url: str, prefix: str) -> dict[str, str]:
     }
 
 
-def measure(config: str, work: Path, seconds: int) -> float:
+def measure(config: str, work: Path, seconds: int) -> tuple[float, float]:
+    """(req/s, gateway CPU ms per request) at c=64."""
     (work / "bench.yaml").write_text(config)
     gateway = subprocess.Popen(
         [
@@ -56,9 +57,11 @@ def measure(config: str, work: Path, seconds: int) -> float:
         wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
         url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
         run_wrk(url, 8, 2, work / "post.lua")  # warm-up
+        before = cpu_s(gateway.pid)
         result = run_wrk(url, 64, seconds, work / "post.lua")
+        spent = cpu_s(gateway.pid) - before
         assert result["non_2xx"] == 0, result
-        return result["rps"]
+        return result["rps"], 1000 * spent / (result["rps"] * seconds)
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=20)
@@ -76,7 +79,7 @@ def main() -> None:
         ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
         stdout=subprocess.DEVNULL,
     )
-    rates: dict[str, list[float]] = {}
+    rates: dict[str, list[tuple[float, float]]] = {}
     try:
         wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
         for _ in range(3):
@@ -88,12 +91,17 @@ def main() -> None:
         client = redis.Redis.from_url(args.redis)
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
-    base = statistics.median(rates["no budget"])
-    print(f"| gateway at c=64, {args.seconds}s x 3 rounds | req/s (median) | vs no budget |")
-    print("|---|---:|---:|")
+    base = statistics.median(r for r, _ in rates["no budget"])
+    base_cpu = statistics.median(c for _, c in rates["no budget"])
+    print(
+        f"| gateway at c=64, {args.seconds}s x 3 rounds | req/s (median) | vs no budget "
+        "| gateway CPU ms/request | vs no budget |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name, values in rates.items():
-        rps = statistics.median(values)
-        print(f"| {name} | {rps:,.0f} | x{rps / base:.2f} |")
+        rps = statistics.median(r for r, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        print(f"| {name} | {rps:,.0f} | x{rps / base:.2f} | {cpu:.3f} | x{cpu / base_cpu:.2f} |")
 
 
 if __name__ == "__main__":

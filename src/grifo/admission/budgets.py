@@ -10,6 +10,7 @@ tenant's and a key's budget are taken together, atomically, in the shared state 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -161,9 +162,15 @@ def _prompt_bound(body: wire.InferenceRequest) -> int:
 def _check(scope: str, budget: BudgetConfig | None, now: dt.datetime) -> BudgetCheck | None:
     if budget is None:
         return None
-    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if budget.period == "month":
-        start = start.replace(day=1)
+    return _check_on(scope, budget, now.date())
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_on(scope: str, budget: BudgetConfig, day: dt.date) -> BudgetCheck:
+    """The check for `scope` on a UTC `day` (the same all day long: computed once)."""
+    start = dt.datetime(
+        day.year, day.month, 1 if budget.period == "month" else day.day, tzinfo=dt.UTC
+    )
     limit = None if budget.usd is None else round(budget.usd * 1_000_000)
     strict = budget.mode == "strict"
     return BudgetCheck(scope, int(start.timestamp() * 1000), limit, strict, budget.tokens)

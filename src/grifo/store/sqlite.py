@@ -187,51 +187,61 @@ class StateDB:
     def reserve_many(
         self, asks: list[tuple[list[BudgetCheck], Amount]]
     ) -> list[BudgetCheck | None]:
-        """`reserve` for each ask in order, all in one transaction."""
+        """`reserve` for each ask in order, all in one transaction: each scope's row is read
+        once, the asks are decided against running totals, and each scope written once."""
         results: list[BudgetCheck | None] = []
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
                 for checks, worst in asks:
-                    refused = next((c for c in checks if not self._fits(c, worst)), None)
+                    rows = [self._row(usage, c) for c in checks]
+                    refused = next(
+                        (
+                            c
+                            for c, row in zip(checks, rows, strict=True)
+                            if not _fits(c, row, worst)
+                        ),
+                        None,
+                    )
                     if refused is None:
-                        self._conn.executemany(
-                            "UPDATE budget_usage SET reserved_micros = reserved_micros + ?, "
-                            "reserved_tokens = reserved_tokens + ? "
-                            "WHERE scope = ? AND period_start_ms = ?",
-                            [
-                                (worst.micros, worst.tokens, c.scope, c.period_start_ms)
-                                for c in checks
-                            ],
-                        )
+                        for row in rows:
+                            row[0] += worst.micros
+                            row[1] += worst.tokens
                     results.append(refused)
+                self._conn.executemany(
+                    "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ? "
+                    "WHERE scope = ? AND period_start_ms = ?",
+                    [(row[0], row[1], *key) for key, row in usage.items()],
+                )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
         return results
 
-    def _fits(self, check: BudgetCheck, worst: Amount) -> bool:
-        """strict: committed + worst within the limit; soft: committed still under it."""
-        reserved, spent = self._usage(check)
-        for limit, committed, need in (
-            (check.limit_micros, reserved.micros + spent.micros, worst.micros),
-            (check.limit_tokens, reserved.tokens + spent.tokens, worst.tokens),
-        ):
-            if limit is not None and committed + (need if check.strict else 1) > limit:
-                return False
-        return True
+    def _row(self, usage: dict[tuple[str, int], list[int]], check: BudgetCheck) -> list[int]:
+        key = (check.scope, check.period_start_ms)
+        row = usage.get(key)
+        if row is None:
+            reserved, spent = self._usage(check)
+            row = usage[key] = [reserved.micros, reserved.tokens, spent.micros, spent.tokens]
+        return row
 
     def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
         self.settle_many([(checks, reserved, actual)])
 
     def settle_many(self, items: list[tuple[list[BudgetCheck], Amount, Amount]]) -> None:
         """Give back each reservation and count what was spent, in one transaction."""
-        rows = [
-            (r.micros, a.micros, r.tokens, a.tokens, c.scope, c.period_start_ms)
-            for checks, r, a in items
-            for c in checks
-        ]
+        deltas: dict[tuple[str, int], list[int]] = {}
+        for checks, r, a in items:
+            for c in checks:
+                d = deltas.setdefault((c.scope, c.period_start_ms), [0, 0, 0, 0])
+                d[0] += r.micros
+                d[1] += a.micros
+                d[2] += r.tokens
+                d[3] += a.tokens
+        rows = [(*d, *key) for key, d in deltas.items()]
         with self._lock:
             self._conn.execute("BEGIN")
             try:
@@ -361,3 +371,15 @@ class StateDB:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:
+    """strict: committed + worst within the limit; soft: committed still under it.
+    `row`: reserved micros, reserved tokens, spent micros, spent tokens."""
+    for limit, committed, need in (
+        (check.limit_micros, row[0] + row[2], worst.micros),
+        (check.limit_tokens, row[1] + row[3], worst.tokens),
+    ):
+        if limit is not None and committed + (need if check.strict else 1) > limit:
+            return False
+    return True
