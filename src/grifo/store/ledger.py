@@ -1,4 +1,5 @@
-"""The ledger's write path: a batching writer thread behind the durable spool, and replay.
+"""The write path of the ledger (and of the audit log): a batching writer thread behind the
+durable spool, and replay.
 
 Entries are appended to the spool and queued from the event loop; one thread commits them in
 batches (one transaction per batch), so the hot path never waits on the database, and deletes
@@ -16,23 +17,26 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from grifo.store.records import LedgerEntry
 from grifo.store.spool import Spool, read_segment, segments
 
 log = logging.getLogger("grifo.ledger")
+R = TypeVar("R")
+R_in = TypeVar("R_in")
 
 
-class LedgerSink(Protocol):
-    """A database connection that commits ledger entries; an entry already present (same
-    request id) is left as it is, so replays are harmless."""
+class RecordSink(Protocol[R_in]):
+    """A database connection that commits records; a record already present (same key) is
+    left as it is, so replays are harmless."""
 
-    def write_entries(self, entries: list[LedgerEntry]) -> None: ...
+    def write_entries(self, entries: list[R_in]) -> None: ...
 
     def close(self) -> None: ...
 
 
+LedgerSink = RecordSink[LedgerEntry]
 Connect = Callable[[], LedgerSink]
 
 
@@ -42,18 +46,20 @@ class _Segment(NamedTuple):
     path: Path
 
 
-class LedgerWriter:
-    """Batches ledger entries into the database from a dedicated thread, behind a durable spool.
+class RecordWriter(Generic[R]):
+    """Batches records into the database from a dedicated thread, behind a durable spool.
 
-    `record` appends the entry to the spool (a crash after that loses nothing) and queues it;
-    the thread commits batches and deletes spool segments whose entries are all committed.
+    `record` appends the record to the spool (a crash after that loses nothing) and queues it;
+    the thread commits batches and deletes spool segments whose records are all committed.
     `up` says whether the last write reached the database.
     """
 
     def __init__(
         self,
-        connect: Connect,
+        connect: Callable[[], RecordSink[R]],
         spool_dir: Path,
+        record_type: type[R],
+        kind: str,
         *,
         max_batch: int = 256,
         max_wait_s: float = 0.005,
@@ -62,13 +68,14 @@ class LedgerWriter:
         backlog: Sequence[Path] = (),
     ) -> None:
         self._connect = connect
+        self._type = record_type
         self._backlog = list(backlog)  # segments left by an earlier run: replayed first
-        self._spool = Spool(spool_dir, rotate_s=rotate_s)
-        self._queue: queue.SimpleQueue[LedgerEntry | _Segment | None] = queue.SimpleQueue()
+        self._spool: Spool[R] = Spool(spool_dir, kind, rotate_s=rotate_s)
+        self._queue: queue.SimpleQueue[R | _Segment | None] = queue.SimpleQueue()
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._retry_s = retry_s
-        self._sink: LedgerSink | None = None
+        self._sink: RecordSink[R] | None = None
         self._down_until = 0.0
         self.written = 0
         self.replayed = 0  # entries committed from spool segments rather than from the queue
@@ -77,7 +84,7 @@ class LedgerWriter:
         self._thread = threading.Thread(target=self._run, name="grifo-ledger", daemon=True)
         self._thread.start()
 
-    def record(self, entry: LedgerEntry) -> None:
+    def record(self, entry: R) -> None:
         closed = self._spool.append(entry)
         self._queue.put(entry)
         if closed is not None:
@@ -119,7 +126,7 @@ class LedgerWriter:
             if self._sink is not None:
                 self._sink.close()
 
-    def _commit(self, entries: list[LedgerEntry]) -> bool:
+    def _commit(self, entries: list[R]) -> bool:
         """Write `entries`; False (and the database is left alone for `retry_s`) on failure."""
         if time.monotonic() < self._down_until:
             return False
@@ -151,7 +158,7 @@ class LedgerWriter:
     def _replay(self, pending: list[Path]) -> list[Path]:
         """Commit the segments' entries (oldest first); returns those still pending."""
         for index, path in enumerate(pending):
-            entries = list(read_segment(path))
+            entries = list(read_segment(path, self._type))
             for start in range(0, len(entries), self._max_batch * 8):
                 if not self._commit(entries[start : start + self._max_batch * 8]):
                     return pending[index:]
@@ -159,14 +166,14 @@ class LedgerWriter:
             self.replayed += len(entries)
         return []
 
-    def _next_batch(self, timeout_s: float | None) -> tuple[list[LedgerEntry], Path | None, bool]:
+    def _next_batch(self, timeout_s: float | None) -> tuple[list[R], Path | None, bool]:
         """Block for one item (at most `timeout_s`), let more gather for `max_wait_s`, then
         take what is there, up to a segment marker or the stop signal.
 
         Sleeping once and draining without timeouts costs far less per entry than a timed
         `get()` for each.
         """
-        batch: list[LedgerEntry] = []
+        batch: list[R] = []
         try:
             item = self._queue.get(timeout=timeout_s)
         except queue.Empty:
@@ -189,13 +196,36 @@ class LedgerWriter:
         return batch, item.path, False
 
 
+class LedgerWriter(RecordWriter[LedgerEntry]):
+    """The ledger's writer: spool segments `ledger-*.jsonl`."""
+
+    def __init__(
+        self,
+        connect: Connect,
+        spool_dir: Path,
+        *,
+        retry_s: float = 1.0,
+        rotate_s: float = 2.0,
+        backlog: Sequence[Path] = (),
+    ) -> None:
+        super().__init__(
+            connect,
+            spool_dir,
+            LedgerEntry,
+            "ledger",
+            retry_s=retry_s,
+            rotate_s=rotate_s,
+            backlog=backlog,
+        )
+
+
 def replay_spool(connect: Connect, spool_dir: Path) -> int:
     """Commit what earlier processes spooled but did not commit; returns entries replayed."""
     sink = connect()
     replayed = 0
     try:
         for segment in segments(spool_dir):
-            entries = list(read_segment(segment))
+            entries = list(read_segment(segment, LedgerEntry))
             if entries:
                 sink.write_entries(entries)
             replayed += len(entries)
