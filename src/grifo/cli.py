@@ -11,6 +11,8 @@ from pathlib import Path
 import msgspec
 
 from grifo import __version__
+from grifo.audit.cli import add_parser as add_audit_parser
+from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
 from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
 from grifo.errors import StoreUnavailableError
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="gateway processes sharing the port (SO_REUSEPORT); default 1",
     )
-    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--config-json", help=argparse.SUPPRESS)
     serve.add_argument("--point-urls", help=argparse.SUPPRESS)
     serve.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     budgets.add_argument("--config", type=Path, required=True)
     budgets.add_argument("--state-dir", type=Path, default=None)
+    add_audit_parser(sub)
     return parser
 
 
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return _budgets(args)
         if args.command == "keys":
             return _keys(args)
+        if args.command == "audit":
+            return run_audit(args)
         config = load_config(args.config)
         print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
         return 0
@@ -193,9 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     try:
-        if args.worker:
+        if args.worker is not None:
             urls = msgspec.json.decode(args.point_urls or "{}", type=dict[str, str])
-            _run(serve_worker(config, state_dir, args.host, port, urls, args.parent_pid))
+            _run(
+                serve_worker(config, state_dir, args.host, port, urls, args.parent_pid, args.worker)
+            )
         else:
             _run(serve(config, state_dir, args.host, port, args.workers))
     except KeyboardInterrupt:

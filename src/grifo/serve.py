@@ -23,6 +23,8 @@ from grifo.admission.idempotency import Idempotency
 from grifo.admission.reservations import BudgetStore, LocalReservations
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
+from grifo.audit.log import AuditLog
+from grifo.audit.setup import open_audit_log
 from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
@@ -54,11 +56,11 @@ class Running:
     port: int
     local_points: list[LocalPoint] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
-    refresher: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        if self.refresher is not None:
-            self.refresher.cancel()
+        for task in self.tasks:
+            task.cancel()
         await self.server.close(grace_s)
         await self.poller.stop()
         await stop_points(self.local_points)
@@ -66,6 +68,8 @@ class Running:
         if self.gateway.budgets is not None:
             await self.gateway.budgets.close()
         self.gateway.ledger.close()
+        if self.gateway.audit is not None:
+            self.gateway.audit.close()
         self.db.close()
 
 
@@ -143,6 +147,7 @@ async def start(
     ready_timeout_s: float = 180.0,
     point_urls: Mapping[str, str] | None = None,
     reuse_port: bool = False,
+    worker: int = 0,
 ) -> Running:
     """Start a gateway. With `point_urls` (a worker of `serve --workers`), local points are
     already running elsewhere and demo keys already exist."""
@@ -157,6 +162,9 @@ async def start(
         backlog = segments(state_dir / "spool")
         if backlog:
             log.warning("replaying %d ledger spool segments left by a previous run", len(backlog))
+    audit = None
+    if config.gateway.audit.enabled:
+        audit = open_audit_log(config, state_dir, db, worker, first=point_urls is None)
     local: list[LocalPoint] = []
     if point_urls is None:
         local = await start_points(
@@ -175,19 +183,28 @@ async def start(
         GatewayMetrics(),
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
         budgets(config, db),
+        audit,
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
     poller.start()
-    refresher = asyncio.get_running_loop().create_task(
-        refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S)
-    )
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S))]
+    if audit is not None:
+        tasks.append(loop.create_task(checkpoints(audit, config.gateway.audit.checkpoint_s)))
     server = HttpServer(
         GatewayApp(gateway, admin_api(config, keys, db)).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
-    return Running(gateway, server, poller, db, bound, local, demo, refresher)
+    return Running(gateway, server, poller, db, bound, local, demo, tasks)
+
+
+async def checkpoints(audit: AuditLog, interval_s: float) -> None:
+    """Sign the audit log's tree every `interval_s` (it also signs every N records)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        audit.checkpoint()
 
 
 def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
@@ -274,9 +291,12 @@ async def serve_worker(
     port: int,
     point_urls: Mapping[str, str],
     parent_pid: int,
+    worker: int,
 ) -> None:
     stop = _stop_on_signals()
-    running = await start(config, state_dir, host, port, point_urls=point_urls, reuse_port=True)
+    running = await start(
+        config, state_dir, host, port, point_urls=point_urls, reuse_port=True, worker=worker
+    )
     print("ready", flush=True)
     try:
         await _until(stop, parent_pid)
@@ -292,7 +312,6 @@ async def start_workers(
         "-m",
         "grifo",
         "serve",
-        "--worker",
         "--config-json",
         msgspec.json.encode(config).decode(),
         "--point-urls",
@@ -307,9 +326,13 @@ async def start_workers(
         str(os.getpid()),
     ]
     started = []
-    for _ in range(n):
+    for index in range(1, n + 1):
         proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            *args,
+            "--worker",
+            str(index),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         started.append(proc)
     for proc in started:

@@ -22,6 +22,7 @@ from grifo.admission.deadline import timeout_s
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
+from grifo.audit.log import AuditLog
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, RetryBudget, forward
 from grifo.errors import (
@@ -72,6 +73,10 @@ class Exchange:
     deadline: float = 0.0  # monotonic seconds
     deadline_hit: bool = False
     cancel_deadline: Callable[[], None] = _nothing
+    body: bytes = b""
+    allowed: frozenset[str] | None = None
+    answer: bytes | None = None  # a whole response's body, for the audit record
+    attestation: str | None = None
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -89,6 +94,7 @@ class Gateway:
         metrics: GatewayMetrics,
         idempotency: Idempotency | None = None,
         budgets: Budgets | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -101,6 +107,7 @@ class Gateway:
         self.retry_budget = RetryBudget()
         self.idempotency = idempotency
         self.budgets = budgets
+        self.audit = audit
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
@@ -151,6 +158,7 @@ class Gateway:
             raise
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
+        ex.body, ex.allowed = request.body, allowed
         default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
         ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
@@ -230,6 +238,7 @@ class Gateway:
         cost = 0
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
+            ex.answer = payload
             cost = self._meter(ex, usage, "ok", "point")
         else:
             self._leave_point(ex)
@@ -242,6 +251,8 @@ class Gateway:
             None,
         )
         headers = _point_headers(ex.point, cost)
+        if ex.attestation is not None:
+            headers.append((b"x-grifo-attestation", ex.attestation.encode()))
         headers.append(self._overhead(ex, answered_ns))
         return Response(response.status, payload, headers=headers)
 
@@ -322,6 +333,8 @@ class Gateway:
         if ex.reservation is not None and self.budgets is not None:
             tokens = usage.prompt_tokens + usage.completion_tokens
             self.budgets.settle(ex.reservation, Amount(cost, tokens))
+        if self.audit is not None:
+            self._audit(ex, point, usage, status, cost)
         self.metrics.meter(
             ex.principal.tenant,
             ex.principal.key_id,
@@ -331,6 +344,28 @@ class Gateway:
             cost,
         )
         return cost
+
+    def _audit(self, ex: Exchange, point: PointState, usage: Usage, status: str, cost: int) -> None:
+        assert self.audit is not None
+        record = self.audit.append(
+            request_id=ex.request_id,
+            received_ms=int(time.time() * 1000 - (time.monotonic_ns() - ex.received_ns) / 1e6),
+            tenant=ex.principal.tenant,
+            key_id=ex.principal.key_id,
+            endpoint=ex.endpoint,
+            model=ex.model,
+            point=point.name,
+            site=point.config.site,
+            jurisdiction=point.jurisdiction,
+            allowed=ex.allowed,
+            status=status,
+            usage=(usage.prompt_tokens, usage.completion_tokens),
+            cost_micros=cost,
+            body_in=ex.body,
+            body_out=ex.answer,
+        )
+        if self.config.audit.attest:
+            ex.attestation = self.audit.attest(record)
 
     def _leave_point(self, ex: Exchange) -> int:
         """The request is done at its point: its share of the point's busy time (once)."""

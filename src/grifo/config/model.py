@@ -110,6 +110,24 @@ class EjectionConfig(Base, kw_only=True, frozen=True):
     max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
 
+class AuditConfig(Base, kw_only=True, frozen=True):
+    """The audit log: one chained, signed record per metered request (see README, Audit)."""
+
+    enabled: bool = True
+    name: Name | None = None
+    """This gateway in the audit log and its signatures (default: the host name); its logs
+    are `<name>/<worker>`."""
+    key_file: str | None = None
+    """Ed25519 signing key (PEM); default `<state-dir>/audit-signing.pem`, created once."""
+    hmac_key_env: str | None = None
+    """A variable holding the secret that tenants' content HMAC keys derive from; default a
+    random secret kept in `<state-dir>/audit-hmac.key`. Replicas must share it."""
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    checkpoint_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    attest: bool = True
+    """Sign `x-grifo-attestation` on every whole response."""
+
+
 OutagePolicy = Literal["auto", "fail-closed", "fail-open"]
 
 
@@ -142,6 +160,7 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     placement: PlacementConfig = PlacementConfig()
     ejection: EjectionConfig = EjectionConfig()
     store: StoreConfig = StoreConfig()
+    audit: AuditConfig = AuditConfig()
 
 
 class GrifoConfig(Base, kw_only=True, frozen=True):

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import sql
 
 from grifo.errors import StoreUnavailableError
+from grifo.store.audit_sql import AuditTables
 from grifo.store.records import TOTAL_COLUMNS, Amount, LedgerEntry, StoredOutcome
 
 log = logging.getLogger("grifo.postgres")
@@ -72,6 +73,28 @@ CREATE TABLE idempotency (
 """,
     """
 ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
+""",
+    """
+CREATE TABLE audit_records (
+    log TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    entry_hash TEXT NOT NULL,
+    leaf_hash TEXT NOT NULL,
+    PRIMARY KEY (log, seq)
+);
+CREATE INDEX audit_tenant_ts ON audit_records (tenant, ts_ms);
+CREATE TABLE audit_checkpoints (
+    log TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    note TEXT NOT NULL,
+    peaks TEXT NOT NULL,
+    PRIMARY KEY (log, size)
+);
 """,
 )
 
@@ -141,6 +164,9 @@ class PostgresDB:
 
     def open_ledger(self) -> PostgresLedger:
         return PostgresLedger(self.url, self.schema)
+
+    def open_audit(self) -> AuditTables:
+        return AuditTables(connect(self.url, self.schema), "%s")
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`work` on the connection, reconnecting once it is lost; fails fast while down."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from grifo.config.model import StoreConfig
+from grifo.store.audit_sql import AuditTables
 from grifo.store.ledger import LedgerSink
 from grifo.store.records import Amount, LedgerEntry, StoredOutcome
 
@@ -16,6 +17,8 @@ class StateStore(Protocol):
     """Keys, idempotency keys and ledger reads; both `StateDB` and `PostgresDB` are one."""
 
     def open_ledger(self) -> LedgerSink: ...
+
+    def open_audit(self) -> AuditTables: ...
 
     def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None: ...
 

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from grifo.store.audit_sql import AuditTables
 from grifo.store.records import TOTAL_COLUMNS, Amount, BudgetCheck, LedgerEntry, StoredOutcome
 
 # Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
@@ -67,6 +68,28 @@ ALTER TABLE budget_usage ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
 """,
     """
 ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
+""",
+    """
+CREATE TABLE audit_records (
+    log TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    entry_hash TEXT NOT NULL,
+    leaf_hash TEXT NOT NULL,
+    PRIMARY KEY (log, seq)
+);
+CREATE INDEX audit_tenant_ts ON audit_records (tenant, ts_ms);
+CREATE TABLE audit_checkpoints (
+    log TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    note TEXT NOT NULL,
+    peaks TEXT NOT NULL,
+    PRIMARY KEY (log, size)
+);
 """,
 )
 
@@ -131,6 +154,10 @@ class StateDB:
     def open_ledger(self) -> SqliteLedger:
         """A connection of its own for the ledger writer's thread."""
         return SqliteLedger(self.path)
+
+    def open_audit(self) -> AuditTables:
+        """A connection of its own to the audit log's tables."""
+        return AuditTables(connect(self.path), "?")
 
     # -- keys -------------------------------------------------------------------------------------
     def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None:

@@ -1,0 +1,117 @@
+"""`grifo audit export|verify|verify-attestation|public-key`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+from grifo.config.model import GrifoConfig
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="export and verify the audit log; verify attestations",
+        description="export: write the audit log (all, or one tenant and time window) with its "
+        "signed checkpoints and public key for an auditor. verify: check an export offline "
+        "(edited, deleted, inserted or reordered records are named). verify-attestation: "
+        "check a response's x-grifo-attestation. public-key: print the signing key's public half.",
+    )
+    audit.add_argument("action", choices=["export", "verify", "verify-attestation", "public-key"])
+    audit.add_argument("target", nargs="?", help="export/verify: a directory; or the attestation")
+    audit.add_argument("--config", type=Path, help="the gateway's topology (its store and name)")
+    audit.add_argument("--state-dir", type=Path, default=None)
+    audit.add_argument("--tenant", help="export: only this tenant's records in full")
+    audit.add_argument("--from", dest="since", help="export: from this UTC date/time (ISO 8601)")
+    audit.add_argument("--to", dest="until", help="export: before this UTC date/time (ISO 8601)")
+    audit.add_argument("--public-key", type=Path, help="verify: the PEM (default: the export's)")
+    audit.add_argument("--key-name", help="verify: the signer's name (default: from the log)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from grifo.audit.signing import CheckpointError, load_public, public_pem, verify_attestation
+    from grifo.audit.verify import export, verify
+
+    if args.action == "verify":
+        directory = _target(args)
+        public = load_public((args.public_key or directory / "public-key.pem").read_bytes())
+        report = verify(directory, public, args.key_name)
+        for problem in report.problems:
+            print(f"FAIL {problem}")
+        verdict = "verified" if report.ok else f"{len(report.problems)} problems"
+        print(
+            f"{report.logs} logs, {report.records} records, {report.checkpoints} checkpoints: "
+            f"{verdict}"
+        )
+        return 0 if report.ok else 1
+    if args.action == "verify-attestation":
+        if args.public_key is None:
+            print("grifo: verify-attestation needs --public-key", file=sys.stderr)
+            return 2
+        try:
+            public = load_public(args.public_key.read_bytes())
+            claims = verify_attestation(_arg(args), public)
+        except CheckpointError as exc:
+            print(f"FAIL {exc}")
+            return 1
+        print(
+            f"verified: request {claims.request_id} ran at {claims.point} "
+            f"({claims.jurisdiction}), model {claims.model}, audit {claims.log} #{claims.seq}"
+        )
+        return 0
+    config, state_dir = _config(args)
+    from grifo.audit.setup import signer
+
+    key = signer(config, state_dir)
+    if args.action == "public-key":
+        print(public_pem(key.public_key), end="")
+        return 0
+    from grifo.store.audit_sql import iter_logs
+    from grifo.store.select import open_state
+
+    db = open_state(config.gateway.store, state_dir)
+    tables = db.open_audit()
+    try:
+        full = export(
+            iter_logs(tables),
+            _target(args),
+            public_pem(key.public_key),
+            tenant=args.tenant,
+            since_ms=_ms(args.since) or 0,
+            until_ms=_ms(args.until),
+        )
+    finally:
+        tables.close()
+        db.close()
+    print(f"exported {full} records to {args.target}")
+    return 0
+
+
+def _arg(args: argparse.Namespace) -> str:
+    if not args.target:
+        raise SystemExit(f"grifo audit {args.action} needs a target")
+    return str(args.target)
+
+
+def _target(args: argparse.Namespace) -> Path:
+    return Path(_arg(args))
+
+
+def _config(args: argparse.Namespace) -> tuple[GrifoConfig, Path]:
+    from grifo.config.load import default_config, load_config
+
+    config = load_config(args.config) if args.config else default_config()
+    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    return config, state_dir
+
+
+def _ms(text: str | None) -> int | None:
+    if text is None:
+        return None
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)

@@ -1,0 +1,199 @@
+"""The audit log of one gateway process: a hash chain of records, a Merkle tree over them, and
+signed checkpoints, written like the ledger (spool first, then batches to the database).
+
+Each process appends to a log of its own (`<gateway name>/<worker>`), so sequence numbers are
+assigned without coordination; a restarted process continues its log from the database (the
+last checkpoint's Merkle peaks plus the records after it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from grifo.audit.merkle import CompactRange
+from grifo.audit.record import (
+    GENESIS,
+    AuditRecord,
+    AuditRow,
+    CheckpointRow,
+    content_hmac,
+    tenant_key,
+)
+from grifo.audit.signing import Claims, Signer
+from grifo.store.audit_sql import AuditTables, CheckpointSink, RecordSink
+from grifo.store.ledger import RecordWriter
+from grifo.store.spool import read_segment, segments
+
+log = logging.getLogger("grifo.audit")
+
+
+class AuditLogError(RuntimeError):
+    """The stored log is not a contiguous chain: it cannot be continued."""
+
+
+def replay_audit_spool(open_tables: Callable[[], AuditTables], spool_dir: Path) -> int:
+    """Commit audit records and checkpoints left in the spool by an earlier run."""
+    tables = open_tables()
+    replayed = 0
+    try:
+        for path in segments(spool_dir, "audit"):
+            rows = list(read_segment(path, AuditRow))
+            if rows:
+                tables.write_records(rows)
+            replayed += len(rows)
+            path.unlink()
+        for path in segments(spool_dir, "checkpoint"):
+            checkpoints = list(read_segment(path, CheckpointRow))
+            if checkpoints:
+                tables.write_checkpoints(checkpoints)
+            path.unlink()
+    finally:
+        tables.close()
+    return replayed
+
+
+class AuditLog:
+    def __init__(
+        self,
+        name: str,
+        signer: Signer,
+        open_tables: Callable[[], AuditTables],
+        spool_dir: Path,
+        hmac_master: bytes,
+        policy: str,
+        *,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        self.name = name
+        self.signer = signer
+        self._master = hmac_master
+        self._policy = policy
+        self._every = checkpoint_every
+        self._keys: dict[str, bytes] = {}
+        self._range, self._prev = _head(open_tables, name)
+        self._checkpointed = self._range.size
+        self._records: RecordWriter[AuditRow] = RecordWriter(
+            lambda: RecordSink(open_tables()), spool_dir, AuditRow, "audit"
+        )
+        self._checkpoints: RecordWriter[CheckpointRow] = RecordWriter(
+            lambda: CheckpointSink(open_tables()), spool_dir, CheckpointRow, "checkpoint"
+        )
+
+    @property
+    def size(self) -> int:
+        return self._range.size
+
+    def append(
+        self,
+        *,
+        request_id: str,
+        received_ms: int,
+        tenant: str,
+        key_id: str,
+        endpoint: str,
+        model: str,
+        point: str,
+        site: str,
+        jurisdiction: str,
+        allowed: frozenset[str] | None,
+        status: str,
+        usage: tuple[int, int],
+        cost_micros: int,
+        body_in: bytes,
+        body_out: bytes | None,
+    ) -> AuditRecord:
+        key = self._keys.get(tenant)
+        if key is None:
+            key = self._keys[tenant] = tenant_key(self._master, tenant)
+        record = AuditRecord(
+            log=self.name,
+            seq=self._range.size,
+            prev_hash=self._prev,
+            request_id=request_id,
+            received_ms=received_ms,
+            done_ms=int(time.time() * 1000),
+            tenant=tenant,
+            key_id=key_id,
+            endpoint=endpoint,
+            model=model,
+            point=point,
+            site=site,
+            jurisdiction=jurisdiction,
+            allowed=None if allowed is None else sorted(allowed),
+            status=status,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+            cost_micros=cost_micros,
+            input_hmac=content_hmac(key, body_in),
+            output_hmac="" if body_out is None else content_hmac(key, body_out),
+            policy=self._policy,
+        )
+        row = AuditRow.of(record)
+        self._prev = row.entry_hash
+        self._range.append(bytes.fromhex(row.leaf_hash))
+        self._records.record(row)
+        if self._range.size - self._checkpointed >= self._every:
+            self.checkpoint()
+        return record
+
+    def attest(self, record: AuditRecord) -> str:
+        """The signed statement of where `record`'s request ran (`x-grifo-attestation`)."""
+        return self.signer.attest(
+            Claims(
+                request_id=record.request_id,
+                point=record.point,
+                jurisdiction=record.jurisdiction,
+                model=record.model,
+                log=record.log,
+                seq=record.seq,
+                ts_ms=record.done_ms,
+            )
+        )
+
+    def checkpoint(self) -> None:
+        """Sign the tree as it stands (if it grew since the last checkpoint)."""
+        size = self._range.size
+        if size == self._checkpointed:
+            return
+        note = self.signer.sign_checkpoint(self.name, size, self._range.root())
+        peaks = ",".join(p.hex() for p in self._range.peaks)
+        self._checkpoints.record(
+            CheckpointRow(self.name, size, int(time.time() * 1000), note, peaks)
+        )
+        self._checkpointed = size
+
+    @property
+    def up(self) -> bool:
+        return self._records.up
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._records.close()
+        self._checkpoints.close()
+
+
+def _head(open_tables: Callable[[], AuditTables], name: str) -> tuple[CompactRange, str]:
+    """The Merkle range and last entry hash of log `name` as stored."""
+    tables = open_tables()
+    try:
+        last = tables.last_checkpoint(name)
+        size = 0 if last is None else last.size
+        peaks = [bytes.fromhex(p) for p in last.peaks.split(",") if p] if last else []
+        tree = CompactRange(size, peaks)
+        prev = GENESIS
+        for row in tables.records_from(name, max(size - 1, 0)):
+            if row.seq >= size:
+                if row.seq != tree.size:
+                    raise AuditLogError(f"audit log {name} has a gap before record {row.seq}")
+                tree.append(bytes.fromhex(row.leaf_hash))
+            elif row.seq != size - 1:
+                raise AuditLogError(f"audit log {name} lacks record {size - 1}")
+            prev = row.entry_hash
+        if size and prev == GENESIS:
+            raise AuditLogError(f"audit log {name} lacks record {size - 1}")
+        return tree, prev
+    finally:
+        tables.close()

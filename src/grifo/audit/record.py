@@ -1,0 +1,117 @@
+"""One audit record per request: what ran where, for whom, at what cost, and hashes (not
+content) of what went in and came out.
+
+The record's canonical form is its JSON encoding (fields in this order, no spaces). Records of
+one log are chained, `entry_hash = SHA-256(prev_hash ‖ canonical)`, and are the leaves of the
+log's Merkle tree (`merkle.py`). Field list and what each serves (EU AI Act Art. 12(2): events
+for risk identification, post-market monitoring and the deployer's monitoring of operation):
+
+- log, seq, prev_hash: completeness and order (no gaps, no reordering);
+- request_id, received_ms, done_ms: the event and its start and end time;
+- tenant, key_id (never the key): who used the system;
+- endpoint, model: what was used;
+- point, site, jurisdiction, allowed: where processing happened and where it was allowed to;
+- status, prompt_tokens, completion_tokens, cost_micros: the outcome;
+- input_hmac, output_hmac: HMAC-SHA-256 with a per-tenant key of the request and response
+  bodies, so a tenant can prove what was sent without the log holding it;
+- policy: a digest of the configuration the decision was made under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import NamedTuple
+
+import msgspec
+
+from grifo.audit.merkle import leaf_hash
+
+GENESIS = "0" * 64
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    log: str
+    seq: int
+    prev_hash: str
+    request_id: str
+    received_ms: int
+    done_ms: int
+    tenant: str
+    key_id: str
+    endpoint: str
+    model: str
+    point: str
+    site: str
+    jurisdiction: str
+    allowed: list[str] | None
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+    input_hmac: str
+    output_hmac: str
+    policy: str
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AuditRecord)
+
+
+def canonical(record: AuditRecord) -> bytes:
+    return _encoder.encode(record)
+
+
+def decode(data: bytes | str) -> AuditRecord:
+    return _decoder.decode(data)
+
+
+def entry_hash(prev_hash: str, canonical_bytes: bytes) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_bytes).hexdigest()
+
+
+def content_hmac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def tenant_key(master: bytes, tenant: str) -> bytes:
+    """The tenant's own HMAC key, derived from the gateway's audit secret."""
+    return hmac.new(master, b"grifo-audit-tenant\0" + tenant.encode(), hashlib.sha256).digest()
+
+
+class AuditRow(NamedTuple):
+    """A record as stored: the canonical JSON and its hashes, plus columns to find it by."""
+
+    log: str
+    seq: int
+    request_id: str
+    tenant: str
+    ts_ms: int
+    record: str
+    entry_hash: str
+    leaf_hash: str
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> AuditRow:
+        data = canonical(record)
+        return cls(
+            record.log,
+            record.seq,
+            record.request_id,
+            record.tenant,
+            record.done_ms,
+            data.decode(),
+            entry_hash(record.prev_hash, data),
+            leaf_hash(data).hex(),
+        )
+
+
+class CheckpointRow(NamedTuple):
+    """A signed checkpoint of a log at `size` records, and the Merkle peaks at that size (so a
+    restarted gateway continues the tree without reading every leaf)."""
+
+    log: str
+    size: int
+    ts_ms: int
+    note: str
+    peaks: str  # hex peak hashes, comma-separated

@@ -1,0 +1,65 @@
+"""Open a gateway process's audit log from the config: keys, secrets, spool replay, head."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import msgspec
+
+from grifo.audit.log import AuditLog, replay_audit_spool
+from grifo.audit.signing import Signer, load_or_create
+from grifo.config.model import GrifoConfig
+from grifo.store.select import StateStore
+
+
+def gateway_name(config: GrifoConfig) -> str:
+    return config.gateway.audit.name or socket.gethostname().split(".")[0].lower() or "grifo"
+
+
+def signer(config: GrifoConfig, state_dir: Path) -> Signer:
+    key_file = config.gateway.audit.key_file
+    path = Path(key_file) if key_file else state_dir / "audit-signing.pem"
+    return load_or_create(path, gateway_name(config))
+
+
+def open_audit_log(
+    config: GrifoConfig, state_dir: Path, db: StateStore, worker: int, *, first: bool
+) -> AuditLog:
+    """The audit log of gateway process `worker`; the `first` process replays what earlier
+    runs left in the spool before any log is continued."""
+    spool = state_dir / "spool"
+    if first:
+        replay_audit_spool(db.open_audit, spool)
+    audit = config.gateway.audit
+    return AuditLog(
+        f"{gateway_name(config)}/{worker}",
+        signer(config, state_dir),
+        db.open_audit,
+        spool,
+        _hmac_master(audit.hmac_key_env, state_dir / "audit-hmac.key"),
+        policy_digest(config),
+        checkpoint_every=audit.checkpoint_every,
+    )
+
+
+def policy_digest(config: GrifoConfig) -> str:
+    """A short digest of the configuration a decision was made under."""
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:16]
+
+
+def _hmac_master(env: str | None, path: Path) -> bytes:
+    if env:
+        return os.environ[env].encode()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()  # another process made it first
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path.read_bytes()

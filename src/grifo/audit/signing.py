@@ -1,0 +1,150 @@
+"""Ed25519 signatures: checkpoints as C2SP signed notes, and per-response attestations.
+
+A checkpoint (C2SP `tlog-checkpoint`) is the text `<origin>\\n<tree size>\\n<base64 root>\\n`
+followed by a blank line and one signature line `— <key name> <base64(key id ‖ signature)>`,
+where the key id is the first 4 bytes of SHA-256(key name ‖ 0x0A ‖ 0x01 ‖ public key).
+
+An attestation is `<base64url(JSON claims)>.<base64url(signature)>`: the gateway's signed
+statement of where one request ran, verifiable offline with its public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+_ED25519 = b"\x01"
+
+
+class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What an attestation says: this request ran at this point, in this jurisdiction."""
+
+    request_id: str
+    point: str
+    jurisdiction: str
+    model: str
+    log: str
+    seq: int
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    name: str
+    private: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    def key_id(self) -> bytes:
+        return key_id(self.name, self.public_key)
+
+    def sign_checkpoint(self, origin: str, size: int, root: bytes) -> str:
+        body = checkpoint_body(origin, size, root)
+        signature = self.private.sign(body.encode())
+        stamp = base64.b64encode(self.key_id() + signature).decode()
+        return f"{body}\n\u2014 {self.name} {stamp}\n"
+
+    def attest(self, claims: Claims) -> str:
+        payload = msgspec.json.encode(claims)
+        signature = self.private.sign(payload)
+        return f"{_b64url(payload)}.{_b64url(signature)}"
+
+
+def key_id(name: str, public: Ed25519PublicKey) -> bytes:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(name.encode() + b"\n" + _ED25519 + raw).digest()[:4]
+
+
+def checkpoint_body(origin: str, size: int, root: bytes) -> str:
+    return f"{origin}\n{size}\n{base64.b64encode(root).decode()}\n"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not parse or whose signature does not verify."""
+
+
+def verify_checkpoint(text: str, name: str, public: Ed25519PublicKey) -> tuple[str, int, bytes]:
+    """(origin, size, root) of a checkpoint signed by `name`'s `public` key."""
+    body, sep, signatures = text.partition("\n\n")
+    if not sep:
+        raise CheckpointError("a checkpoint needs a blank line before its signatures")
+    body += "\n"
+    want = key_id(name, public)
+    for line in signatures.splitlines():
+        prefix = f"\u2014 {name} "
+        if not line.startswith(prefix):
+            continue
+        raw = base64.b64decode(line[len(prefix) :], validate=True)
+        if raw[:4] != want:
+            continue
+        try:
+            public.verify(raw[4:], body.encode())
+        except InvalidSignature:
+            raise CheckpointError("the checkpoint's signature does not verify") from None
+        origin, size, root = body.rstrip("\n").split("\n")
+        return origin, int(size), base64.b64decode(root, validate=True)
+    raise CheckpointError(f"no signature by {name!r} on the checkpoint")
+
+
+def verify_attestation(token: str, public: Ed25519PublicKey) -> Claims:
+    payload_b64, sep, signature_b64 = token.partition(".")
+    if not sep:
+        raise CheckpointError("an attestation is <claims>.<signature>")
+    payload = _unb64url(payload_b64)
+    try:
+        public.verify(_unb64url(signature_b64), payload)
+    except InvalidSignature:
+        raise CheckpointError("the attestation's signature does not verify") from None
+    return msgspec.json.decode(payload, type=Claims)
+
+
+def load_or_create(path: Path, name: str) -> Signer:
+    """The signing key in `path` (PEM, PKCS#8), created on first use with mode 0600."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise CheckpointError(f"{path} is not an Ed25519 private key")
+        return Signer(name, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    return Signer(name, key)
+
+
+def public_pem(public: Ed25519PublicKey) -> str:
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def load_public(pem: bytes) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise CheckpointError("not an Ed25519 public key")
+    return key
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        raise CheckpointError("not base64url") from None

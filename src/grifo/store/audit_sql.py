@@ -1,0 +1,126 @@
+"""The audit log's tables (`audit_records`, `audit_checkpoints`) in SQLite or PostgreSQL.
+
+Writes go through `RecordWriter`s (spool, batches, replay) like the ledger; an existing row
+(same log and seq, or log and size) is left as it is, so replays are harmless.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from grifo.audit.record import AuditRow, CheckpointRow
+
+
+class Connection(Protocol):
+    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class AuditTables:
+    """Reads and writes on one connection; `ph` is the driver's placeholder (`?` or `%s`)."""
+
+    def __init__(self, conn: Connection, ph: str) -> None:
+        self._conn = conn
+        self._ph = ph
+        self._ignore = "INSERT OR IGNORE" if ph == "?" else "INSERT"
+        self._conflict = "" if ph == "?" else " ON CONFLICT DO NOTHING"
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", self._ph)
+
+    def _many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        if isinstance(self._conn, sqlite3.Connection):
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(sql, rows)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return
+        conn: Any = self._conn
+        with conn.transaction(), conn.cursor() as cursor:
+            cursor.executemany(sql, rows)
+
+    def write_records(self, rows: Sequence[AuditRow]) -> None:
+        self._many(
+            self._q(f"{self._ignore} INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            + self._conflict,
+            rows,
+        )
+
+    def write_checkpoints(self, rows: Sequence[CheckpointRow]) -> None:
+        self._many(
+            self._q(f"{self._ignore} INTO audit_checkpoints VALUES (?, ?, ?, ?, ?)")
+            + self._conflict,
+            rows,
+        )
+
+    def last_checkpoint(self, log: str) -> CheckpointRow | None:
+        row = self._conn.execute(
+            self._q(
+                "SELECT log, size, ts_ms, note, peaks FROM audit_checkpoints WHERE log = ? "
+                "ORDER BY size DESC LIMIT 1"
+            ),
+            (log,),
+        ).fetchone()
+        return None if row is None else CheckpointRow(*row)
+
+    def records_from(self, log: str, seq: int) -> list[AuditRow]:
+        """Records of `log` with sequence numbers from `seq` on, in order."""
+        rows = self._conn.execute(
+            self._q("SELECT * FROM audit_records WHERE log = ? AND seq >= ? ORDER BY seq"),
+            (log, seq),
+        ).fetchall()
+        return [AuditRow(*r) for r in rows]
+
+    def logs(self) -> list[str]:
+        rows = self._conn.execute("SELECT DISTINCT log FROM audit_records ORDER BY log").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def checkpoints(self, log: str) -> list[CheckpointRow]:
+        rows = self._conn.execute(
+            self._q("SELECT * FROM audit_checkpoints WHERE log = ? ORDER BY size"), (log,)
+        ).fetchall()
+        return [CheckpointRow(*r) for r in rows]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RecordSink:
+    """The audit writer's connection for records."""
+
+    def __init__(self, tables: AuditTables) -> None:
+        self._tables = tables
+
+    def write_entries(self, entries: list[AuditRow]) -> None:
+        self._tables.write_records(entries)
+
+    def close(self) -> None:
+        self._tables.close()
+
+
+class CheckpointSink:
+    """The audit writer's connection for checkpoints."""
+
+    def __init__(self, tables: AuditTables) -> None:
+        self._tables = tables
+
+    def write_entries(self, entries: list[CheckpointRow]) -> None:
+        self._tables.write_checkpoints(entries)
+
+    def close(self) -> None:
+        self._tables.close()
+
+
+def iter_logs(tables: AuditTables) -> Iterator[tuple[str, list[AuditRow], list[CheckpointRow]]]:
+    """Every log with all its records and checkpoints (for export)."""
+    for log in tables.logs():
+        yield log, tables.records_from(log, 0), tables.checkpoints(log)
+
+
+OpenTables = Callable[[], AuditTables]

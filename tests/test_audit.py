@@ -1,0 +1,217 @@
+"""The audit log: Merkle proofs, signed checkpoints, attestations, and an offline verifier that
+names every kind of tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from grifo.audit import merkle
+from grifo.audit.setup import gateway_name, signer
+from grifo.audit.signing import (
+    CheckpointError,
+    Claims,
+    Signer,
+    public_pem,
+    verify_attestation,
+    verify_checkpoint,
+)
+from grifo.audit.verify import export, verify
+from grifo.config.load import parse_config
+from grifo.store.audit_sql import iter_logs
+from grifo.store.sqlite import StateDB
+from tests.support.fabric import CHAT, Fabric, topology_yaml
+
+
+def leaves(n: int) -> list[bytes]:
+    return [merkle.leaf_hash(f"record {i}".encode()) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33])
+def test_compact_range_and_inclusion_proofs_agree_with_rfc6962(n: int) -> None:
+    tree = merkle.CompactRange()
+    for leaf in leaves(n):
+        tree.append(leaf)
+    root = merkle.root(leaves(n))
+    assert tree.root() == root
+    restarted = merkle.CompactRange(tree.size, tree.peaks)
+    restarted.append(merkle.leaf_hash(b"next"))
+    assert restarted.root() == merkle.root([*leaves(n), merkle.leaf_hash(b"next")])
+    for i in range(n):
+        proof = merkle.inclusion_proof(leaves(n), i)
+        assert merkle.verify_inclusion(leaves(n)[i], i, n, proof, root)
+        assert not merkle.verify_inclusion(merkle.leaf_hash(b"forged"), i, n, proof, root)
+        if n > 1:
+            assert not merkle.verify_inclusion(leaves(n)[i], (i + 1) % n, n, proof, root)
+
+
+def test_rfc6962_empty_and_two_leaf_roots() -> None:
+    assert merkle.root([]) == hashlib.sha256(b"").digest()
+    a, b = merkle.leaf_hash(b"a"), merkle.leaf_hash(b"b")
+    assert merkle.root([a, b]) == hashlib.sha256(b"\x01" + a + b).digest()
+
+
+def test_checkpoints_and_attestations_verify_only_with_the_right_key() -> None:
+    key = Signer("gw", Ed25519PrivateKey.generate())
+    other = Ed25519PrivateKey.generate().public_key()
+    note = key.sign_checkpoint("gw/0", 42, b"\x07" * 32)
+    assert verify_checkpoint(note, "gw", key.public_key) == ("gw/0", 42, b"\x07" * 32)
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(note.replace("\n42\n", "\n43\n"), "gw", key.public_key)
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(note, "gw", other)
+    claims = Claims(
+        request_id="req-1", point="lima-edge", jurisdiction="PE", model="m", log="gw/0",
+        seq=3, ts_ms=1,
+    )  # fmt: skip
+    token = key.attest(claims)
+    assert verify_attestation(token, key.public_key) == claims
+    payload, signature = token.split(".")
+    forged = payload.replace(payload[5], "A" if payload[5] != "A" else "B") + "." + signature
+    with pytest.raises(CheckpointError):
+        verify_attestation(forged, key.public_key)
+    with pytest.raises(CheckpointError):
+        verify_attestation(token, other)
+
+
+@pytest.fixture(scope="module")
+def audited(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, list[dict[str, str]]]:
+    """A fabric that served traffic for two tenants, then stopped, then served more (the log
+    continues across the restart); returns the state directory and the responses' headers."""
+    state = tmp_path_factory.mktemp("audit")
+    text = topology_yaml().replace(
+        "health_interval_s: 0.2}", "health_interval_s: 0.2, audit: {checkpoint_every: 7}}"
+    )
+    answers = []
+    for _ in range(2):
+        fab = Fabric.from_yaml(text, state)
+        for tenant in ("demo-eu", "demo-latam", "demo-global"):
+            client = fab.client(tenant)
+            for i in range(5):
+                raw = client.chat.completions.with_raw_response.create(
+                    model=CHAT, messages=[{"role": "user", "content": f"audit me {i}"}]
+                )
+                answers.append(dict(raw.headers))
+            stream = client.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "stream"}], stream=True
+            )
+            for _ in stream:
+                pass
+        fab.close()
+    return state, answers
+
+
+def _export(state: Path, out: Path, tenant: str | None = None) -> int:
+    config = parse_config(topology_yaml(), "test")
+    db = StateDB(state / "grifo.db")
+    tables = db.open_audit()
+    try:
+        key = signer(config, state)
+        return export(iter_logs(tables), out, public_pem(key.public_key), tenant=tenant)
+    finally:
+        tables.close()
+        db.close()
+
+
+def test_every_response_is_attested_and_the_attestation_verifies(
+    audited: tuple[Path, list[dict[str, str]]],
+) -> None:
+    state, answers = audited
+    key = signer(parse_config(topology_yaml(), "test"), state)
+    for headers in answers:
+        claims = verify_attestation(headers["x-grifo-attestation"], key.public_key)
+        assert claims.request_id == headers["x-request-id"]
+        assert (claims.point, claims.jurisdiction) == (
+            headers["x-grifo-point"],
+            headers["x-grifo-jurisdiction"],
+        )
+
+
+def test_the_whole_log_verifies_across_a_restart(
+    audited: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    state, _answers = audited
+    assert _export(state, tmp_path / "x") == 36, "18 requests per run (15 whole, 3 streamed)"
+    report = verify(tmp_path / "x", _public(tmp_path / "x"))
+    assert report.problems == []
+    assert (report.logs, report.records) == (1, 36)
+    assert report.checkpoints >= 5
+    lines = [
+        json.loads(line) for line in (tmp_path / "x" / "records.jsonl").read_text().splitlines()
+    ]
+    assert [line["seq"] for line in lines] == list(range(36))
+    assert lines[0]["log"] == f"{gateway_name(parse_config(topology_yaml(), 't'))}/0"
+    cli = subprocess.run(
+        [sys.executable, "-m", "grifo", "audit", "verify", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "verified" in cli.stdout
+
+
+def test_a_tenant_export_holds_only_its_records_and_still_verifies(
+    audited: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    state, _ = audited
+    assert _export(state, tmp_path / "eu", tenant="demo-eu") == 12
+    lines = (tmp_path / "eu" / "records.jsonl").read_text().splitlines()
+    full = [json.loads(line) for line in lines if '"record"' in line]
+    assert {json.loads(r["record"])["tenant"] for r in full} == {"demo-eu"}
+    assert {json.loads(r["record"])["jurisdiction"] for r in full} <= {"DE"}, "EU only: Frankfurt"
+    assert verify(tmp_path / "eu", _public(tmp_path / "eu")).problems == []
+    assert "DE" in (tmp_path / "eu" / "summary.txt").read_text()
+
+
+def _tamper_edit(lines: list[str]) -> list[str]:
+    line = json.loads(lines[10])
+    record = json.loads(line["record"])
+    record["jurisdiction"] = "US" if record["jurisdiction"] != "US" else "DE"
+    line["record"] = json.dumps(record, separators=(",", ":"))
+    return [*lines[:10], json.dumps(line), *lines[11:]]
+
+
+TAMPERING = {
+    "edited": (_tamper_edit, "record 10 was edited"),
+    "deleted": (lambda lines: lines[:10] + lines[11:], "deleted"),
+    "inserted": (lambda lines: [*lines[:10], lines[10], *lines[10:]], "inserted"),
+    "reordered": (lambda lines: [*lines[:10], lines[11], lines[10], *lines[12:]], "order"),
+    "truncated": (lambda lines: lines[:-8], "records at the end were deleted"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TAMPERING))
+def test_tampering_is_detected_and_named(
+    audited: tuple[Path, list[dict[str, str]]], tmp_path: Path, kind: str
+) -> None:
+    state, _ = audited
+    clean = tmp_path / "clean"
+    _export(state, clean)
+    bad = tmp_path / kind
+    shutil.copytree(clean, bad)
+    change, expected = TAMPERING[kind]
+    lines = (bad / "records.jsonl").read_text().splitlines()
+    (bad / "records.jsonl").write_text("\n".join(change(lines)) + "\n")
+    report = verify(bad, _public(bad))
+    assert not report.ok
+    assert any(expected in problem for problem in report.problems), report.problems
+    cli = subprocess.run(
+        [sys.executable, "-m", "grifo", "audit", "verify", str(bad)], capture_output=True, text=True
+    )
+    assert cli.returncode == 1
+    assert "FAIL" in cli.stdout
+
+
+def _public(directory: Path) -> Ed25519PublicKey:
+    from grifo.audit.signing import load_public
+
+    return load_public((directory / "public-key.pem").read_bytes())
