@@ -11,10 +11,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
-from grifo.admission.budgets import Budgets, Reservation
+from grifo.admission.budgets import Budgets
 from grifo.admission.burn import Burn
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
 from grifo.admission.deadline import POINT_HEADER as DEADLINE_POINT_HEADER
@@ -33,6 +32,7 @@ from grifo.errors import (
     PointTimeoutError,
     StoreUnavailableError,
 )
+from grifo.exchange import Exchange
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
@@ -49,37 +49,6 @@ from grifo.topology import PointState
 from grifo.wire import requests as wire
 
 log = logging.getLogger("grifo.gateway")
-
-
-def _nothing() -> None:
-    return None
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What the gateway knows about one request as it moves through the stages."""
-
-    request_id: str
-    endpoint: str
-    received_ns: int
-    principal: Principal
-    model: str
-    point: PointState | None = None
-    reservation: Reservation | None = None
-    dispatched_ns: int = 0
-    busy_mark: float = 0.0
-    busy_share_ns: int | None = None
-    timeout_s: float = 0.0
-    deadline: float = 0.0  # monotonic seconds
-    deadline_hit: bool = False
-    cancel_deadline: Callable[[], None] = _nothing
-    body: bytes = b""
-    allowed: frozenset[str] | None = None
-    answer: bytes | None = None  # a whole response's body, for the audit record
-    attestation: str | None = None
-
-    def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
 
 
 class Gateway:

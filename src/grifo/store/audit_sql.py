@@ -12,6 +12,30 @@ from typing import Any, Protocol
 
 from grifo.audit.record import AuditRow, CheckpointRow
 
+# A migration step of both databases (see their _MIGRATIONS): never edit it once shipped.
+AUDIT_SCHEMA = """
+CREATE TABLE audit_records (
+    log TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    record TEXT NOT NULL,
+    entry_hash TEXT NOT NULL,
+    leaf_hash TEXT NOT NULL,
+    PRIMARY KEY (log, seq)
+);
+CREATE INDEX audit_tenant_ts ON audit_records (tenant, ts_ms);
+CREATE TABLE audit_checkpoints (
+    log TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    ts_ms BIGINT NOT NULL,
+    note TEXT NOT NULL,
+    peaks TEXT NOT NULL,
+    PRIMARY KEY (log, size)
+);
+"""
+
 
 class Connection(Protocol):
     def execute(self, query: Any, params: Any = ..., /) -> Any: ...

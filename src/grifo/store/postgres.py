@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from grifo.errors import StoreUnavailableError
-from grifo.store.audit_sql import AuditTables
+from grifo.store.audit_sql import AUDIT_SCHEMA, AuditTables
 from grifo.store.records import TOTAL_COLUMNS, Amount, LedgerEntry, StoredOutcome
 
 log = logging.getLogger("grifo.postgres")
@@ -74,28 +74,7 @@ CREATE TABLE idempotency (
     """
 ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
 """,
-    """
-CREATE TABLE audit_records (
-    log TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    request_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    ts_ms BIGINT NOT NULL,
-    record TEXT NOT NULL,
-    entry_hash TEXT NOT NULL,
-    leaf_hash TEXT NOT NULL,
-    PRIMARY KEY (log, seq)
-);
-CREATE INDEX audit_tenant_ts ON audit_records (tenant, ts_ms);
-CREATE TABLE audit_checkpoints (
-    log TEXT NOT NULL,
-    size BIGINT NOT NULL,
-    ts_ms BIGINT NOT NULL,
-    note TEXT NOT NULL,
-    peaks TEXT NOT NULL,
-    PRIMARY KEY (log, size)
-);
-""",
+    AUDIT_SCHEMA,
 )
 
 _INSERT_LEDGER = (

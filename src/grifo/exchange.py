@@ -1,0 +1,42 @@
+"""What the gateway knows about one request as it moves through the stages of `service.py`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from grifo.admission.budgets import Reservation
+from grifo.security.keys import Principal
+from grifo.topology import PointState
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the gateway knows about one request as it moves through the stages."""
+
+    request_id: str
+    endpoint: str
+    received_ns: int
+    principal: Principal
+    model: str
+    point: PointState | None = None
+    reservation: Reservation | None = None
+    dispatched_ns: int = 0
+    busy_mark: float = 0.0
+    busy_share_ns: int | None = None
+    timeout_s: float = 0.0
+    deadline: float = 0.0  # monotonic seconds
+    deadline_hit: bool = False
+    cancel_deadline: Callable[[], None] = _nothing
+    body: bytes = b""
+    allowed: frozenset[str] | None = None
+    answer: bytes | None = None  # a whole response's body, for the audit record
+    attestation: str | None = None
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
