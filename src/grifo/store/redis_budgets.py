@@ -43,10 +43,29 @@ local function give_back(b, held)
   if m ~= '0' then redis.call('HINCRBY', b, 'rm', '-' .. m) end
   if t ~= '0' then redis.call('HINCRBY', b, 'rt', '-' .. t) end
 end
+
+-- settlements: request id `id`, spent `m`/`t` (strings), scope indices `s`
+local function settle_all(settlements)
+  for _, x in ipairs(settlements) do
+    for _, i in ipairs(x.s) do
+      local b, r, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+      if redis.call('EXISTS', b) == 1 then
+        if redis.call('ZREM', r, x.id) == 1 then
+          local held = redis.call('HGET', a, x.id)
+          if held then give_back(b, held) end
+          redis.call('HDEL', a, x.id)
+        end
+        redis.call('HINCRBY', b, 'sm', x.m)
+        redis.call('HINCRBY', b, 'st', x.t)
+      end
+    end
+  end
+end
 """
 
-# One call decides a batch of asks in order. KEYS: the (b, r, a) keys of every scope in the
-# batch; ARGV: now (ms), counter lifetime (s), then the asks as JSON: request id `id`, expiry
+# One call settles what finished since the last call (ARGV[4], see settle_all), then decides a
+# batch of asks in order. KEYS: the (b, r, a) keys of every scope in the call; ARGV: now (ms),
+# counter lifetime (s), the asks as JSON: request id `id`, expiry
 # `e`, worst case `m`/`t` (strings), checks `c` = [scope index, micro-USD limit, token limit,
 # strict] (-1: no limit). Per ask: 0 reserved, j refused by its check j, -j check j has no
 # counters yet: the answer stops there, to be asked again from that ask once they are counted
@@ -54,6 +73,7 @@ end
 _RESERVE = (
     _GIVE_BACK
     + """
+settle_all(cjson.decode(ARGV[4]))
 local now, keep = tonumber(ARGV[1]), ARGV[2]
 local swept, out = {}, {}
 for n, ask in ipairs(cjson.decode(ARGV[3])) do
@@ -106,27 +126,7 @@ return out
 """
 )
 
-# ARGV[1]: settlements as JSON: request id `id`, spent `m`/`t` (strings), scope indices `s`.
-_SETTLE = (
-    _GIVE_BACK
-    + """
-for _, x in ipairs(cjson.decode(ARGV[1])) do
-  for _, i in ipairs(x.s) do
-    local b, r, a = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-    if redis.call('EXISTS', b) == 1 then
-      if redis.call('ZREM', r, x.id) == 1 then
-        local held = redis.call('HGET', a, x.id)
-        if held then give_back(b, held) end
-        redis.call('HDEL', a, x.id)
-      end
-      redis.call('HINCRBY', b, 'sm', x.m)
-      redis.call('HINCRBY', b, 'st', x.t)
-    end
-  end
-end
-return 0
-"""
-)
+_SETTLE = _GIVE_BACK + "settle_all(cjson.decode(ARGV[1]))\nreturn 0\n"
 
 # Counters of a scope seen for the first time: spending from the ledger, reservations from the
 # open ones (still there when only the counters were lost). The first replica to get here wins.
@@ -161,6 +161,7 @@ class RedisReservations:
         timeout_s: float = 0.5,
         margin_s: float = 60.0,
         max_connections: int = 32,
+        settle_delay_s: float = 0.002,
     ) -> None:
         # Requests beyond `max_connections` wait for a free connection instead of failing.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -179,6 +180,9 @@ class RedisReservations:
         self._init = self._redis.register_script(_INIT)
         self._stale: set[str] = set()  # counters that missed a settle while Redis was away
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: list[Settlement] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._settle_delay_s = settle_delay_s
         self.up = True
 
     def _keys(self, check: BudgetCheck) -> list[str]:
@@ -199,8 +203,11 @@ class RedisReservations:
 
     async def reserve_many(self, asks: list[Ask]) -> list[BudgetCheck | None]:
         """Each ask's worst case in every one of its scopes, or nothing, in order; per ask the
-        check that refused it or None. Raises `StoreUnavailableError` when Redis is away."""
-        index, keys = self._scopes(c for ask in asks for c in ask.checks)
+        check that refused it or None. Settlements waiting to be sent go first, in the same
+        call. Raises `StoreUnavailableError` when Redis is away."""
+        settling, self._pending = self._pending, []
+        scopes = [c for s in settling for c in s.checks] + [c for a in asks for c in a.checks]
+        index, keys = self._scopes(scopes)
         now_ms = int(time.time() * 1000)
         payload = [
             {
@@ -220,13 +227,15 @@ class RedisReservations:
             }
             for ask in asks
         ]
+        settled = _encode(_settlements(settling, index))
         results: list[BudgetCheck | None] = [None] * len(asks)
         waiting = list(range(len(asks)))
         try:
             await self._forget_stale()
             for _ in range(2 * len(index) + 1):  # each scope is counted at most once or twice
                 batch = _encode([payload[i] for i in waiting])
-                raw = await self._reserve(keys=keys, args=[now_ms, _KEEP_S, batch])
+                raw = await self._reserve(keys=keys, args=[now_ms, _KEEP_S, batch, settled])
+                settled = b"[]"
                 answers = [int(a) for a in raw]
                 for i, answer in zip(waiting, answers, strict=False):
                     results[i] = None if answer <= 0 else asks[i].checks[answer - 1]
@@ -238,6 +247,8 @@ class RedisReservations:
                 waiting = waiting[len(answers) - 1 :]
         except _UNAVAILABLE as exc:
             self._mark(up=False, reason=exc)
+            if settled != b"[]":
+                self._lost(settling)
             raise StoreUnavailableError("the budget store is unavailable; retry shortly") from None
         raise StoreUnavailableError("the budget store keeps losing its counters")
 
@@ -253,29 +264,32 @@ class RedisReservations:
             await self._redis.delete(*stale)
 
     def settle_many(self, settlements: list[Settlement]) -> None:
-        """Give back the reservations and count what was spent (in the background; Redis
-        knows what each reservation holds)."""
-        task = asyncio.get_running_loop().create_task(self._settle_now(settlements))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Give back the reservations and count what was spent: with the next reservations
+        (one call for both), or on their own after `settle_delay_s` without any."""
+        self._pending += settlements
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._settle_delay_s, self._flush_settlements)
+
+    def _flush_settlements(self) -> None:
+        self._timer = None
+        if self._pending:
+            settling, self._pending = self._pending, []
+            task = asyncio.get_running_loop().create_task(self._settle_now(settling))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _settle_now(self, settlements: list[Settlement]) -> None:
         index, keys = self._scopes(c for s in settlements for c in s.checks)
-        payload = [
-            {
-                "id": s.request_id,
-                "m": str(s.actual.micros),
-                "t": str(s.actual.tokens),
-                "s": [index[c.scope, c.period_start_ms] for c in s.checks],
-            }
-            for s in settlements
-        ]
         try:
-            await self._settle(keys=keys, args=[_encode(payload)])
+            await self._settle(keys=keys, args=[_encode(_settlements(settlements, index))])
         except _UNAVAILABLE as exc:
             self._mark(up=False, reason=exc)
-            # The ledger has the entries; the counters are rebuilt from it once Redis is back.
-            self._stale.update(keys[3 * i] for i in index.values())
+            self._lost(settlements)
+
+    def _lost(self, settlements: list[Settlement]) -> None:
+        """The ledger has these entries; the counters are rebuilt from it once Redis is back."""
+        self._stale.update(self._keys(c)[0] for s in settlements for c in s.checks)
 
     def _mark(self, *, up: bool, reason: BaseException | None = None) -> None:
         if up != self.up:
@@ -286,9 +300,24 @@ class RedisReservations:
         self.up = up
 
     async def drain(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush_settlements()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()
         await self._redis.aclose(close_connection_pool=True)
+
+
+def _settlements(settlements: list[Settlement], index: dict[tuple[str, int], int]) -> list[Any]:
+    return [
+        {
+            "id": s.request_id,
+            "m": str(s.actual.micros),
+            "t": str(s.actual.tokens),
+            "s": [index[c.scope, c.period_start_ms] for c in s.checks],
+        }
+        for s in settlements
+    ]
