@@ -4,6 +4,7 @@ names every kind of tampering."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import shutil
 import subprocess
@@ -215,3 +216,30 @@ def _public(directory: Path) -> Ed25519PublicKey:
     from grifo.audit.signing import load_public
 
     return load_public((directory / "public-key.pem").read_bytes())
+
+
+def test_a_stream_ends_with_its_attestation(fabric: Fabric) -> None:
+    body = json.dumps(
+        {"model": CHAT, "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", int(fabric.url.rsplit(":", 1)[1]), timeout=10)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body,
+        {
+            "authorization": f"Bearer {fabric.keys['demo-latam']}",
+            "content-type": "application/json",
+        },
+    )
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    assert "data: [DONE]" in text
+    comment = text.rsplit("\n\n", 2)[-2]
+    assert comment.startswith(": x-grifo-attestation "), text[-300:]
+    key = signer(parse_config(topology_yaml(), "test"), fabric.state_dir)
+    claims = verify_attestation(comment.split(" ", 2)[2], key.public_key)
+    assert claims.request_id == response.headers["x-request-id"]
+    assert claims.point == response.headers["x-grifo-point"]
+    assert claims.jurisdiction in {"PE", "BR"}

@@ -249,6 +249,7 @@ class Gateway:
             include_usage,
             lambda usage, status, source: self._meter(ex, usage, status, source),
             point_outcome,
+            lambda: ex.attestation,
         )
 
         async def on_close(completed: bool) -> None:

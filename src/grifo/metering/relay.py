@@ -3,7 +3,8 @@
 Events pass through as they come (no re-encoding), except the usage event: it is metered the
 moment it arrives, gets the request's `cost_micros`, and is dropped if the client did not ask
 for usage. Content events are counted so a stream cut short can be billed by estimate. After
-the head was sent, failures travel in-band as an OpenAI error event.
+the head was sent, failures travel in-band as an OpenAI error event. A stream that ended well
+closes with its attestation as an SSE comment (`: x-grifo-attestation <token>`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class StreamRelay:
         include_usage: bool,
         meter: Meter,
         point_outcome: Callable[[bool], None],
+        attestation: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._response = response
+        self._attestation = attestation
         self._include_usage = include_usage
         self._meter = meter
         self._point_outcome = point_outcome
@@ -53,6 +56,9 @@ class StreamRelay:
             if rest := splitter.rest():
                 yield rest  # an unterminated last event passes through as it came
             self._point_outcome(True)
+            if token := self._attestation():
+                # An SSE comment after the last event: clients skip it, auditors can read it.
+                yield b": x-grifo-attestation " + token.encode() + b"\n\n"
         except (GrifoError, ValueError) as exc:
             if not isinstance(exc, DeadlineExceededError):  # a client deadline is not the point's
                 self._point_outcome(False)
