@@ -11,15 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from grifo.audit import merkle
+from grifo.audit.record import GENESIS, canonical, decode, entry_hash
 from grifo.audit.setup import gateway_name, signer
 from grifo.audit.signing import (
     CheckpointError,
     Claims,
     Signer,
+    load_or_create,
     public_pem,
     verify_attestation,
     verify_checkpoint,
@@ -142,10 +145,11 @@ def test_the_whole_log_verifies_across_a_restart(
 ) -> None:
     state, _answers = audited
     assert _export(state, tmp_path / "x") == 36, "18 requests per run (15 whole, 3 streamed)"
-    report = verify(tmp_path / "x", _public(tmp_path / "x"))
+    report = verify(tmp_path / "x", _public(tmp_path / "x"), point_keys=_point_keys(state))
     assert report.problems == []
     assert (report.logs, report.records) == (1, 36)
     assert report.checkpoints >= 5
+    assert (report.receipts, report.unchecked) == (36, 0), "every record carries its receipt"
     lines = [
         json.loads(line) for line in (tmp_path / "x" / "records.jsonl").read_text().splitlines()
     ]
@@ -243,3 +247,45 @@ def test_a_stream_ends_with_its_attestation(fabric: Fabric) -> None:
     assert claims.request_id == response.headers["x-request-id"]
     assert claims.point == response.headers["x-grifo-point"]
     assert claims.jurisdiction in {"PE", "BR"}
+
+
+def _point_keys(state: Path) -> dict[str, Ed25519PublicKey]:
+    return {
+        path.stem: load_or_create(path, path.stem).public_key
+        for path in (state / "points").glob("*.pem")
+    }
+
+
+def test_a_gateway_cannot_rewrite_where_a_request_ran(
+    audited: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    """Even with its own signing key, a gateway that rewrites a record's jurisdiction and
+    re-signs the whole log is caught by the point's receipt."""
+    state, _ = audited
+    out = tmp_path / "rewritten"
+    _export(state, out)
+    gateway = signer(parse_config(topology_yaml(), "test"), state)
+    lines = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    prev, leaves, rewritten = GENESIS, [], []
+    for line in lines:
+        record = decode(line["record"])
+        changes: dict[str, object] = {"prev_hash": prev}
+        if line["seq"] == 3:
+            changes["jurisdiction"] = "US" if record.jurisdiction != "US" else "DE"
+        record = msgspec.structs.replace(record, **changes)
+        data = canonical(record)
+        prev = entry_hash(record.prev_hash, data)
+        leaves.append(merkle.leaf_hash(data))
+        rewritten.append(json.dumps({**line, "record": data.decode()}))
+    (out / "records.jsonl").write_text("\n".join(rewritten) + "\n")
+    marks = [json.loads(m) for m in (out / "checkpoints.jsonl").read_text().splitlines()]
+    for mark in marks:
+        mark["note"] = gateway.sign_checkpoint(
+            mark["log"], mark["size"], merkle.root(leaves[: mark["size"]])
+        )
+    (out / "checkpoints.jsonl").write_text("\n".join(json.dumps(m) for m in marks) + "\n")
+    assert verify(out, _public(out)).problems == [], "chain and checkpoints were re-signed"
+    report = verify(out, _public(out), point_keys=_point_keys(state))
+    assert len(report.problems) == 1
+    assert "record 3 says" in report.problems[0]
+    assert "the point signed" in report.problems[0]

@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     point.add_argument("--model", default="smollm2", help="packaged model name or .gguf path")
     point.add_argument("--threads", type=int, default=1)
     point.add_argument("--upstream-url", help="for --engine proxy: http://host:port")
+    point.add_argument(
+        "--key-file",
+        type=Path,
+        help="Ed25519 key the point signs receipts with (created once; default "
+        "$GRIFO_STATE_DIR/points/<name>.pem, .grifo when unset)",
+    )
     point.add_argument("--point-json", help=argparse.SUPPRESS)
     point.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
@@ -256,8 +262,10 @@ def _point(args: argparse.Namespace) -> int:
     from grifo.point.server import serve_point
 
     point = _point_config(args)
+    state_dir = Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    key_file = args.key_file or state_dir / "points" / f"{point.name}.pem"
     try:
-        _run(serve_point(point, args.host, args.port, args.parent_pid))
+        _run(serve_point(point, args.host, args.port, args.parent_pid, key_file))
     except KeyboardInterrupt:
         pass
     return 0

@@ -37,6 +37,7 @@ class Exchange:
     allowed: frozenset[str] | None = None
     answer: bytes | None = None  # a whole response's body, for the audit record
     attestation: str | None = None
+    point_receipt: str = ""
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

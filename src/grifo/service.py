@@ -22,6 +22,7 @@ from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
 from grifo.audit.log import AuditLog
+from grifo.audit.signing import RECEIPT_HEADER
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import PointPools, RetryBudget, forward
 from grifo.errors import (
@@ -208,6 +209,7 @@ class Gateway:
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
             ex.answer = payload
+            ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
             cost = self._meter(ex, usage, "ok", "point")
         else:
             self._leave_point(ex)
@@ -220,6 +222,8 @@ class Gateway:
             None,
         )
         headers = _point_headers(ex.point, cost)
+        if ex.point_receipt:
+            headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
         if ex.attestation is not None:
             headers.append((b"x-grifo-attestation", ex.attestation.encode()))
         headers.append(self._overhead(ex, answered_ns))
@@ -244,13 +248,11 @@ class Gateway:
             else:
                 point.failed(time.monotonic(), self.config.ejection)
 
-        relay = StreamRelay(
-            response,
-            include_usage,
-            lambda usage, status, source: self._meter(ex, usage, status, source),
-            point_outcome,
-            lambda: ex.attestation,
-        )
+        def meter(usage: Usage, status: str, source: str) -> int:
+            ex.point_receipt = relay.point_receipt  # the point sends it before its usage
+            return self._meter(ex, usage, status, source)
+
+        relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()
@@ -333,6 +335,7 @@ class Gateway:
             cost_micros=cost,
             body_in=ex.body,
             body_out=ex.answer,
+            point_receipt=ex.point_receipt,
         )
         if self.config.audit.attest:
             ex.attestation = self.audit.attest(record)

@@ -54,6 +54,8 @@ async def start_point(config: PointConfig, log_dir: Path, timeout_s: float = 120
         "0",
         "--parent-pid",
         str(os.getpid()),
+        "--key-file",
+        str(log_dir.parent / "points" / f"{config.name}.pem"),
     ]
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(

@@ -57,6 +57,7 @@ class PointState:
     failures: int = 0  # consecutive failed answers
     ejections: int = 0
     ejected_until: float = 0.0  # monotonic seconds
+    public_key: str | None = None  # the key the point signs receipts with (from /health)
 
     @property
     def name(self) -> str:

@@ -29,21 +29,40 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     audit.add_argument("--to", dest="until", help="export: before this UTC date/time (ISO 8601)")
     audit.add_argument("--public-key", type=Path, help="verify: the PEM (default: the export's)")
     audit.add_argument("--key-name", help="verify: the signer's name (default: from the log)")
+    audit.add_argument(
+        "--point-keys",
+        type=Path,
+        help='verify: JSON {"<point>": "<base64 public key>"} from the points\' operators '
+        "(each point shows its key in /health); receipts are then checked",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from grifo.audit.signing import CheckpointError, load_public, public_pem, verify_attestation
+    import msgspec
+
+    from grifo.audit.signing import (
+        CheckpointError,
+        load_public,
+        public_from_b64,
+        public_pem,
+        verify_attestation,
+    )
     from grifo.audit.verify import export, verify
 
     if args.action == "verify":
         directory = _target(args)
         public = load_public((args.public_key or directory / "public-key.pem").read_bytes())
-        report = verify(directory, public, args.key_name)
+        points = {}
+        if args.point_keys is not None:
+            raw = msgspec.json.decode(args.point_keys.read_bytes(), type=dict[str, str])
+            points = {name: public_from_b64(key) for name, key in raw.items()}
+        report = verify(directory, public, args.key_name, points)
         for problem in report.problems:
             print(f"FAIL {problem}")
         verdict = "verified" if report.ok else f"{len(report.problems)} problems"
         print(
-            f"{report.logs} logs, {report.records} records, {report.checkpoints} checkpoints: "
+            f"{report.logs} logs, {report.records} records, {report.checkpoints} checkpoints, "
+            f"{report.receipts} point receipts checked ({report.unchecked} records unchecked): "
             f"{verdict}"
         )
         return 0 if report.ok else 1

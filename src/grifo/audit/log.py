@@ -104,6 +104,7 @@ class AuditLog:
         cost_micros: int,
         body_in: bytes,
         body_out: bytes | None,
+        point_receipt: str = "",
     ) -> AuditRecord:
         key = self._keys.get(tenant)
         if key is None:
@@ -130,6 +131,7 @@ class AuditLog:
             input_hmac=content_hmac(key, body_in),
             output_hmac="" if body_out is None else content_hmac(key, body_out),
             policy=self._policy,
+            point_receipt=point_receipt,
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

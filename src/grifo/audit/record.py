@@ -14,7 +14,9 @@ for risk identification, post-market monitoring and the deployer's monitoring of
 - status, prompt_tokens, completion_tokens, cost_micros: the outcome;
 - input_hmac, output_hmac: HMAC-SHA-256 with a per-tenant key of the request and response
   bodies, so a tenant can prove what was sent without the log holding it;
-- policy: a digest of the configuration the decision was made under.
+- policy: a digest of the configuration the decision was made under;
+- point_receipt: the point's own signed receipt (`signing.Receipt`), which the gateway cannot
+  forge: where the point says it ran, checked against the point's key by `grifo audit verify`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from grifo.audit.merkle import leaf_hash
 GENESIS = "0" * 64
 
 
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class AuditRecord(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Fields added later have defaults and are left out when default, so records written
+    before them keep their canonical form."""
+
     log: str
     seq: int
     prev_hash: str
@@ -52,6 +59,7 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     input_hmac: str
     output_hmac: str
     policy: str
+    point_receipt: str = ""
 
 
 _encoder = msgspec.json.Encoder()

@@ -22,6 +22,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 _ED25519 = b"\x01"
+RECEIPT_HEADER = b"x-grifo-point-receipt"
+RECEIPT_COMMENT = b": x-grifo-point-receipt "  # how a stream carries it, before its usage
+
+
+class Receipt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a point signs about a request it processed (`x-grifo-point-receipt`): the gateway
+    can record it but not forge it, so its claim of where a request ran is checkable against
+    the point's own key."""
+
+    request_id: str
+    point: str
+    jurisdiction: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    ts_ms: int
 
 
 class Claims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,7 +70,8 @@ class Signer:
         stamp = base64.b64encode(self.key_id() + signature).decode()
         return f"{body}\n\u2014 {self.name} {stamp}\n"
 
-    def attest(self, claims: Claims) -> str:
+    def attest(self, claims: Claims | Receipt) -> str:
+        """`<base64url(JSON)>.<base64url(signature)>`."""
         payload = msgspec.json.encode(claims)
         signature = self.private.sign(payload)
         return f"{_b64url(payload)}.{_b64url(signature)}"
@@ -97,15 +114,36 @@ def verify_checkpoint(text: str, name: str, public: Ed25519PublicKey) -> tuple[s
 
 
 def verify_attestation(token: str, public: Ed25519PublicKey) -> Claims:
+    return msgspec.json.decode(_verified(token, public), type=Claims)
+
+
+def verify_receipt(token: str, public: Ed25519PublicKey) -> Receipt:
+    return msgspec.json.decode(_verified(token, public), type=Receipt)
+
+
+def _verified(token: str, public: Ed25519PublicKey) -> bytes:
     payload_b64, sep, signature_b64 = token.partition(".")
     if not sep:
-        raise CheckpointError("an attestation is <claims>.<signature>")
+        raise CheckpointError("a signed token is <claims>.<signature>")
     payload = _unb64url(payload_b64)
     try:
         public.verify(_unb64url(signature_b64), payload)
     except InvalidSignature:
-        raise CheckpointError("the attestation's signature does not verify") from None
-    return msgspec.json.decode(payload, type=Claims)
+        raise CheckpointError("the token's signature does not verify") from None
+    return payload
+
+
+def public_b64(public: Ed25519PublicKey) -> str:
+    """The raw public key in base64 (as points publish it in /health)."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def public_from_b64(text: str) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except ValueError:
+        raise CheckpointError("not a base64 Ed25519 public key") from None
 
 
 def load_or_create(path: Path, name: str) -> Signer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from grifo.audit import merkle
 from grifo.audit.record import GENESIS, AuditRow, CheckpointRow, canonical, decode, entry_hash
-from grifo.audit.signing import CheckpointError, verify_checkpoint
+from grifo.audit.signing import CheckpointError, verify_checkpoint, verify_receipt
 
 
 class ExportLine(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -42,6 +42,8 @@ class Report:
     logs: int = 0
     records: int = 0
     checkpoints: int = 0
+    receipts: int = 0  # points' receipts checked against the points' keys
+    unchecked: int = 0  # records without a receipt, or from a point whose key was not given
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -99,8 +101,14 @@ def export(
     return full
 
 
-def verify(directory: Path, public: Ed25519PublicKey, key_name: str | None = None) -> Report:
-    """Check every log in an export: sequence, canonical form, chain, checkpoints."""
+def verify(
+    directory: Path,
+    public: Ed25519PublicKey,
+    key_name: str | None = None,
+    point_keys: Mapping[str, Ed25519PublicKey] | None = None,
+) -> Report:
+    """Check every log in an export: sequence, canonical form, chain, checkpoints, and each
+    record's point receipt against `point_keys` (point name → its public key)."""
     report = Report()
     by_log: dict[str, list[ExportLine]] = collections.defaultdict(list)
     with (directory / "records.jsonl").open("rb") as handle:
@@ -120,6 +128,7 @@ def verify(directory: Path, public: Ed25519PublicKey, key_name: str | None = Non
         report.logs += 1
         report.records += len(lines)
         leaves = _check_chain(name, lines, report.problems)
+        _check_receipts(name, lines, point_keys or {}, report)
         for mark in marks.get(name, []):
             report.checkpoints += 1
             _check_checkpoint(name, mark, leaves, public, key_name, report.problems)
@@ -179,6 +188,40 @@ def _check_chain(name: str, lines: list[ExportLine], problems: list[str]) -> lis
         and position - 1 not in misplaced
     )
     return leaves
+
+
+def _check_receipts(
+    name: str, lines: list[ExportLine], keys: Mapping[str, Ed25519PublicKey], report: Report
+) -> None:
+    """A record's point, jurisdiction, model and tokens must be what its point signed."""
+    for line in lines:
+        if line.record is None:
+            continue
+        try:
+            record = decode(line.record.encode())
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # reported by the chain check
+        key = keys.get(record.point)
+        if not record.point_receipt or key is None:
+            report.unchecked += 1
+            continue
+        try:
+            receipt = verify_receipt(record.point_receipt, key)
+        except (CheckpointError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            report.problems.append(
+                f"{name}: record {line.seq}: its point receipt is invalid ({exc})"
+            )
+            continue
+        report.receipts += 1
+        claimed = (record.request_id, record.point, record.jurisdiction, record.model)
+        signed = (receipt.request_id, receipt.point, receipt.jurisdiction, receipt.model)
+        tokens = (record.prompt_tokens, record.completion_tokens)
+        if claimed != signed or tokens != (receipt.prompt_tokens, receipt.completion_tokens):
+            report.problems.append(
+                f"{name}: record {line.seq} says {record.point} ({record.jurisdiction}) ran "
+                f"{record.request_id}; the point signed {receipt.point} ({receipt.jurisdiction}) "
+                f"for {receipt.request_id}"
+            )
 
 
 def _check_checkpoint(

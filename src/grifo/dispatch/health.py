@@ -23,6 +23,7 @@ class _Health(msgspec.Struct):
     name: str
     jurisdiction: str
     models: list[ModelCard] = []
+    public_key: str | None = None
 
 
 class _Load(msgspec.Struct):
@@ -53,6 +54,7 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
         point.mark_down(f"health check failed: {exc}")
         return
     point.set_models({m.id: m for m in info.models})
+    point.public_key = info.public_key
     point.queued, point.point_in_flight = load.queued, load.in_flight
     point.tokens_per_s = load.tokens_per_s
     if point.ejected(time.monotonic()):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
+from grifo.audit.signing import RECEIPT_COMMENT
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
 from grifo.http.client import UpstreamResponse
 from grifo.metering.usage import SseSplitter, Usage, usage_of
@@ -41,6 +42,7 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.cost: int | None = None
         self.first_event_ns: int | None = None
+        self.point_receipt = ""  # the point's signed receipt, when it sends one
 
     def usage_so_far(self) -> Usage:
         """The point's usage if it came; else the prompt and the content events seen."""
@@ -68,6 +70,9 @@ class StreamRelay:
     def _event(self, event: bytes) -> bytes:
         if self.first_event_ns is None:
             self.first_event_ns = time.monotonic_ns()
+        if event.startswith(RECEIPT_COMMENT):
+            self.point_receipt = event[len(RECEIPT_COMMENT) :].strip().decode("latin-1")
+            return event
         if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
             return event
         if b'"usage"' in event:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from grifo.audit.signing import RECEIPT_COMMENT, RECEIPT_HEADER, Receipt, Signer, public_b64
 from grifo.errors import (
     GrifoError,
     InvalidRequestError,
@@ -62,9 +64,12 @@ class PointMetrics:
 class PointApp:
     """Routes for one point; engines run in the `EngineRunner`."""
 
-    def __init__(self, identity: PointIdentity, runner: EngineRunner) -> None:
+    def __init__(
+        self, identity: PointIdentity, runner: EngineRunner, signer: Signer | None = None
+    ) -> None:
         self.identity = identity
         self.runner = runner
+        self.signer = signer
         self.metrics = PointMetrics()
         self._ident_headers = [
             (b"x-grifo-point", identity.name.encode()),
@@ -120,6 +125,8 @@ class PointApp:
             "tier": ident.tier,
             "models": self.model_cards(),
         }
+        if self.signer is not None:
+            body["public_key"] = public_b64(self.signer.public_key)
         return Response(200, msgspec.json.encode(body))
 
     async def load(self, request: Request) -> Response:
@@ -150,13 +157,17 @@ class PointApp:
         if not chat.stream:
             text = await _collect(job, timer)
             self._count(generation)
-            return Response(200, frames.complete(text, *_totals(generation)))
+            answer = frames.complete(text, *_totals(generation))
+            receipt = self._receipt_header(request, chat.model, generation)
+            return Response(200, answer, headers=receipt)
 
         async def body() -> AsyncIterator[bytes]:
             yield frames.chunk({"role": "assistant", "content": ""})
             async for piece in job.pieces():
                 yield frames.chunk({"content": piece})
             yield frames.chunk({}, generation.finish_reason)
+            if receipt := self._receipt_comment(request, chat.model, generation):
+                yield receipt
             if chat.include_usage:
                 yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
             yield responses.DONE
@@ -173,17 +184,49 @@ class PointApp:
         if not comp.stream:
             text = await _collect(job, timer)
             self._count(generation)
-            return Response(200, frames.complete(text, *_totals(generation)))
+            answer = frames.complete(text, *_totals(generation))
+            receipt = self._receipt_header(request, comp.model, generation)
+            return Response(200, answer, headers=receipt)
 
         async def body() -> AsyncIterator[bytes]:
             async for piece in job.pieces():
                 yield frames.chunk(piece)
             yield frames.chunk("", generation.finish_reason)
+            if receipt := self._receipt_comment(request, comp.model, generation):
+                yield receipt
             if comp.include_usage:
                 yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
             yield responses.DONE
 
         return self._stream(job, generation, body(), timer)
+
+    def _receipt(self, request: Request, model: str, generation: Generation) -> bytes | None:
+        """This point's signed statement that it processed the request (see `Receipt`)."""
+        if self.signer is None:
+            return None
+        return self.signer.attest(
+            Receipt(
+                request_id=request.headers.get(b"x-request-id", b"").decode("latin-1"),
+                point=self.identity.name,
+                jurisdiction=self.identity.jurisdiction,
+                model=model,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                ts_ms=int(time.time() * 1000),
+            )
+        ).encode()
+
+    def _receipt_header(
+        self, request: Request, model: str, generation: Generation
+    ) -> list[tuple[bytes, bytes]]:
+        token = self._receipt(request, model, generation)
+        return [] if token is None else [(RECEIPT_HEADER, token)]
+
+    def _receipt_comment(self, request: Request, model: str, generation: Generation) -> bytes:
+        """For a stream: an SSE comment before the usage chunk, so the gateway has the receipt
+        when it meters."""
+        token = self._receipt(request, model, generation)
+        return b"" if token is None else RECEIPT_COMMENT + token + b"\n\n"
 
     async def _start(
         self, request: Request, kind: Kind, payload: Payload, params: SamplingParams

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from grifo.audit.signing import Signer, load_or_create
 from grifo.config.load import parse_point_url
 from grifo.config.model import EngineConfig, PointConfig
 from grifo.http.client import ConnectionPool
@@ -60,7 +61,7 @@ def build_engines(
     return generator, embedder
 
 
-async def build_app(point: PointConfig) -> PointApp:
+async def build_app(point: PointConfig, signer: Signer | None = None) -> PointApp:
     identity = PointIdentity(point.name, point.site, point.region, point.jurisdiction, point.tier)
     engine = point.engine or EngineConfig(kind="fake")
     if engine.kind == "proxy":
@@ -73,15 +74,22 @@ async def build_app(point: PointConfig) -> PointApp:
         await app.refresh_models()
         return app
     generator, embedder = await asyncio.to_thread(build_engines, engine)
-    return PointApp(identity, EngineRunner(generator, embedder))
+    return PointApp(identity, EngineRunner(generator, embedder), signer)
 
 
-async def serve_point(point: PointConfig, host: str, port: int, parent_pid: int | None) -> None:
+async def serve_point(
+    point: PointConfig,
+    host: str,
+    port: int,
+    parent_pid: int | None,
+    key_file: Path | None = None,
+) -> None:
     stop = asyncio.Event()  # handlers first: a SIGTERM right after start-up must stop us cleanly
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    app = await build_app(point)
+    signer = None if key_file is None else load_or_create(key_file, point.name)
+    app = await build_app(point, signer)
     server = HttpServer(app.handle)
     bound = await server.start(host, port)
     # One JSON line on stdout tells a supervisor where we listen.
