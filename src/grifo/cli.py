@@ -152,6 +152,17 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_argument("--config", type=Path, required=True)
     budgets.add_argument("--state-dir", type=Path, default=None)
     add_audit_parser(sub)
+
+    policy = sub.add_parser(
+        "policy",
+        help="where a tenant's requests may run, and why",
+        description="explain: the jurisdictions a tenant's requests of a data class may use, "
+        "the config field that says so, and which points are in and out.",
+    )
+    policy.add_argument("action", choices=["explain"])
+    policy.add_argument("tenant")
+    policy.add_argument("data_class", nargs="?", help="default: the tenant's default class")
+    policy.add_argument("--config", type=Path, help="topology YAML (default: embedded demo)")
     return parser
 
 
@@ -175,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args)
         if args.command == "audit":
             return run_audit(args)
+        if args.command == "policy":
+            from grifo.placement.explain import explain
+
+            config = load_config(args.config) if args.config else default_config()
+            print("\n".join(explain(config, args.tenant, args.data_class)))
+            return 0
         config = load_config(args.config)
         print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
         return 0

@@ -35,6 +35,7 @@ class Exchange:
     cancel_deadline: Callable[[], None] = _nothing
     body: bytes = b""
     allowed: frozenset[str] | None = None
+    data_class: str = ""
     answer: bytes | None = None  # a whole response's body, for the audit record
     attestation: str | None = None
     point_receipt: str = ""

@@ -85,9 +85,24 @@ def build_keyring(
     tiers = {t.name: None if t.tier == "any" else t.tier for t in config.tenants}
     timeouts = {t.name: t.timeout_ms / 1000 if t.timeout_ms else None for t in config.tenants}
 
+    classes = {
+        t.name: {c: None if j is None else expand(j, blocs) for c, j in t.data_classes.items()}
+        for t in config.tenants
+    }
+    defaults = {t.name: t.default_data_class or "" for t in config.tenants}
+
     def principal(tenant: str, key_id: str, role: str) -> Principal:
         known: Role = next((r for r in ROLES if r == role), "user")  # never more than stored
-        return Principal(tenant, key_id, allowed[tenant], tiers[tenant], timeouts[tenant], known)
+        return Principal(
+            tenant,
+            key_id,
+            allowed[tenant],
+            tiers[tenant],
+            timeouts[tenant],
+            known,
+            classes[tenant] or None,
+            defaults[tenant],
+        )
 
     ring = KeyRing()
     for key in config.keys:

@@ -39,8 +39,14 @@ from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
 from grifo.metering.usage import Usage, usage_of
+from grifo.placement.jurisdiction import (
+    DATA_CLASS_HEADER,
+    TIER_HEADER,
+    allowed_set,
+    data_class_policy,
+    requested_tier,
+)
 from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
-from grifo.placement.jurisdiction import TIER_HEADER, allowed_set, requested_tier
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
@@ -111,9 +117,10 @@ class Gateway:
         principal: Principal,
         body: wire.InferenceRequest,
     ) -> Response | StreamResponse:
-        allowed = allowed_set(
-            principal.allowed, request.headers.get(JURISDICTION_HEADER), self.blocs
+        data_class, tenant_allowed = data_class_policy(
+            principal, request.headers.get(DATA_CLASS_HEADER)
         )
+        allowed = allowed_set(tenant_allowed, request.headers.get(JURISDICTION_HEADER), self.blocs)
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         try:
             candidates = self.placement.rank(
@@ -128,7 +135,7 @@ class Gateway:
             raise
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
-        ex.body, ex.allowed = request.body, allowed
+        ex.body, ex.allowed, ex.data_class = request.body, allowed, data_class
         default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
         ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
@@ -330,6 +337,7 @@ class Gateway:
             site=point.config.site,
             jurisdiction=point.jurisdiction,
             allowed=ex.allowed,
+            data_class=ex.data_class,
             status=status,
             usage=(usage.prompt_tokens, usage.completion_tokens),
             cost_micros=cost,

@@ -105,6 +105,7 @@ class AuditLog:
         body_in: bytes,
         body_out: bytes | None,
         point_receipt: str = "",
+        data_class: str = "",
     ) -> AuditRecord:
         key = self._keys.get(tenant)
         if key is None:
@@ -132,6 +133,7 @@ class AuditLog:
             output_hmac="" if body_out is None else content_hmac(key, body_out),
             policy=self._policy,
             point_receipt=point_receipt,
+            data_class=data_class,
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

@@ -10,7 +10,8 @@ for risk identification, post-market monitoring and the deployer's monitoring of
 - request_id, received_ms, done_ms: the event and its start and end time;
 - tenant, key_id (never the key): who used the system;
 - endpoint, model: what was used;
-- point, site, jurisdiction, allowed: where processing happened and where it was allowed to;
+- point, site, jurisdiction, allowed, data_class: where processing happened, and where the
+  request's data class allowed it to;
 - status, prompt_tokens, completion_tokens, cost_micros: the outcome;
 - input_hmac, output_hmac: HMAC-SHA-256 with a per-tenant key of the request and response
   bodies, so a tenant can prove what was sent without the log holding it;
@@ -60,6 +61,7 @@ class AuditRecord(
     output_hmac: str
     policy: str
     point_receipt: str = ""
+    data_class: str = ""
 
 
 _encoder = msgspec.json.Encoder()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from grifo.config.model import GrifoConfig, PointConfig
+from grifo.config.model import GrifoConfig, PointConfig, TenantConfig
 from grifo.jurisdictions import COUNTRIES, UnknownJurisdictionError, expand, merge_blocs
 
 
@@ -70,10 +71,7 @@ def check(config: GrifoConfig) -> list[str]:
         if budget is not None and budget.usd is None and budget.tokens is None
     ]
     for i, tenant in enumerate(config.tenants):
-        try:
-            expand(tenant.allowed_jurisdictions or [], blocs)
-        except UnknownJurisdictionError as exc:
-            problems.append(f"$.tenants[{i}].allowed_jurisdictions: {exc}")
+        problems += _check_tenant(f"$.tenants[{i}]", tenant, blocs)
     for i, key in enumerate(config.keys):
         where = f"$.keys[{i}]"
         if key.tenant not in tenants:
@@ -111,6 +109,23 @@ def _check_store(config: GrifoConfig) -> list[str]:
         problems.append(
             f"{where}: budgets on a shared PostgreSQL need `redis_url` for their reservations"
         )
+    return problems
+
+
+def _check_tenant(
+    where: str, tenant: TenantConfig, blocs: Mapping[str, frozenset[str]]
+) -> list[str]:
+    problems: list[str] = []
+    lists = {"allowed_jurisdictions": tenant.allowed_jurisdictions}
+    lists |= {f"data_classes.{name}": codes for name, codes in tenant.data_classes.items()}
+    for field, codes in lists.items():
+        try:
+            expand(codes or [], blocs)
+        except UnknownJurisdictionError as exc:
+            problems.append(f"{where}.{field}: {exc}")
+    default = tenant.default_data_class
+    if default is not None and default not in tenant.data_classes:
+        problems.append(f"{where}.default_data_class: {default!r} is not one of its data_classes")
     return problems
 
 

@@ -79,6 +79,11 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     budget: BudgetConfig | None = None
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Default deadline for the tenant's requests (`x-grifo-timeout-ms` overrides it)."""
+    data_classes: dict[Name, list[str] | None] = {}
+    """Jurisdictions per data class, e.g. `{personal: [EU], health: [DE], public: null}` (null:
+    unrestricted). A request names its class in `x-grifo-data-class`; without one it gets
+    `default_data_class`, or `allowed_jurisdictions` when that is unset too."""
+    default_data_class: Name | None = None
 
 
 class KeyConfig(Base, kw_only=True, frozen=True):

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 
 from grifo.errors import InvalidRequestError, PermissionDeniedError
 from grifo.jurisdictions import UnknownJurisdictionError, expand
+from grifo.security.keys import Principal
 
 HEADER = b"x-grifo-allowed-jurisdictions"
+DATA_CLASS_HEADER = b"x-grifo-data-class"
 TIER_HEADER = b"x-grifo-tier"
 TIERS = frozenset({"edge", "regional", "central"})
 
@@ -44,6 +46,26 @@ def allowed_set(
             code="jurisdiction_not_allowed",
         )
     return result
+
+
+def data_class_policy(
+    principal: Principal, header: bytes | None
+) -> tuple[str, frozenset[str] | None]:
+    """(data class, the tenant's jurisdictions for it) for a request. A class the tenant does
+    not define is refused: a misspelt `health` must never fall back to a wider set."""
+    if header is None:
+        name = principal.default_class
+    else:
+        name = header.decode("latin-1").strip().lower()
+        if principal.classes is None or name not in principal.classes:
+            known = ", ".join(sorted(principal.classes or {})) or "none"
+            raise InvalidRequestError(
+                f"unknown data class {name!r} for this tenant (it defines: {known})",
+                param="x-grifo-data-class",
+            )
+    if name and principal.classes is not None and name in principal.classes:
+        return name, principal.classes[name]
+    return name, principal.allowed
 
 
 def requested_tier(tenant_tier: str | None, header: bytes | None) -> str | None:

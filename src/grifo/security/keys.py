@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,8 @@ class Principal:
     tier: str | None = None  # None: any tier
     timeout_s: float | None = None  # the tenant's default deadline, if any
     role: Role = "user"
+    classes: Mapping[str, frozenset[str] | None] | None = None  # jurisdictions per data class
+    default_class: str = ""
 
     def sees(self, tenant: str) -> bool:
         """Whether this principal may read `tenant`'s usage, budgets and keys."""
