@@ -128,6 +128,19 @@ class BudgetExceededError(ClientError):
     code = "insufficient_quota"
 
 
+class RateLimitedError(ClientError):
+    """Too many requests or tokens per minute, or too many at once (OpenAI's 429); the
+    response says when to retry (`retry-after`, seconds)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class PayloadTooLargeError(ClientError):
     """The body is larger than the configured limit; it was not read."""
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from grifo.admission.budgets import Reservation
+from grifo.admission.ratelimit import Lease
 from grifo.security.keys import Principal
 from grifo.topology import PointState
 
@@ -26,6 +27,7 @@ class Exchange:
     model: str
     point: PointState | None = None
     reservation: Reservation | None = None
+    lease: Lease | None = None
     dispatched_ns: int = 0
     busy_mark: float = 0.0
     busy_share_ns: int | None = None

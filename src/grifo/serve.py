@@ -20,6 +20,7 @@ import msgspec
 
 from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
+from grifo.admission.ratelimit import RateLimits
 from grifo.admission.reservations import BudgetStore, LocalReservations
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
@@ -199,6 +200,7 @@ async def start(
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
         budgets(config, db),
         audit,
+        rate_limits(config),
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
@@ -225,6 +227,12 @@ async def checkpoints(audit: AuditLog, interval_s: float) -> None:
 def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
     tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
     return AdminApi(keys, db, tenant_budgets)
+
+
+def rate_limits(config: GrifoConfig) -> RateLimits | None:
+    tenants = {t.name: t.limits for t in config.tenants if t.limits is not None}
+    keys = {k.id: k.limits for k in config.keys if k.limits is not None}
+    return RateLimits(tenants, keys) if tenants or keys else None
 
 
 def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:

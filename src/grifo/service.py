@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from grifo.admission.budgets import Budgets
+from grifo.admission.budgets import Budgets, prompt_bound
 from grifo.admission.burn import Burn
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
 from grifo.admission.deadline import POINT_HEADER as DEADLINE_POINT_HEADER
@@ -21,6 +21,7 @@ from grifo.admission.deadline import timeout_s
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
+from grifo.admission.ratelimit import RateLimits
 from grifo.audit.log import AuditLog
 from grifo.audit.signing import RECEIPT_HEADER
 from grifo.config.model import GatewayConfig
@@ -71,6 +72,7 @@ class Gateway:
         idempotency: Idempotency | None = None,
         budgets: Budgets | None = None,
         audit: AuditLog | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -84,6 +86,7 @@ class Gateway:
         self.idempotency = idempotency
         self.budgets = budgets
         self.audit = audit
+        self.limits = limits
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
@@ -139,11 +142,13 @@ class Gateway:
         default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
         ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
-        if self.budgets is not None and self.budgets.applies(principal):
-            ex.reservation = await self.budgets.reserve(
-                principal, body, candidates, request_id, ex.timeout_s
-            )
+        if self.limits is not None and self.limits.applies(principal):
+            ex.lease = self.limits.admit(principal, prompt_bound(body) + limit)
         try:
+            if self.budgets is not None and self.budgets.applies(principal):
+                ex.reservation = await self.budgets.reserve(
+                    principal, body, candidates, request_id, ex.timeout_s
+                )
             return await self._dispatch(ex, request, body, candidates)
         except BaseException:
             if ex.point is not None:
@@ -309,11 +314,17 @@ class Gateway:
                 latency_ms=(time.monotonic_ns() - ex.received_ns) / 1e6,
             )
         )
+        tokens = usage.prompt_tokens + usage.completion_tokens
         if ex.reservation is not None and self.budgets is not None:
-            tokens = usage.prompt_tokens + usage.completion_tokens
             self.budgets.settle(ex.reservation, Amount(cost, tokens))
+        if ex.lease is not None and self.limits is not None:
+            self.limits.done(ex.lease, tokens)
         if self.audit is not None:
-            self._audit(ex, point, usage, status, cost)
+            record = self.audit.append(
+                ex, point, (usage.prompt_tokens, usage.completion_tokens), status, cost
+            )
+            if self.config.audit.attest:
+                ex.attestation = self.audit.attest(record)
         self.metrics.meter(
             ex.principal.tenant,
             ex.principal.key_id,
@@ -323,30 +334,6 @@ class Gateway:
             cost,
         )
         return cost
-
-    def _audit(self, ex: Exchange, point: PointState, usage: Usage, status: str, cost: int) -> None:
-        assert self.audit is not None
-        record = self.audit.append(
-            request_id=ex.request_id,
-            received_ms=int(time.time() * 1000 - (time.monotonic_ns() - ex.received_ns) / 1e6),
-            tenant=ex.principal.tenant,
-            key_id=ex.principal.key_id,
-            endpoint=ex.endpoint,
-            model=ex.model,
-            point=point.name,
-            site=point.config.site,
-            jurisdiction=point.jurisdiction,
-            allowed=ex.allowed,
-            data_class=ex.data_class,
-            status=status,
-            usage=(usage.prompt_tokens, usage.completion_tokens),
-            cost_micros=cost,
-            body_in=ex.body,
-            body_out=ex.answer,
-            point_receipt=ex.point_receipt,
-        )
-        if self.config.audit.attest:
-            ex.attestation = self.audit.attest(record)
 
     def _leave_point(self, ex: Exchange) -> int:
         """The request is done at its point: its share of the point's busy time (once)."""
@@ -362,8 +349,11 @@ class Gateway:
         response.fail(DeadlineExceededError(_deadline_message(ex)))
 
     def _release(self, ex: Exchange) -> None:
+        """Nothing was produced: give back the reservation and the rate limits' tokens."""
         if ex.reservation is not None and self.budgets is not None:
             self.budgets.release(ex.reservation)
+        if ex.lease is not None and self.limits is not None:
+            self.limits.done(ex.lease, 0)
 
     # -- models -----------------------------------------------------------------------------------
     def render_metrics(self) -> bytes:

@@ -129,7 +129,7 @@ class Budgets:
         """Upper bound of what `body` can cost at any candidate, holding it for the request's
         deadline (`timeout_s`, default the gateway's request timeout)."""
         busy_ns = self._timeout_ns if timeout_s is None else int(timeout_s * 1e9)
-        prompt = _prompt_bound(body)
+        prompt = prompt_bound(body)
         worst = Amount(0, 0)
         for candidate in candidates:
             point = candidate.point
@@ -149,7 +149,8 @@ class Budgets:
         return worst
 
 
-def _prompt_bound(body: wire.InferenceRequest) -> int:
+def prompt_bound(body: wire.InferenceRequest) -> int:
+    """At least as many tokens as the prompt has: a token is at least one byte."""
     if isinstance(body, wire.EmbeddingRequest):
         return sum(len(t.encode()) + 2 for t in body.texts())
     if isinstance(body, wire.ChatCompletionRequest):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import uuid
 
 from grifo.api.admin import ROUTES as ADMIN_ROUTES
 from grifo.api.admin import AdminApi
 from grifo.api.models import list_models
-from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
+from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError, RateLimitedError
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.service import Gateway
 
@@ -43,6 +44,9 @@ class GatewayApp:
             response = await self._route(request, request_id)
         except GrifoError as exc:
             response = Response(exc.status, exc.envelope())
+            if isinstance(exc, RateLimitedError):
+                retry = str(max(1, math.ceil(exc.retry_after_s))).encode()
+                response.headers.append((b"retry-after", retry))
             if exc.status >= 500:
                 log.warning("%s %s -> %d %s", request_id, request.path, exc.status, exc.code)
         except Exception:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grifo.audit.merkle import CompactRange
 from grifo.audit.record import (
@@ -26,6 +27,10 @@ from grifo.audit.signing import Claims, Signer
 from grifo.store.audit_sql import AuditTables, CheckpointSink, RecordSink
 from grifo.store.ledger import RecordWriter
 from grifo.store.spool import read_segment, segments
+
+if TYPE_CHECKING:
+    from grifo.exchange import Exchange
+    from grifo.topology import PointState
 
 log = logging.getLogger("grifo.audit")
 
@@ -87,53 +92,38 @@ class AuditLog:
         return self._range.size
 
     def append(
-        self,
-        *,
-        request_id: str,
-        received_ms: int,
-        tenant: str,
-        key_id: str,
-        endpoint: str,
-        model: str,
-        point: str,
-        site: str,
-        jurisdiction: str,
-        allowed: frozenset[str] | None,
-        status: str,
-        usage: tuple[int, int],
-        cost_micros: int,
-        body_in: bytes,
-        body_out: bytes | None,
-        point_receipt: str = "",
-        data_class: str = "",
+        self, ex: Exchange, point: PointState, usage: tuple[int, int], status: str, cost: int
     ) -> AuditRecord:
+        """The record of a request that ran at `point` (see `record.py` for the fields)."""
+        tenant = ex.principal.tenant
         key = self._keys.get(tenant)
         if key is None:
             key = self._keys[tenant] = tenant_key(self._master, tenant)
+        now_ns = time.time_ns()
         record = AuditRecord(
             log=self.name,
             seq=self._range.size,
             prev_hash=self._prev,
-            request_id=request_id,
-            received_ms=received_ms,
-            done_ms=int(time.time() * 1000),
+            request_id=ex.request_id,
+            received_ms=(now_ns - (time.monotonic_ns() - ex.received_ns)) // 1_000_000,
+            done_ms=now_ns // 1_000_000,
             tenant=tenant,
-            key_id=key_id,
-            endpoint=endpoint,
-            model=model,
-            point=point,
-            site=site,
-            jurisdiction=jurisdiction,
-            allowed=None if allowed is None else sorted(allowed),
+            key_id=ex.principal.key_id,
+            endpoint=ex.endpoint,
+            model=ex.model,
+            point=point.name,
+            site=point.config.site,
+            jurisdiction=point.jurisdiction,
+            allowed=None if ex.allowed is None else sorted(ex.allowed),
             status=status,
             prompt_tokens=usage[0],
             completion_tokens=usage[1],
-            cost_micros=cost_micros,
-            input_hmac=content_hmac(key, body_in),
-            output_hmac="" if body_out is None else content_hmac(key, body_out),
+            cost_micros=cost,
+            input_hmac=content_hmac(key, ex.body),
+            output_hmac="" if ex.answer is None else content_hmac(key, ex.answer),
             policy=self._policy,
-            point_receipt=point_receipt,
-            data_class=data_class,
+            point_receipt=ex.point_receipt,
+            data_class=ex.data_class,
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

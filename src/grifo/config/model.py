@@ -70,6 +70,16 @@ class BudgetConfig(Base, kw_only=True, frozen=True):
     mode: Literal["strict", "soft"] = "strict"
 
 
+class LimitsConfig(Base, kw_only=True, frozen=True):
+    """Rate limits of a tenant or key (each unset means unlimited). Tokens are prompt plus
+    completion: reserved from `max_tokens` when a request starts, corrected to the real count
+    when it ends."""
+
+    requests_per_min: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tokens_per_min: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    concurrent: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
 class TenantConfig(Base, kw_only=True, frozen=True):
     name: Name
     allowed_jurisdictions: list[str] | None = None
@@ -79,6 +89,7 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     budget: BudgetConfig | None = None
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Default deadline for the tenant's requests (`x-grifo-timeout-ms` overrides it)."""
+    limits: LimitsConfig | None = None
     data_classes: dict[Name, list[str] | None] = {}
     """Jurisdictions per data class, e.g. `{personal: [EU], health: [DE], public: null}` (null:
     unrestricted). A request names its class in `x-grifo-data-class`; without one it gets
@@ -92,6 +103,7 @@ class KeyConfig(Base, kw_only=True, frozen=True):
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
     env: str | None = None
     budget: BudgetConfig | None = None
+    limits: LimitsConfig | None = None
     role: Literal["user", "tenant-admin", "auditor", "admin"] = "user"
     """user: inference; tenant-admin: inference and its tenant's /admin reads; auditor: its
     tenant's /admin reads only; admin: every tenant's /admin reads."""
