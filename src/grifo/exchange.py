@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from grifo.admission.budgets import Reservation
-from grifo.admission.ratelimit import Lease
 from grifo.security.keys import Principal
 from grifo.topology import PointState
 
@@ -27,7 +27,7 @@ class Exchange:
     model: str
     point: PointState | None = None
     reservation: Reservation | None = None
-    lease: Lease | None = None
+    lease: Any = None  # a rate limiter's lease
     dispatched_ns: int = 0
     busy_mark: float = 0.0
     busy_share_ns: int | None = None

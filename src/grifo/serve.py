@@ -20,7 +20,7 @@ import msgspec
 
 from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
-from grifo.admission.ratelimit import RateLimits
+from grifo.admission.ratelimit import Limiter, RateLimits
 from grifo.admission.reservations import BudgetStore, LocalReservations
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
@@ -68,6 +68,8 @@ class Running:
         await self.gateway.pools.close()
         if self.gateway.budgets is not None:
             await self.gateway.budgets.close()
+        if self.gateway.limits is not None:
+            await self.gateway.limits.close()
         self.gateway.ledger.close()
         if self.gateway.audit is not None:
             self.gateway.audit.close()
@@ -229,10 +231,20 @@ def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
     return AdminApi(keys, db, tenant_budgets)
 
 
-def rate_limits(config: GrifoConfig) -> RateLimits | None:
+def rate_limits(config: GrifoConfig) -> Limiter | None:
+    """Limits in Redis when replicas share one (`store.redis_url`), else in this process."""
     tenants = {t.name: t.limits for t in config.tenants if t.limits is not None}
     keys = {k.id: k.limits for k in config.keys if k.limits is not None}
-    return RateLimits(tenants, keys) if tenants or keys else None
+    if not tenants and not keys:
+        return None
+    url = redis_url(config.gateway.store)
+    if url is None:
+        return RateLimits(tenants, keys)
+    from grifo.admission.shared_limits import SharedLimits
+    from grifo.store.redis_limits import RedisLimiter
+
+    limiter = RedisLimiter(url, prefix=config.gateway.store.redis_prefix)
+    return SharedLimits(limiter, tenants, keys)
 
 
 def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:

@@ -21,7 +21,7 @@ from grifo.admission.deadline import timeout_s
 from grifo.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from grifo.admission.idempotency import Idempotency, fingerprint
 from grifo.admission.limits import check_token_limit
-from grifo.admission.ratelimit import RateLimits
+from grifo.admission.ratelimit import Limiter
 from grifo.audit.log import AuditLog
 from grifo.audit.signing import RECEIPT_HEADER
 from grifo.config.model import GatewayConfig
@@ -72,7 +72,7 @@ class Gateway:
         idempotency: Idempotency | None = None,
         budgets: Budgets | None = None,
         audit: AuditLog | None = None,
-        limits: RateLimits | None = None,
+        limits: Limiter | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -143,7 +143,8 @@ class Gateway:
         ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
         if self.limits is not None and self.limits.applies(principal):
-            ex.lease = self.limits.admit(principal, prompt_bound(body) + limit)
+            tokens = prompt_bound(body) + limit
+            ex.lease = await self.limits.acquire(principal, tokens, request_id, ex.timeout_s)
         try:
             if self.budgets is not None and self.budgets.applies(principal):
                 ex.reservation = await self.budgets.reserve(

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from grifo.config.model import LimitsConfig
 from grifo.errors import RateLimitedError
@@ -60,6 +61,20 @@ class Lease:
     open: bool = True
 
 
+class Limiter(Protocol):
+    """Local (`RateLimits`) or shared by replicas (`shared_limits.SharedLimits`)."""
+
+    def applies(self, principal: Principal) -> bool: ...
+
+    async def acquire(
+        self, principal: Principal, tokens: int, request_id: str, hold_s: float
+    ) -> Any: ...
+
+    def done(self, lease: Any, used_tokens: int | None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class RateLimits:
     def __init__(
         self,
@@ -74,6 +89,15 @@ class RateLimits:
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
+
+    async def acquire(
+        self, principal: Principal, tokens: int, request_id: str, hold_s: float
+    ) -> Lease:
+        """`admit`, as the shared limiter (`shared_limits.py`) is called."""
+        return self.admit(principal, tokens)
+
+    async def close(self) -> None:
+        pass
 
     def admit(self, principal: Principal, tokens: int) -> Lease:
         """Take one request and `tokens` from every limit of the caller, or raise 429."""
