@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from grifo.store.audit_sql import AUDIT_SCHEMA, AuditTables
-from grifo.store.records import TOTAL_COLUMNS, Amount, BudgetCheck, LedgerEntry, StoredOutcome
+from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredOutcome
+from grifo.store.sqlite_budgets import BudgetTables
 
 # Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
 # how many have run. Append new steps; never edit one that has shipped.
@@ -122,7 +123,7 @@ class SqliteLedger:
         self._conn.close()
 
 
-class StateDB:
+class StateDB(BudgetTables):
     """Keys and ledger of one gateway, in `<state-dir>/grifo.db`."""
 
     def __init__(self, path: Path) -> None:
@@ -177,123 +178,6 @@ class StateDB:
                 "SELECT id, tenant, sha256, role FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
         return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
-
-    # -- budgets ----------------------------------------------------------------------------------
-    def reset_reservations(self) -> None:
-        """No request survives a restart: forget reservations and recount spending from the
-        ledger when next needed (the ledger is the source of truth)."""
-        with self._lock:
-            self._conn.execute("DELETE FROM budget_usage")
-
-    def reserve(self, checks: list[BudgetCheck], worst: Amount) -> BudgetCheck | None:
-        """Atomically reserve `worst` (micro-USD and tokens) in every scope, or nothing:
-        returns the first check that refused."""
-        return self.reserve_many([(checks, worst)])[0]
-
-    def reserve_many(
-        self, asks: list[tuple[list[BudgetCheck], Amount]]
-    ) -> list[BudgetCheck | None]:
-        """`reserve` for each ask in order, all in one transaction: each scope's row is read
-        once, the asks are decided against running totals, and each scope written once."""
-        results: list[BudgetCheck | None] = []
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
-                for checks, worst in asks:
-                    rows = [self._row(usage, c) for c in checks]
-                    refused = next(
-                        (
-                            c
-                            for c, row in zip(checks, rows, strict=True)
-                            if not _fits(c, row, worst)
-                        ),
-                        None,
-                    )
-                    if refused is None:
-                        for row in rows:
-                            row[0] += worst.micros
-                            row[1] += worst.tokens
-                    results.append(refused)
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ? "
-                    "WHERE scope = ? AND period_start_ms = ?",
-                    [(row[0], row[1], *key) for key, row in usage.items()],
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-        return results
-
-    def _row(self, usage: dict[tuple[str, int], list[int]], check: BudgetCheck) -> list[int]:
-        key = (check.scope, check.period_start_ms)
-        row = usage.get(key)
-        if row is None:
-            reserved, spent = self._usage(check)
-            row = usage[key] = [reserved.micros, reserved.tokens, spent.micros, spent.tokens]
-        return row
-
-    def settle(self, checks: list[BudgetCheck], reserved: Amount, actual: Amount) -> None:
-        self.settle_many([(checks, reserved, actual)])
-
-    def settle_many(self, items: list[tuple[list[BudgetCheck], Amount, Amount]]) -> None:
-        """Give back each reservation and count what was spent, in one transaction."""
-        deltas: dict[tuple[str, int], list[int]] = {}
-        for checks, r, a in items:
-            for c in checks:
-                d = deltas.setdefault((c.scope, c.period_start_ms), [0, 0, 0, 0])
-                d[0] += r.micros
-                d[1] += a.micros
-                d[2] += r.tokens
-                d[3] += a.tokens
-        rows = [(*d, *key) for key, d in deltas.items()]
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
-                    "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
-                    "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
-                    rows,
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-
-    def _usage(self, check: BudgetCheck) -> tuple[Amount, Amount]:
-        """(reserved, spent) in a scope's period; spent is counted from the ledger the first
-        time a scope is seen (after a restart)."""
-        row = self._conn.execute(
-            "SELECT reserved_micros, reserved_tokens, spent_micros, spent_tokens "
-            "FROM budget_usage WHERE scope = ? AND period_start_ms = ?",
-            (check.scope, check.period_start_ms),
-        ).fetchone()
-        if row is not None:
-            return Amount(int(row[0]), int(row[1])), Amount(int(row[2]), int(row[3]))
-        spent = self._ledger_spent(check.scope, check.period_start_ms)
-        self._conn.execute(
-            "INSERT INTO budget_usage (scope, period_start_ms, reserved_micros, spent_micros, "
-            "reserved_tokens, spent_tokens) VALUES (?, ?, 0, ?, 0, ?)",
-            (check.scope, check.period_start_ms, spent.micros, spent.tokens),
-        )
-        return Amount(0, 0), spent
-
-    def spent(self, scope: str, since_ms: int) -> Amount:
-        """Micro-USD and tokens a `tenant:<name>` or `key:<id>` scope spent since `since_ms`."""
-        with self._lock:
-            return self._ledger_spent(scope, since_ms)
-
-    def _ledger_spent(self, scope: str, since_ms: int) -> Amount:
-        column = "tenant" if scope.startswith("tenant:") else "key_id"
-        micros, tokens = self._conn.execute(
-            "SELECT COALESCE(SUM(cost_micros), 0), "  # noqa: S608 (column from a fixed pair)
-            f"COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM ledger WHERE {column} = ? "
-            "AND ts_ms >= ?",
-            (scope.split(":", 1)[1], since_ms),
-        ).fetchone()
-        return Amount(int(micros), int(tokens))
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(
@@ -377,15 +261,3 @@ class StateDB:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def _fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:
-    """strict: committed + worst within the limit; soft: committed still under it.
-    `row`: reserved micros, reserved tokens, spent micros, spent tokens."""
-    for limit, committed, need in (
-        (check.limit_micros, row[0] + row[2], worst.micros),
-        (check.limit_tokens, row[1] + row[3], worst.tokens),
-    ):
-        if limit is not None and committed + (need if check.strict else 1) > limit:
-            return False
-    return True
