@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import openai
+import pytest
 
-from tests.support.fabric import CHAT, Fabric, topology_yaml
+from grifo.errors import AuthenticationError
+from grifo.security.keys import KeyRing, Principal, generate_key, hash_key
+from tests.support.fabric import CHAT, EMBED, Fabric, topology_yaml
 
 
 def _grifo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -79,3 +83,41 @@ def test_create_use_revoke(tmp_path: Path) -> None:
         assert "no tenant named 'nobody'" in unknown.stderr
     finally:
         fab.close()
+
+
+def test_expired_keys_and_model_allow_lists(tmp_path: Path) -> None:
+    secrets = {"old": generate_key(), "embedder": generate_key()}
+    os.environ.update({f"GRIFO_TEST_{n.upper()}": k for n, k in secrets.items()})
+    keys = (
+        "keys:\n"
+        "  - {id: old, tenant: demo-global, env: GRIFO_TEST_OLD, expires: '2000-01-01'}\n"
+        "  - {id: embedder, tenant: demo-global, env: GRIFO_TEST_EMBEDDER, models: [fake-embed]}\n"
+    )
+    fab = Fabric.from_yaml(topology_yaml() + keys, tmp_path)
+    try:
+        url = f"{fab.url}/v1"
+        old = openai.OpenAI(base_url=url, api_key=secrets["old"], max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as expired:
+            old.models.list()
+        assert expired.value.code == "expired_api_key"
+        embedder = openai.OpenAI(base_url=url, api_key=secrets["embedder"], max_retries=0)
+        assert [m.id for m in embedder.models.list()] == [EMBED]
+        assert embedder.embeddings.create(model=EMBED, input="hi").data
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            embedder.chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "x"}]
+            )
+        assert (refused.value.code, refused.value.param) == ("model_not_allowed", "model")
+        old.close()
+        embedder.close()
+    finally:
+        fab.close()
+
+
+def test_a_key_made_with_an_expiry_stops_working(tmp_path: Path) -> None:
+    ring = KeyRing()
+    ring.add(hash_key("grf-a-past"), Principal("t", "a", None, expires_ms=1))
+    ring.add(hash_key("grf-b-future"), Principal("t", "b", None, expires_ms=2**53))
+    with pytest.raises(AuthenticationError, match="expired"):
+        ring.authenticate(b"Bearer grf-a-past")
+    assert ring.authenticate(b"Bearer grf-b-future").key_id == "b"

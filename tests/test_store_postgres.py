@@ -15,7 +15,7 @@ import pytest
 from grifo.errors import StoreUnavailableError
 from grifo.store.ledger import LedgerWriter
 from grifo.store.postgres import _MIGRATIONS, PostgresDB
-from grifo.store.records import Amount, LedgerEntry
+from grifo.store.records import Amount, LedgerEntry, StoredKey
 from grifo.store.spool import segments
 from tests.support.fabric import CHAT, Fabric, topology_yaml
 from tests.support.stores import POSTGRES_URL, TcpRelay
@@ -53,11 +53,11 @@ def test_replicas_migrate_once_and_share_keys(pg_schema: str) -> None:
     assert not errors
     a, b = dbs[0], dbs[1]
     try:
-        a.add_key("k1", "acme", "ab" * 32)
-        a.add_key("k2", "acme", "cd" * 32)
+        a.add_key(StoredKey("k1", "acme", "ab" * 32))
+        a.add_key(StoredKey("k2", "acme", "cd" * 32, "auditor", 1_900_000_000_000, "m1,m2"))
         assert b.active_keys() == [
-            ("k1", "acme", "ab" * 32, "user"),
-            ("k2", "acme", "cd" * 32, "user"),
+            StoredKey("k1", "acme", "ab" * 32),
+            StoredKey("k2", "acme", "cd" * 32, "auditor", 1_900_000_000_000, "m1,m2"),
         ]
         assert b.revoke_key("k1")
         assert not b.revoke_key("k1"), "already revoked"

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -16,6 +17,7 @@ from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
 from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
 from grifo.errors import StoreUnavailableError
+from grifo.store.records import StoredKey
 from grifo.store.select import StateStore
 
 _DESCRIPTION = """\
@@ -136,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
         help="for create: user (inference), tenant-admin, auditor or admin (see README)",
     )
     keys.add_argument("--tenant", help="for create: a tenant of --config")
+    keys.add_argument(
+        "--expires-days", type=float, help="for create: the key stops working after this"
+    )
+    keys.add_argument("--models", help="for create: the only models it may use (a,b,c)")
     keys.add_argument(
         "--config",
         type=Path,
@@ -369,7 +375,11 @@ def _keys(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{args.config}: no tenant named {args.tenant!r}")
             key = generate_key()
             key_id = f"key-{key[4:12]}"
-            db.add_key(key_id, args.tenant, hash_key(key), args.role)
+            expires = None
+            if args.expires_days is not None:
+                expires = int((time.time() + args.expires_days * 86400) * 1000)
+            models = ",".join(m.strip() for m in (args.models or "").split(",") if m.strip())
+            db.add_key(StoredKey(key_id, args.tenant, hash_key(key), args.role, expires, models))
             print(f"{key_id} {key}")
             print("the key is shown once; only its hash is kept", file=sys.stderr)
             return 0

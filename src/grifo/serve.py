@@ -6,6 +6,7 @@ The single wiring path: config → state directory (SQLite, keys) → points →
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
 from grifo.audit.log import AuditLog
 from grifo.audit.setup import open_audit_log
-from grifo.config.model import GrifoConfig, StoreConfig
+from grifo.config.model import GrifoConfig, KeyConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
 from grifo.errors import StoreUnavailableError
@@ -35,6 +36,7 @@ from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import ROLES, KeyRing, Principal, Role, generate_key, hash_key
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
+from grifo.store.records import StoredKey
 from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
@@ -94,8 +96,9 @@ def build_keyring(
     }
     defaults = {t.name: t.default_data_class or "" for t in config.tenants}
 
-    def principal(tenant: str, key_id: str, role: str) -> Principal:
-        known: Role = next((r for r in ROLES if r == role), "user")  # never more than stored
+    def principal(key: StoredKey) -> Principal:
+        tenant, key_id = key.tenant, key.id
+        known: Role = next((r for r in ROLES if r == key.role), "user")  # never more than stored
         return Principal(
             tenant,
             key_id,
@@ -105,19 +108,31 @@ def build_keyring(
             known,
             classes[tenant] or None,
             defaults[tenant],
+            frozenset(key.models.split(",")) if key.models else None,
+            key.expires_ms,
         )
 
     ring = KeyRing()
     for key in config.keys:
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
-        ring.add(digest, principal(key.tenant, key.id, key.role))
+        ring.add(digest, principal(stored_key(key, digest)))
     demo: dict[str, str] = {}
     if config.gateway.demo_keys and create_demo:
         demo = _demo_keys(config, db, state_dir)
-    for key_id, tenant, digest, role in db.active_keys():
-        if tenant in allowed:
-            ring.add(digest, principal(tenant, key_id, role))
+    for stored in db.active_keys():
+        if stored.tenant in allowed:
+            ring.add(stored.sha256, principal(stored))
     return ring, demo
+
+
+def stored_key(key: KeyConfig, digest: str) -> StoredKey:
+    """A key from the config as the state database would hold it."""
+    expires = None
+    if key.expires is not None:
+        when = dt.datetime.fromisoformat(key.expires)
+        when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+        expires = int(when.timestamp() * 1000)
+    return StoredKey(key.id, key.tenant, digest, key.role, expires, ",".join(key.models or []))
 
 
 async def refresh_keys(
@@ -142,14 +157,14 @@ def _demo_keys(config: GrifoConfig, db: StateStore, state_dir: Path) -> dict[str
     known: dict[str, str] = {}
     if path.exists():
         known = json.loads(path.read_text(encoding="utf-8"))
-    active = {tenant for _, tenant, _, _ in db.active_keys()}
+    active = {key.tenant for key in db.active_keys()}
     keys: dict[str, str] = {}
     for tenant in config.tenants:
         key = known.get(tenant.name)
         if key is None or tenant.name not in active:
             db.revoke_keys(tenant.name)
             key = generate_key()
-            db.add_key(f"demo-{tenant.name}-{key[4:12]}", tenant.name, hash_key(key))
+            db.add_key(StoredKey(f"demo-{tenant.name}-{key[4:12]}", tenant.name, hash_key(key)))
         keys[tenant.name] = key
     path.write_text(json.dumps(keys, indent=2) + "\n", encoding="utf-8")
     path.chmod(0o600)

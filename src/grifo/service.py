@@ -98,6 +98,12 @@ class Gateway:
                 "or tenant-admin key"
             )
         body = wire.decode_for(request.path, request.body)
+        if principal.models is not None and body.model not in principal.models:
+            raise PermissionDeniedError(
+                f"this API key may not use the model {body.model!r}",
+                param="model",
+                code="model_not_allowed",
+            )
         raw_key = request.headers.get(IDEMPOTENCY_HEADER)
         if raw_key is None or self.idempotency is None:
             return await self._infer(request, request_id, received_ns, principal, body)

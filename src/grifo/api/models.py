@@ -18,6 +18,8 @@ def list_models(gateway: Gateway, request: Request) -> Response:
         if allowed is not None and point.jurisdiction not in allowed:
             continue
         for model in point.models.values():
+            if principal.models is not None and model.id not in principal.models:
+                continue
             card = cards.setdefault(
                 model.id,
                 {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -76,6 +77,11 @@ def check(config: GrifoConfig) -> list[str]:
         where = f"$.keys[{i}]"
         if key.tenant not in tenants:
             problems.append(f"{where}.tenant: no tenant named {key.tenant!r}")
+        if key.expires is not None:
+            try:
+                dt.datetime.fromisoformat(key.expires)
+            except ValueError:
+                problems.append(f"{where}.expires: not an ISO 8601 date or time")
         if (key.sha256 is None) == (key.env is None):
             problems.append(f"{where}: give exactly one of `sha256` or `env`")
         elif key.env is not None and not os.environ.get(key.env):

@@ -104,6 +104,10 @@ class KeyConfig(Base, kw_only=True, frozen=True):
     env: str | None = None
     budget: BudgetConfig | None = None
     limits: LimitsConfig | None = None
+    expires: str | None = None
+    """ISO 8601 date or time (UTC unless it says otherwise) after which the key is refused."""
+    models: list[str] | None = None
+    """The only models this key may use (None: all its tenant's)."""
     role: Literal["user", "tenant-admin", "auditor", "admin"] = "user"
     """user: inference; tenant-admin: inference and its tenant's /admin reads; auditor: its
     tenant's /admin reads only; admin: every tenant's /admin reads."""

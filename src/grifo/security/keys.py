@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,8 @@ class Principal:
     role: Role = "user"
     classes: Mapping[str, frozenset[str] | None] | None = None  # jurisdictions per data class
     default_class: str = ""
+    models: frozenset[str] | None = None  # the key's model allow-list (None: any)
+    expires_ms: int | None = None
 
     def sees(self, tenant: str) -> bool:
         """Whether this principal may read `tenant`'s usage, budgets and keys."""
@@ -74,4 +77,6 @@ class KeyRing:
         principal = self._by_digest.get(digest)
         if principal is None:
             raise AuthenticationError("invalid API key")
+        if principal.expires_ms is not None and time.time() * 1000 >= principal.expires_ms:
+            raise AuthenticationError("this API key has expired", code="expired_api_key")
         return principal

@@ -36,6 +36,12 @@ CREATE TABLE audit_checkpoints (
 );
 """
 
+# Key expiry and per-key model allow-lists (a migration step of both databases).
+KEYS_EXPIRY_SCHEMA = """
+ALTER TABLE api_keys ADD COLUMN expires_ms BIGINT;
+ALTER TABLE api_keys ADD COLUMN models TEXT NOT NULL DEFAULT ''
+"""
+
 
 class Connection(Protocol):
     def execute(self, query: Any, params: Any = ..., /) -> Any: ...

@@ -22,8 +22,8 @@ import psycopg
 from psycopg import sql
 
 from grifo.errors import StoreUnavailableError
-from grifo.store.audit_sql import AUDIT_SCHEMA, AuditTables
-from grifo.store.records import TOTAL_COLUMNS, Amount, LedgerEntry, StoredOutcome
+from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
+from grifo.store.records import TOTAL_COLUMNS, Amount, LedgerEntry, StoredKey, StoredOutcome
 
 log = logging.getLogger("grifo.postgres")
 T = TypeVar("T")
@@ -75,6 +75,7 @@ CREATE TABLE idempotency (
 ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
 """,
     AUDIT_SCHEMA,
+    KEYS_EXPIRY_SCHEMA,
 )
 
 _INSERT_LEDGER = (
@@ -167,12 +168,12 @@ class PostgresDB:
                 ) from None
 
     # -- keys -------------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None:
+    def add_key(self, key: StoredKey) -> None:
         self._run(
             lambda c: c.execute(
-                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (key_id, tenant, sha256, _now_ms(), role),
+                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role, expires_ms, models) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (*key[:3], _now_ms(), *key[3:]),
             )
         )
 
@@ -201,13 +202,14 @@ class PostgresDB:
         )
         return [(str(a), str(b), int(c), None if d is None else int(d)) for a, b, c, d in rows]
 
-    def active_keys(self) -> list[tuple[str, str, str, str]]:
+    def active_keys(self) -> list[StoredKey]:
         rows = self._run(
             lambda c: c.execute(
-                "SELECT id, tenant, sha256, role FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
+                "SELECT id, tenant, sha256, role, expires_ms, models FROM api_keys "
+                "WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
         )
-        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+        return [StoredKey(*row) for row in rows]
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(

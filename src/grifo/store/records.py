@@ -65,6 +65,17 @@ class StoredOutcome(NamedTuple):
     stream: int | None
 
 
+class StoredKey(NamedTuple):
+    """A key as the state database holds it (the hash, never the key)."""
+
+    id: str
+    tenant: str
+    sha256: str
+    role: str = "user"
+    expires_ms: int | None = None
+    models: str = ""  # comma-separated allow-list; empty: every model
+
+
 class Ask(NamedTuple):
     """A reservation wanted: `worst` in every one of `checks`, held at most `hold_s`."""
 

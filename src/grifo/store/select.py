@@ -10,7 +10,7 @@ from typing import Protocol
 from grifo.config.model import StoreConfig
 from grifo.store.audit_sql import AuditTables
 from grifo.store.ledger import LedgerSink
-from grifo.store.records import Amount, LedgerEntry, StoredOutcome
+from grifo.store.records import Amount, LedgerEntry, StoredKey, StoredOutcome
 
 
 class StateStore(Protocol):
@@ -20,7 +20,7 @@ class StateStore(Protocol):
 
     def open_audit(self) -> AuditTables: ...
 
-    def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None: ...
+    def add_key(self, key: StoredKey) -> None: ...
 
     def revoke_keys(self, tenant: str) -> None: ...
 
@@ -28,7 +28,7 @@ class StateStore(Protocol):
 
     def list_keys(self) -> list[tuple[str, str, int, int | None]]: ...
 
-    def active_keys(self) -> list[tuple[str, str, str, str]]: ...
+    def active_keys(self) -> list[StoredKey]: ...
 
     def claim_key(
         self, tenant: str, key: str, fingerprint: str, request_id: str, stale_ms: int

@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from grifo.store.audit_sql import AUDIT_SCHEMA, AuditTables
-from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredOutcome
+from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
+from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredKey, StoredOutcome
 from grifo.store.sqlite_budgets import BudgetTables
 
 # Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
@@ -71,6 +71,7 @@ ALTER TABLE budget_usage ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
 """,
     AUDIT_SCHEMA,
+    KEYS_EXPIRY_SCHEMA,
 )
 
 
@@ -140,12 +141,12 @@ class StateDB(BudgetTables):
         return AuditTables(connect(self.path), "?")
 
     # -- keys -------------------------------------------------------------------------------------
-    def add_key(self, key_id: str, tenant: str, sha256: str, role: str = "user") -> None:
+    def add_key(self, key: StoredKey) -> None:
         with self._lock:
             self._conn.execute(
-                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key_id, tenant, sha256, int(time.time() * 1000), role),
+                "INSERT INTO api_keys (id, tenant, sha256, created_ms, role, expires_ms, models) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*key[:3], int(time.time() * 1000), *key[3:]),
             )
 
     def revoke_keys(self, tenant: str) -> None:
@@ -171,13 +172,14 @@ class StateDB(BudgetTables):
             ).fetchall()
         return [(str(a), str(b), int(c), None if d is None else int(d)) for a, b, c, d in rows]
 
-    def active_keys(self) -> list[tuple[str, str, str, str]]:
-        """(key id, tenant, sha256, role) of every key not revoked."""
+    def active_keys(self) -> list[StoredKey]:
+        """Every key not revoked (expired ones too: the key ring refuses them with a reason)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, tenant, sha256, role FROM api_keys WHERE revoked_ms IS NULL ORDER BY id"
+                "SELECT id, tenant, sha256, role, expires_ms, models FROM api_keys "
+                "WHERE revoked_ms IS NULL ORDER BY id"
             ).fetchall()
-        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+        return [StoredKey(*row) for row in rows]
 
     # -- idempotency keys -------------------------------------------------------------------------
     def claim_key(
