@@ -7,14 +7,12 @@ api (decode) → security (key → principal) → placement (allowed set, then r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 
 from grifo.admission.budgets import Budgets, prompt_bound
-from grifo.admission.burn import Burn
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
 from grifo.admission.deadline import POINT_HEADER as DEADLINE_POINT_HEADER
 from grifo.admission.deadline import timeout_s
@@ -32,7 +30,6 @@ from grifo.errors import (
     NoCompliantPointError,
     PermissionDeniedError,
     PointTimeoutError,
-    StoreUnavailableError,
 )
 from grifo.exchange import Exchange
 from grifo.http.client import UpstreamResponse
@@ -363,28 +360,6 @@ class Gateway:
             self.limits.done(ex.lease, 0)
 
     # -- models -----------------------------------------------------------------------------------
-    def render_metrics(self) -> bytes:
-        for point in self.points:
-            self.metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
-        self.metrics.store_up.labels("ledger").set(1 if self.ledger.up else 0)
-        self.metrics.spool_backlog.set(self.ledger.pending_segments)
-        burns: list[Burn] = []
-        if self.budgets is not None:
-            self.metrics.store_up.labels("budgets").set(1 if self.budgets.store_up else 0)
-            self.metrics.count_unchecked(self.budgets.unchecked)
-            with contextlib.suppress(StoreUnavailableError):
-                burns = self.budgets.burn()
-        for burn in burns:
-            for kind, value in (
-                ("limit", burn.limit_micros),
-                ("spent", burn.spent_micros),
-                ("projected", burn.projected_micros),
-            ):
-                self.metrics.budget.labels(burn.tenant, kind).set(value)
-            eta = burn.runs_out_at.timestamp() if burn.runs_out_at is not None else 0
-            self.metrics.budget_exhaustion.labels(burn.tenant).set(eta)
-        return self.metrics.render()
-
     def ready(self) -> bool:
         return all(p.healthy for p in self.points)
 

@@ -17,6 +17,7 @@ from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError, RateLimitedError
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.service import Gateway
+from grifo.telemetry.scrape import scrape
 
 log = logging.getLogger("grifo.api")
 
@@ -80,9 +81,7 @@ class GatewayApp:
             return Response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
             return self._readyz()
-        return Response(
-            200, self.gateway.render_metrics(), content_type=b"text/plain; version=0.0.4"
-        )
+        return Response(200, scrape(self.gateway), content_type=b"text/plain; version=0.0.4")
 
     def _readyz(self) -> Response:
         import msgspec
