@@ -154,7 +154,8 @@ def test_the_whole_log_verifies_across_a_restart(
         json.loads(line) for line in (tmp_path / "x" / "records.jsonl").read_text().splitlines()
     ]
     assert [line["seq"] for line in lines] == list(range(36))
-    assert lines[0]["log"] == f"{gateway_name(parse_config(topology_yaml(), 't'))}/0"
+    instance = (state / "audit-instance").read_text().strip()
+    assert lines[0]["log"] == f"{gateway_name(parse_config(topology_yaml(), 't'))}/{instance}/0"
     cli = subprocess.run(
         [sys.executable, "-m", "grifo", "audit", "verify", str(tmp_path / "x")],
         capture_output=True,

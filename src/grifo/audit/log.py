@@ -1,9 +1,9 @@
 """The audit log of one gateway process: a hash chain of records, a Merkle tree over them, and
 signed checkpoints, written like the ledger (spool first, then batches to the database).
 
-Each process appends to a log of its own (`<gateway name>/<worker>`), so sequence numbers are
-assigned without coordination; a restarted process continues its log from the database (the
-last checkpoint's Merkle peaks plus the records after it).
+Each process appends to a log of its own (`<gateway name>/<state dir id>/<worker>`), so
+sequence numbers are assigned without coordination; a restarted process continues its log from
+the database (the last checkpoint's Merkle peaks plus the records after it).
 """
 
 from __future__ import annotations

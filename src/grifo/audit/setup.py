@@ -36,7 +36,7 @@ def open_audit_log(
         replay_audit_spool(db.open_audit, spool)
     audit = config.gateway.audit
     return AuditLog(
-        f"{gateway_name(config)}/{worker}",
+        f"{gateway_name(config)}/{_instance(state_dir)}/{worker}",
         signer(config, state_dir),
         db.open_audit,
         spool,
@@ -44,6 +44,20 @@ def open_audit_log(
         policy_digest(config),
         checkpoint_every=audit.checkpoint_every,
     )
+
+
+def _instance(state_dir: Path) -> str:
+    """This state directory's id, kept in it: replicas (one state directory each, possibly on
+    one host under one name) never append to the same log, and a restart continues its own."""
+    path = state_dir / "audit-instance"
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(4) + "\n")
+    return path.read_text().strip()
 
 
 def policy_digest(config: GrifoConfig) -> str:
