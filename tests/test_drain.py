@@ -19,7 +19,10 @@ def test_sigterm_finishes_streams_in_flight_and_refuses_new_ones(tmp_path: Path)
     config = tmp_path / "grifo.yaml"
     config.write_text(topology_yaml("{kind: fake, embeddings: fake, token_delay_ms: 40}"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "grifo", "serve", "--config", str(config), "--port", "0", "--state-dir", str(tmp_path / "state")],
+        [
+            *(sys.executable, "-m", "grifo", "serve", "--config", str(config)),
+            *("--port", "0", "--state-dir", str(tmp_path / "state")),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
