@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -290,3 +291,40 @@ def test_a_gateway_cannot_rewrite_where_a_request_ran(
     assert len(report.problems) == 1
     assert "record 3 says" in report.problems[0]
     assert "the point signed" in report.problems[0]
+
+
+def test_refused_and_failed_requests_have_records_too(fabric: Fabric) -> None:
+    port = int(fabric.url.rsplit(":", 1)[1])
+
+    def send(key: str, body: dict[str, object]) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"authorization": f"Bearer {key}"}
+        )
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.status, response.headers["x-request-id"]
+
+    chat = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}]}
+    cases = {
+        send("grf-00000000-wrong", chat): "refused:401:invalid_api_key",
+        send(fabric.keys["demo-eu"], {**chat, "model": "nope"}): "refused:404:model_not_found",
+        send(fabric.keys["demo-eu"], {**chat, "temperature": "hot"}): "refused:400:",
+    }
+    deadline = time.monotonic() + 5
+    while True:
+        tables = fabric.running.db.open_audit()
+        try:
+            rows = {r.request_id: r for log in tables.logs() for r in tables.records_from(log, 0)}
+        finally:
+            tables.close()
+        if all(rid in rows for _, rid in cases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for (status, request_id), expected in cases.items():
+        record = decode(rows[request_id].record)
+        assert record.status.startswith(expected), (status, record.status)
+        assert (record.point, record.cost_micros) == ("", 0), "no point saw it, nothing billed"
+    assert decode(rows[next(rid for s, rid in cases if s == 401)].record).tenant == ""
+    assert decode(rows[next(rid for s, rid in cases if s == 404)].record).tenant == "demo-eu"

@@ -30,6 +30,7 @@ class GrifoError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    audited = False  # set once the audit log has a record of the request it ended
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

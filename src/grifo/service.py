@@ -88,6 +88,20 @@ class Gateway:
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
+        try:
+            return await self._admit(request, request_id, received_ns)
+        except GrifoError as exc:
+            if self.audit is not None and not exc.audited:
+                # Refused before any point saw it: the record says who asked and why not.
+                principal = self.keys.peek(request.headers.get(b"authorization"))
+                ex = Exchange(request_id, request.path, received_ns, principal, "")
+                ex.body, ex.allowed = request.body, principal.allowed
+                self.audit.append(ex, None, (0, 0), f"refused:{exc.status}:{exc.code}", 0)
+            raise
+
+    async def _admit(
+        self, request: Request, request_id: str, received_ns: int
+    ) -> Response | StreamResponse:
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
         if principal.role in ("auditor", "admin"):
             raise PermissionDeniedError(
@@ -154,10 +168,14 @@ class Gateway:
                     principal, body, candidates, request_id, ex.timeout_s
                 )
             return await self._dispatch(ex, request, body, candidates)
-        except BaseException:
+        except BaseException as exc:
             if ex.point is not None:
                 self._leave_point(ex)
             self._release(ex)
+            if isinstance(exc, GrifoError) and self.audit is not None:
+                kind = "refused" if ex.point is None else "failed"
+                self.audit.append(ex, ex.point, (0, 0), f"{kind}:{exc.status}:{exc.code}", 0)
+                exc.audited = True
             raise
 
     async def _dispatch(
@@ -230,6 +248,8 @@ class Gateway:
         else:
             self._leave_point(ex)
             self._release(ex)  # the point refused the request: nothing to bill
+            if self.audit is not None:
+                self.audit.append(ex, ex.point, (0, 0), f"point:{response.status}", 0)
         self.metrics.observe(
             ex.endpoint,
             ex.point.name,

@@ -92,9 +92,15 @@ class AuditLog:
         return self._range.size
 
     def append(
-        self, ex: Exchange, point: PointState, usage: tuple[int, int], status: str, cost: int
+        self,
+        ex: Exchange,
+        point: PointState | None,
+        usage: tuple[int, int],
+        status: str,
+        cost: int,
     ) -> AuditRecord:
-        """The record of a request that ran at `point` (see `record.py` for the fields)."""
+        """The record of a request (see `record.py` for the fields); `point` is where it ran or
+        was sent, None when it was refused before reaching one."""
         tenant = ex.principal.tenant
         key = self._keys.get(tenant)
         if key is None:
@@ -111,9 +117,9 @@ class AuditLog:
             key_id=ex.principal.key_id,
             endpoint=ex.endpoint,
             model=ex.model,
-            point=point.name,
-            site=point.config.site,
-            jurisdiction=point.jurisdiction,
+            point="" if point is None else point.name,
+            site="" if point is None else point.config.site,
+            jurisdiction="" if point is None else point.jurisdiction,
             allowed=None if ex.allowed is None else sorted(ex.allowed),
             status=status,
             prompt_tokens=usage[0],

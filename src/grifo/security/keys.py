@@ -65,6 +65,14 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def peek(self, authorization: bytes | None) -> Principal:
+        """The caller as far as it can be told, for the record of a refused request: its
+        principal, or an anonymous one."""
+        try:
+            return self.authenticate(authorization)
+        except AuthenticationError:
+            return Principal("", "", frozenset())
+
     def authenticate(self, authorization: bytes | None) -> Principal:
         """The principal for an `Authorization: Bearer <key>` header, or AuthenticationError."""
         if not authorization:
