@@ -118,3 +118,23 @@ keys:
             proc.wait(30)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def test_limits_fail_open_when_redis_is_down(redis_prefix: str) -> None:
+    from tests.support.stores import TcpRelay
+
+    relay = TcpRelay("127.0.0.1", 6379)
+    relay.cut()
+
+    async def scenario() -> None:
+        limiter = RedisLimiter(relay.url(REDIS_URL), prefix=redis_prefix)
+        limits = SharedLimits(limiter, {"acme": LimitsConfig(requests_per_min=1)}, {})
+        try:
+            for i in range(3):
+                lease = await limits.acquire(ACME, 10, f"r{i}", 30)
+                limits.done(lease, 10)
+            assert limits.unchecked == 3
+        finally:
+            await limits.close()
+
+    asyncio.run(scenario())

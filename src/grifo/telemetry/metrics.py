@@ -78,8 +78,19 @@ class GatewayMetrics:
             "(budget_outage: fail-open)",
             registry=r,
         )
+        self.limits_unchecked = Counter(
+            "grifo_ratelimit_unchecked",
+            "Requests admitted without a rate-limit check because Redis was down",
+            registry=r,
+        )
         self._unchecked_seen = 0
+        self._limits_unchecked_seen = 0
         self._children: dict[tuple[str, ...], object] = {}
+
+    def count_limits_unchecked(self, total: int) -> None:
+        if total > self._limits_unchecked_seen:
+            self.limits_unchecked.inc(total - self._limits_unchecked_seen)
+            self._limits_unchecked_seen = total
 
     def count_unchecked(self, total: int) -> None:
         """Bring the counter up to `total` (the budgets' own running count)."""
