@@ -328,3 +328,44 @@ def test_refused_and_failed_requests_have_records_too(fabric: Fabric) -> None:
         assert (record.point, record.cost_micros) == ("", 0), "no point saw it, nothing billed"
     assert decode(rows[next(rid for s, rid in cases if s == 401)].record).tenant == ""
     assert decode(rows[next(rid for s, rid in cases if s == 404)].record).tenant == "demo-eu"
+
+
+def test_pruned_records_keep_the_log_verifiable(
+    audited: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    state, _ = audited
+    copy = tmp_path / "state"
+    shutil.copytree(state, copy)
+    db = StateDB(copy / "grifo.db")
+    tables = db.open_audit()
+    rows = [r for log in tables.logs() for r in tables.records_from(log, 0)]
+    cutoff = sorted(r.ts_ms for r in rows)[20]
+    assert tables.prune(cutoff) == sum(1 for r in rows if r.ts_ms < cutoff)
+    assert tables.prune(cutoff) == 0, "pruning twice prunes nothing more"
+    tables.close()
+    db.close()
+    out = tmp_path / "export"
+    kept = _export(copy, out)
+    assert kept == sum(1 for r in rows if r.ts_ms >= cutoff)
+    report = verify(out, _public(out), point_keys=_point_keys(copy))
+    assert report.problems == []
+    assert report.receipts == kept
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "audit",
+            "prune",
+            "--to",
+            "2999-01-01",
+            "--state-dir",
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert f"pruned the content of {kept} records" in cli.stdout
+    assert _export(copy, tmp_path / "empty") == 0
+    assert verify(tmp_path / "empty", _public(tmp_path / "empty")).problems == []

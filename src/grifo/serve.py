@@ -129,7 +129,10 @@ async def start(
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S))]
     if audit is not None:
-        tasks.append(loop.create_task(checkpoints(audit, config.gateway.audit.checkpoint_s)))
+        settings = config.gateway.audit
+        tasks.append(
+            loop.create_task(checkpoints(audit, settings.checkpoint_s, db, settings.retention_days))
+        )
     server = HttpServer(
         GatewayApp(gateway, admin_api(config, keys, db)).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
@@ -138,11 +141,29 @@ async def start(
     return Running(gateway, server, poller, db, bound, local, demo, tasks)
 
 
-async def checkpoints(audit: AuditLog, interval_s: float) -> None:
-    """Sign the audit log's tree every `interval_s` (it also signs every N records)."""
+async def checkpoints(audit: AuditLog, interval_s: float, db: StateStore, keep_days: int) -> None:
+    """Sign the audit log's tree every `interval_s` (it also signs every N records), and once a
+    day prune the content of records past retention."""
+    next_prune = 0.0
     while True:
+        if time.monotonic() >= next_prune:
+            await asyncio.to_thread(prune_audit, db, keep_days)
+            next_prune = time.monotonic() + 86_400
         await asyncio.sleep(interval_s)
         audit.checkpoint()
+
+
+def prune_audit(db: StateStore, keep_days: int) -> int:
+    """Prune audit content past retention; a database that is away is tried again tomorrow."""
+    try:
+        tables = db.open_audit()
+        try:
+            return tables.prune(int((time.time() - keep_days * 86_400) * 1000))
+        finally:
+            tables.close()
+    except Exception as exc:  # maintenance in the background: never take the gateway down
+        log.warning("could not prune the audit log: %s", type(exc).__name__)
+        return 0
 
 
 def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:

@@ -20,13 +20,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(edited, deleted, inserted or reordered records are named). verify-attestation: "
         "check a response's x-grifo-attestation. public-key: print the signing key's public half.",
     )
-    audit.add_argument("action", choices=["export", "verify", "verify-attestation", "public-key"])
+    audit.add_argument(
+        "action", choices=["export", "verify", "verify-attestation", "public-key", "prune"]
+    )
     audit.add_argument("target", nargs="?", help="export/verify: a directory; or the attestation")
     audit.add_argument("--config", type=Path, help="the gateway's topology (its store and name)")
     audit.add_argument("--state-dir", type=Path, default=None)
     audit.add_argument("--tenant", help="export: only this tenant's records in full")
     audit.add_argument("--from", dest="since", help="export: from this UTC date/time (ISO 8601)")
-    audit.add_argument("--to", dest="until", help="export: before this UTC date/time (ISO 8601)")
+    audit.add_argument(
+        "--to", dest="until", help="export: before this UTC date/time; prune: records before it"
+    )
     audit.add_argument("--public-key", type=Path, help="verify: the PEM (default: the export's)")
     audit.add_argument("--key-name", help="verify: the signer's name (default: from the log)")
     audit.add_argument(
@@ -93,6 +97,15 @@ def run(args: argparse.Namespace) -> int:
 
     db = open_state(config.gateway.store, state_dir)
     tables = db.open_audit()
+    if args.action == "prune":
+        keep_ms = config.gateway.audit.retention_days * 86_400_000
+        before = _ms(args.until) or int(dt.datetime.now(dt.UTC).timestamp() * 1000) - keep_ms
+        try:
+            print(f"pruned the content of {tables.prune(before)} records (hashes kept)")
+        finally:
+            tables.close()
+            db.close()
+        return 0
     try:
         full = export(
             iter_logs(tables),

@@ -72,8 +72,11 @@ def export(
     ):
         for name, rows, marks in logs:
             for row in rows:
-                inside = (tenant is None or row.tenant == tenant) and (
-                    since_ms <= row.ts_ms and (until_ms is None or row.ts_ms < until_ms)
+                inside = (
+                    bool(row.record)  # a record past retention keeps only its hashes
+                    and (tenant is None or row.tenant == tenant)
+                    and since_ms <= row.ts_ms
+                    and (until_ms is None or row.ts_ms < until_ms)
                 )
                 if inside:
                     line = ExportLine(row.log, row.seq, record=row.record)

@@ -147,6 +147,9 @@ class AuditConfig(Base, kw_only=True, frozen=True):
     checkpoint_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     attest: bool = True
     """Sign `x-grifo-attestation` on every whole response."""
+    retention_days: Annotated[int, msgspec.Meta(ge=183)] = 183
+    """Records older than this keep only their hashes (content pruned daily; EU AI Act Art. 19
+    and 26(6) ask for at least six months)."""
 
 
 OutagePolicy = Literal["auto", "fail-closed", "fail-open"]

@@ -89,6 +89,15 @@ class AuditTables:
             rows,
         )
 
+    def prune(self, before_ms: int) -> int:
+        """Drop the content of records older than `before_ms`, keeping their hashes (the chain
+        and the Merkle tree stay verifiable); returns how many were pruned."""
+        cursor = self._conn.execute(
+            self._q("UPDATE audit_records SET record = '' WHERE ts_ms < ? AND record <> ''"),
+            (before_ms,),
+        )
+        return int(cursor.rowcount)
+
     def last_checkpoint(self, log: str) -> CheckpointRow | None:
         row = self._conn.execute(
             self._q(
