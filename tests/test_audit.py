@@ -369,3 +369,38 @@ def test_pruned_records_keep_the_log_verifiable(
     assert f"pruned the content of {kept} records" in cli.stdout
     assert _export(copy, tmp_path / "empty") == 0
     assert verify(tmp_path / "empty", _public(tmp_path / "empty")).problems == []
+
+
+def test_a_rotated_key_still_verifies_what_it_signed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    text = topology_yaml().replace(
+        "health_interval_s: 0.2}", "health_interval_s: 0.2, audit: {checkpoint_every: 2}}"
+    )
+    for round_ in range(2):
+        fab = Fabric.from_yaml(text, state)
+        for _ in range(3):
+            fab.client("demo-global").chat.completions.create(
+                model=CHAT, messages=[{"role": "user", "content": "sign me"}]
+            )
+        fab.close()
+        if round_ == 0:
+            cli = subprocess.run(
+                [sys.executable, "-m", "grifo", "audit", "rotate-key", "--state-dir", str(state)],
+                capture_output=True,
+                text=True,
+            )
+            assert cli.returncode == 0, cli.stderr
+    out = tmp_path / "export"
+    cli = subprocess.run(
+        [sys.executable, "-m", "grifo", "audit", "export", str(out), "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert len(list((out / "public-keys").glob("*.pem"))) == 2
+    cli = subprocess.run(
+        [sys.executable, "-m", "grifo", "audit", "verify", str(out)], capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stdout
+    only_new = verify(out, _public(out))  # the current key alone cannot vouch for the old ones
+    assert any("no signature" in p for p in only_new.problems)

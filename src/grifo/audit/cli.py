@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "check a response's x-grifo-attestation. public-key: print the signing key's public half.",
     )
     audit.add_argument(
-        "action", choices=["export", "verify", "verify-attestation", "public-key", "prune"]
+        "action",
+        choices=["export", "verify", "verify-attestation", "public-key", "prune", "rotate-key"],
     )
     audit.add_argument("target", nargs="?", help="export/verify: a directory; or the attestation")
     audit.add_argument("--config", type=Path, help="the gateway's topology (its store and name)")
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "verify":
         directory = _target(args)
-        public = load_public((args.public_key or directory / "public-key.pem").read_bytes())
+        pems = [args.public_key] if args.public_key else sorted(directory.glob("public-keys/*.pem"))
+        pems = pems or [directory / "public-key.pem"]
+        public = [load_public(p.read_bytes()) for p in pems]
         points = {}
         if args.point_keys is not None:
             raw = msgspec.json.decode(args.point_keys.read_bytes(), type=dict[str, str])
@@ -75,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print("grifo: verify-attestation needs --public-key", file=sys.stderr)
             return 2
         try:
-            public = load_public(args.public_key.read_bytes())
-            claims = verify_attestation(_arg(args), public)
+            claims = verify_attestation(_arg(args), load_public(args.public_key.read_bytes()))
         except CheckpointError as exc:
             print(f"FAIL {exc}")
             return 1
@@ -86,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     config, state_dir = _config(args)
-    from grifo.audit.setup import signer
+    from grifo.audit.setup import retired_pems, rotate_key, signer
 
+    if args.action == "rotate-key":
+        new = rotate_key(config, state_dir)
+        print(f"new audit signing key {new.key_id().hex()}; restart the gateway to use it")
+        return 0
     key = signer(config, state_dir)
     if args.action == "public-key":
         print(public_pem(key.public_key), end="")
@@ -111,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             iter_logs(tables),
             _target(args),
             public_pem(key.public_key),
+            retired_pems=retired_pems(state_dir),
             tenant=args.tenant,
             since_ms=_ms(args.since) or 0,
             until_ms=_ms(args.until),

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from grifo.audit.log import AuditLog, replay_audit_spool
-from grifo.audit.signing import Signer, load_or_create
+from grifo.audit.signing import Signer, load_or_create, public_pem
 from grifo.config.model import GrifoConfig
 from grifo.store.select import StateStore
 
@@ -24,6 +24,31 @@ def signer(config: GrifoConfig, state_dir: Path) -> Signer:
     key_file = config.gateway.audit.key_file
     path = Path(key_file) if key_file else state_dir / "audit-signing.pem"
     return load_or_create(path, gateway_name(config))
+
+
+def retired_dir(state_dir: Path) -> Path:
+    return state_dir / "audit-keys"
+
+
+def rotate_key(config: GrifoConfig, state_dir: Path) -> Signer:
+    """Retire the signing key (its public half is kept, and exported, so the checkpoints it
+    signed still verify) and start a new one. Restart the gateway to sign with it."""
+    key_file = config.gateway.audit.key_file
+    path = Path(key_file) if key_file else state_dir / "audit-signing.pem"
+    old = signer(config, state_dir)
+    retired = retired_dir(state_dir)
+    retired.mkdir(parents=True, exist_ok=True)
+    (retired / f"{old.key_id().hex()}.pem").write_text(public_pem(old.public_key))
+    fresh = path.with_suffix(".new")
+    fresh.unlink(missing_ok=True)
+    new = load_or_create(fresh, old.name)
+    fresh.replace(path)
+    return new
+
+
+def retired_pems(state_dir: Path) -> list[str]:
+    directory = retired_dir(state_dir)
+    return [p.read_text() for p in sorted(directory.glob("*.pem"))] if directory.is_dir() else []
 
 
 def open_audit_log(

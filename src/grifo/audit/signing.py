@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,20 +91,26 @@ class CheckpointError(ValueError):
     """A checkpoint that does not parse or whose signature does not verify."""
 
 
-def verify_checkpoint(text: str, name: str, public: Ed25519PublicKey) -> tuple[str, int, bytes]:
-    """(origin, size, root) of a checkpoint signed by `name`'s `public` key."""
+def verify_checkpoint(
+    text: str, name: str, public: Ed25519PublicKey | Sequence[Ed25519PublicKey]
+) -> tuple[str, int, bytes]:
+    """(origin, size, root) of a checkpoint signed by one of `name`'s keys (after a key
+    rotation, the retired ones verify the checkpoints they signed)."""
     body, sep, signatures = text.partition("\n\n")
     if not sep:
         raise CheckpointError("a checkpoint needs a blank line before its signatures")
     body += "\n"
-    want = key_id(name, public)
+    keys = {
+        key_id(name, k): k for k in ([public] if isinstance(public, Ed25519PublicKey) else public)
+    }
     for line in signatures.splitlines():
         prefix = f"\u2014 {name} "
         if not line.startswith(prefix):
             continue
         raw = base64.b64decode(line[len(prefix) :], validate=True)
-        if raw[:4] != want:
+        if raw[:4] not in keys:
             continue
+        public = keys[raw[:4]]
         try:
             public.verify(raw[4:], body.encode())
         except InvalidSignature:

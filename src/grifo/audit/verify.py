@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ def export(
     out: Path,
     public_pem: str,
     *,
+    retired_pems: Sequence[str] = (),
     tenant: str | None = None,
     since_ms: int = 0,
     until_ms: int | None = None,
@@ -93,6 +94,10 @@ def export(
                     encoder.encode(ExportCheckpoint(name, mark.size, mark.note)) + b"\n"
                 )
     (out / "public-key.pem").write_text(public_pem)
+    keys = out / "public-keys"  # every key that signed a checkpoint, retired ones too
+    keys.mkdir(exist_ok=True)
+    for n, pem in enumerate([public_pem, *retired_pems]):
+        (keys / f"{n}.pem").write_text(pem)
     lines = [
         f"grifo audit export, {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
         f"tenant: {tenant or 'all'}; records: {full}",
@@ -106,7 +111,7 @@ def export(
 
 def verify(
     directory: Path,
-    public: Ed25519PublicKey,
+    public: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     key_name: str | None = None,
     point_keys: Mapping[str, Ed25519PublicKey] | None = None,
 ) -> Report:
@@ -231,7 +236,7 @@ def _check_checkpoint(
     name: str,
     mark: ExportCheckpoint,
     leaves: list[bytes | None],
-    public: Ed25519PublicKey,
+    public: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     key_name: str | None,
     problems: list[str],
 ) -> None:
