@@ -85,6 +85,9 @@ class HttpProtocol(asyncio.Protocol):
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self._server.draining:  # accepted just before the listener closed: nobody serves it
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         self._client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self._server.connections.add(self)
