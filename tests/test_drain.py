@@ -43,10 +43,13 @@ def test_sigterm_finishes_streams_in_flight_and_refuses_new_ones(tmp_path: Path)
         first = response.readline()
         assert first.startswith(b"data:") or first.strip() == b"", first
         proc.send_signal(signal.SIGTERM)  # mid-stream
-        time.sleep(0.2)
-        with socket.socket() as probe:
-            probe.settimeout(2)
-            refused = probe.connect_ex(("127.0.0.1", port)) != 0
+        refused = False
+        deadline = time.monotonic() + 3
+        while not refused and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                refused = probe.connect_ex(("127.0.0.1", port)) != 0
+            time.sleep(0.05)
         rest = response.read().decode()
         conn.close()
         assert "data: [DONE]" in rest, "the stream in flight was cut"

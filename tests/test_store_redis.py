@@ -131,10 +131,10 @@ def test_spending_is_counted_from_the_ledger_first(redis_prefix: str) -> None:
 def test_a_dead_gateways_reservation_expires(redis_prefix: str) -> None:
     async def scenario() -> None:
         dead = RedisReservations(REDIS_URL, _ledger(), prefix=redis_prefix, margin_s=0)
-        assert await reserve(dead, [STRICT], Amount(1000, 0), "orphan", hold_s=0.05) is None
+        assert await reserve(dead, [STRICT], Amount(1000, 0), "orphan", hold_s=0.5) is None
         live = RedisReservations(REDIS_URL, _ledger(), prefix=redis_prefix)
         assert await reserve(live, [STRICT], Amount(1, 0), "a", 30) == STRICT
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.6)
         assert await reserve(live, [STRICT], Amount(1000, 0), "b", 30) is None, "given back"
         assert _counters(redis_prefix, STRICT)["rm"] == 1000
         await dead.close()
