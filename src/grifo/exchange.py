@@ -41,6 +41,7 @@ class Exchange:
     answer: bytes | None = None  # a whole response's body, for the audit record
     attestation: str | None = None
     point_receipt: str = ""
+    redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

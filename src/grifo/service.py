@@ -32,19 +32,13 @@ from grifo.errors import (
     PointTimeoutError,
 )
 from grifo.exchange import Exchange
+from grifo.guardrails.redact import redact_request
 from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
 from grifo.metering.usage import Usage, usage_of
-from grifo.placement.jurisdiction import (
-    DATA_CLASS_HEADER,
-    TIER_HEADER,
-    allowed_set,
-    data_class_policy,
-    requested_tier,
-)
-from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
+from grifo.placement.jurisdiction import TIER_HEADER, request_policy, requested_tier
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
@@ -137,10 +131,7 @@ class Gateway:
         principal: Principal,
         body: wire.InferenceRequest,
     ) -> Response | StreamResponse:
-        data_class, tenant_allowed = data_class_policy(
-            principal, request.headers.get(DATA_CLASS_HEADER)
-        )
-        allowed = allowed_set(tenant_allowed, request.headers.get(JURISDICTION_HEADER), self.blocs)
+        data_class, allowed, only_redacted = request_policy(principal, request.headers, self.blocs)
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         try:
             candidates = self.placement.rank(
@@ -156,6 +147,10 @@ class Gateway:
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
         ex.body, ex.allowed, ex.data_class = request.body, allowed, data_class
+        if any(c.point.jurisdiction in only_redacted for c in candidates):
+            # A candidate may see this class only redacted: every attempt gets the redacted text.
+            body, found = redact_request(body)
+            ex.redacted = ",".join(f"{k}:{n}" for k, n in sorted(found.items())) or "none"
         default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
         ex.timeout_s = timeout_s(request.headers.get(DEADLINE_HEADER), default_s)
         ex.deadline = time.monotonic() + ex.timeout_s
@@ -258,6 +253,8 @@ class Gateway:
             None,
         )
         headers = _point_headers(ex.point, cost)
+        if ex.redacted:
+            headers.append((b"x-grifo-redacted", ex.redacted.encode()))
         if ex.point_receipt:
             headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
         if ex.attestation is not None:

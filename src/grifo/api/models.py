@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from grifo.http.message import Request, Response
-from grifo.placement.jurisdiction import DATA_CLASS_HEADER, allowed_set, data_class_policy
-from grifo.placement.jurisdiction import HEADER as JURISDICTION_HEADER
+from grifo.placement.jurisdiction import request_policy
 from grifo.service import Gateway
 from grifo.wire.responses import model_list
 
 
 def list_models(gateway: Gateway, request: Request) -> Response:
     principal = gateway.keys.authenticate(request.headers.get(b"authorization"))
-    _, tenant_allowed = data_class_policy(principal, request.headers.get(DATA_CLASS_HEADER))
-    allowed = allowed_set(tenant_allowed, request.headers.get(JURISDICTION_HEADER), gateway.blocs)
+    _, allowed, _ = request_policy(principal, request.headers, gateway.blocs)
     cards: dict[str, dict[str, object]] = {}
     for point in gateway.points:
         if allowed is not None and point.jurisdiction not in allowed:

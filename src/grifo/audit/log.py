@@ -130,6 +130,7 @@ class AuditLog:
             policy=self._policy,
             point_receipt=ex.point_receipt,
             data_class=ex.data_class,
+            redacted=ex.redacted,
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

@@ -10,8 +10,8 @@ for risk identification, post-market monitoring and the deployer's monitoring of
 - request_id, received_ms, done_ms: the event and its start and end time;
 - tenant, key_id (never the key): who used the system;
 - endpoint, model: what was used;
-- point, site, jurisdiction, allowed, data_class: where processing happened, and where the
-  request's data class allowed it to;
+- point, site, jurisdiction, allowed, data_class, redacted: where processing happened, where
+  the request's data class allowed it to, and what personal data was redacted first;
 - status, prompt_tokens, completion_tokens, cost_micros: the outcome;
 - input_hmac, output_hmac: HMAC-SHA-256 with a per-tenant key of the request and response
   bodies, so a tenant can prove what was sent without the log holding it;
@@ -62,6 +62,7 @@ class AuditRecord(
     policy: str
     point_receipt: str = ""
     data_class: str = ""
+    redacted: str = ""
 
 
 _encoder = msgspec.json.Encoder()

@@ -129,6 +129,13 @@ def _check_tenant(
             expand(codes or [], blocs)
         except UnknownJurisdictionError as exc:
             problems.append(f"{where}.{field}: {exc}")
+    for name, codes in tenant.redacted_to.items():
+        if name not in tenant.data_classes:
+            problems.append(f"{where}.redacted_to.{name}: not one of its data_classes")
+        try:
+            expand(codes, blocs)
+        except UnknownJurisdictionError as exc:
+            problems.append(f"{where}.redacted_to.{name}: {exc}")
     default = tenant.default_data_class
     if default is not None and default not in tenant.data_classes:
         problems.append(f"{where}.default_data_class: {default!r} is not one of its data_classes")

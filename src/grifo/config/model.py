@@ -95,6 +95,9 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     unrestricted). A request names its class in `x-grifo-data-class`; without one it gets
     `default_data_class`, or `allowed_jurisdictions` when that is unset too."""
     default_data_class: Name | None = None
+    redacted_to: dict[Name, list[str]] = {}
+    """Per data class, jurisdictions it may also go to once personal data is redacted from it
+    (e-mails, phone numbers, cards, IBANs, CPF, DNI: see guardrails/pii.py)."""
 
 
 class KeyConfig(Base, kw_only=True, frozen=True):

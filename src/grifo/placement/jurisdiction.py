@@ -48,6 +48,15 @@ def allowed_set(
     return result
 
 
+def redacted_only(
+    principal: Principal, data_class: str, allowed: frozenset[str] | None
+) -> frozenset[str]:
+    """Jurisdictions this class may reach only once personal data is redacted."""
+    if allowed is None or principal.redacted_to is None:
+        return frozenset()
+    return principal.redacted_to.get(data_class, frozenset()) - allowed
+
+
 def data_class_policy(
     principal: Principal, header: bytes | None
 ) -> tuple[str, frozenset[str] | None]:
@@ -66,6 +75,19 @@ def data_class_policy(
     if name and principal.classes is not None and name in principal.classes:
         return name, principal.classes[name]
     return name, principal.allowed
+
+
+def request_policy(
+    principal: Principal, headers: Mapping[bytes, bytes], blocs: Mapping[str, frozenset[str]]
+) -> tuple[str, frozenset[str] | None, frozenset[str]]:
+    """(data class, where the request may run, the part of that only for redacted text): the
+    tenant's set for the class, widened by its redacted-only jurisdictions, then narrowed by
+    the request's own header."""
+    data_class, tenant_allowed = data_class_policy(principal, headers.get(DATA_CLASS_HEADER))
+    only_redacted = redacted_only(principal, data_class, tenant_allowed)
+    if only_redacted and tenant_allowed is not None:
+        tenant_allowed = tenant_allowed | only_redacted
+    return data_class, allowed_set(tenant_allowed, headers.get(HEADER), blocs), only_redacted
 
 
 def requested_tier(tenant_tier: str | None, header: bytes | None) -> str | None:

@@ -37,6 +37,7 @@ class Principal:
     default_class: str = ""
     models: frozenset[str] | None = None  # the key's model allow-list (None: any)
     expires_ms: int | None = None
+    redacted_to: Mapping[str, frozenset[str]] | None = None  # per class, once redacted
 
     def sees(self, tenant: str) -> bool:
         """Whether this principal may read `tenant`'s usage, budgets and keys."""

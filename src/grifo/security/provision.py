@@ -36,6 +36,9 @@ def build_keyring(
         for t in config.tenants
     }
     defaults = {t.name: t.default_data_class or "" for t in config.tenants}
+    redacted = {
+        t.name: {c: expand(j, blocs) for c, j in t.redacted_to.items()} for t in config.tenants
+    }
 
     def principal(key: StoredKey) -> Principal:
         tenant, key_id = key.tenant, key.id
@@ -51,6 +54,7 @@ def build_keyring(
             defaults[tenant],
             frozenset(key.models.split(",")) if key.models else None,
             key.expires_ms,
+            redacted[tenant] or None,
         )
 
     ring = KeyRing()

@@ -1,0 +1,1 @@
+"""Guardrails on what a request carries: personal data found and redacted."""
