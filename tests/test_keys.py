@@ -48,7 +48,6 @@ def test_create_use_revoke(tmp_path: Path) -> None:
         assert made.returncode == 0, made.stderr
         key_id, key = made.stdout.split()
         assert key.startswith("grf-")
-        assert key not in (state / "grifo.db").read_bytes().decode("latin-1")
 
         def works() -> bool:
             client = openai.OpenAI(base_url=f"{fab.url}/v1", api_key=key, max_retries=0)
@@ -83,6 +82,9 @@ def test_create_use_revoke(tmp_path: Path) -> None:
         assert "no tenant named 'nobody'" in unknown.stderr
     finally:
         fab.close()
+    # Read the file only now: opening and closing it in the process that serves from it would
+    # drop that process's SQLite locks (POSIX locks belong to the process, not the descriptor).
+    assert key not in (state / "grifo.db").read_bytes().decode("latin-1")
 
 
 def test_expired_keys_and_model_allow_lists(tmp_path: Path) -> None:

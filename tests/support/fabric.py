@@ -17,6 +17,7 @@ from grifo.config.load import parse_config
 from grifo.config.model import GrifoConfig
 from grifo.serve import Running, start
 from grifo.store.records import LedgerEntry
+from grifo.store.sqlite import StateDB
 
 T = TypeVar("T")
 
@@ -111,3 +112,37 @@ class Fabric:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
             self._loop.close()
+        check_ledger_invariants(self.state_dir)
+
+
+def check_ledger_invariants(state_dir: Path) -> None:
+    """After every run on a SQLite state: no reservation left open, every budget's spending
+    equal to its ledger entries, no request billed twice (the ledger's key) or left unaudited."""
+    path = state_dir / "grifo.db"
+    if not path.exists():
+        return
+    db = StateDB(path)
+    try:
+        conn = db._conn
+        open_reservations = conn.execute(
+            "SELECT scope, reserved_micros, reserved_tokens FROM budget_usage "
+            "WHERE reserved_micros != 0 OR reserved_tokens != 0"
+        ).fetchall()
+        assert open_reservations == [], f"reservations left open: {open_reservations}"
+        for scope, since, spent in conn.execute(
+            "SELECT scope, period_start_ms, spent_micros FROM budget_usage"
+        ).fetchall():
+            kind, name = scope.split(":", 1)
+            column = "tenant" if kind == "tenant" else "key_id"
+            (ledger,) = conn.execute(
+                f"SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE {column} = ? "
+                "AND ts_ms >= ?",
+                (name, since),
+            ).fetchone()
+            assert spent == ledger, f"{scope} spent {spent}, its ledger entries say {ledger}"
+        billed = {r[0] for r in conn.execute("SELECT request_id FROM ledger").fetchall()}
+        audited = {r[0] for r in conn.execute("SELECT request_id FROM audit_records").fetchall()}
+        if audited:  # the audit log is on: every billed request has its record
+            assert billed <= audited, f"billed but not audited: {sorted(billed - audited)[:5]}"
+    finally:
+        db.close()
