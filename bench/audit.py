@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from budgets import measure
-from overhead import CONFIG, LUA, MOCK_PORT, ROOT, wait_http
+from overhead import CONFIG, LUA, start_mock
 
 CONFIGS = {
     "audit off": CONFIG.replace("gateway: {", "gateway: {audit: {enabled: false}, "),
@@ -31,13 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
     (work / "post.lua").write_text(LUA)
-    mock = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
-        stdout=subprocess.DEVNULL,
-    )
+    mock = start_mock()
     results: dict[str, list[tuple[float, float]]] = {}
     try:
-        wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
         for _ in range(3):
             for name, config in CONFIGS.items():
                 results.setdefault(name, []).append(measure(config, work, args.seconds))

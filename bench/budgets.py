@@ -8,17 +8,14 @@ Usage: python bench/budgets.py [--seconds 8] [--redis redis://127.0.0.1:6379/0]
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import redis
-from overhead import CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, ROOT, cpu_s, run_wrk, wait_http
+from overhead import CONFIG, GATEWAY_PORT, LUA, cpu_s, run_wrk, start_gateway, start_mock
 
 BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: strict}}]"
 
@@ -38,25 +35,8 @@ def configs(redis_url: str, prefix: str) -> dict[str, str]:
 def measure(config: str, work: Path, seconds: int) -> tuple[float, float]:
     """(req/s, gateway CPU ms per request) at c=64."""
     (work / "bench.yaml").write_text(config)
-    gateway = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            "1",
-            sys.executable,
-            "-m",
-            "grifo",
-            "serve",
-            "--config",
-            str(work / "bench.yaml"),
-            "--state-dir",
-            str(work / "state"),
-        ],
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "GRIFO_BENCH_KEY": KEY},
-    )
+    gateway = start_gateway(work)
     try:
-        wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
         url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
         run_wrk(url, 8, 2, work / "post.lua")  # warm-up
         before = cpu_s(gateway.pid)
@@ -77,13 +57,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
     (work / "post.lua").write_text(LUA)
     prefix = f"grifo-bench-{secrets.token_hex(4)}"
-    mock = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
-        stdout=subprocess.DEVNULL,
-    )
+    mock = start_mock()
     rates: dict[str, list[tuple[float, float]]] = {}
     try:
-        wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
         for _ in range(3):
             for name, config in configs(args.redis, prefix).items():
                 rates.setdefault(name, []).append(measure(config, work, args.seconds))

@@ -56,6 +56,39 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def start_mock() -> subprocess.Popen[bytes]:
+    """The mock point on CPU 0 (with wrk), once it answers."""
+    mock = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
+    return mock
+
+
+def start_gateway(work: Path) -> subprocess.Popen[bytes]:
+    """`grifo serve` on CPU 1 with `work/bench.yaml`, once it is ready."""
+    gateway = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            sys.executable,
+            "-m",
+            "grifo",
+            "serve",
+            "--config",
+            str(work / "bench.yaml"),
+            "--state-dir",
+            str(work / "state"),
+        ],
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "GRIFO_BENCH_KEY": KEY},
+    )
+    wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+    return gateway
+
+
 def run_wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -107,32 +140,10 @@ def main() -> None:
     (work / "bench.yaml").write_text(CONFIG)
     script = work / "post.lua"
     script.write_text(LUA)
-    env = {**os.environ, "GRIFO_BENCH_KEY": KEY}
-    mock = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
-        stdout=subprocess.DEVNULL,
-    )
+    mock = start_mock()
     gateway = None
     try:
-        wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
-        gateway = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "grifo",
-                "serve",
-                "--config",
-                str(work / "bench.yaml"),
-                "--state-dir",
-                str(work / "state"),
-            ],
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
-        wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+        gateway = start_gateway(work)
         direct_url = f"http://127.0.0.1:{MOCK_PORT}/v1/chat/completions"
         grifo_url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
         run_wrk(grifo_url, 8, 2, script)  # warm-up

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,40 +38,11 @@ def main() -> None:
     (work / "bench.yaml").write_text(overhead.CONFIG)
     script = work / "post.lua"
     script.write_text(overhead.LUA)
-    env = {**os.environ, "GRIFO_BENCH_KEY": overhead.KEY}
-    mock = subprocess.Popen(
-        [
-            "taskset",
-            "-c",
-            "0",
-            sys.executable,
-            str(ROOT / "mock_point.py"),
-            str(overhead.MOCK_PORT),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    mock = overhead.start_mock()
     gateway = None
     samples: list[tuple[float, float]] = []
     try:
-        overhead.wait_http(f"http://127.0.0.1:{overhead.MOCK_PORT}/health")
-        gateway = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "grifo",
-                "serve",
-                "--config",
-                str(work / "bench.yaml"),
-                "--state-dir",
-                str(work / "state"),
-            ],
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
-        overhead.wait_http(f"http://127.0.0.1:{overhead.GATEWAY_PORT}/readyz")
+        gateway = overhead.start_gateway(work)
         idle = rss_mib(gateway.pid)
         seconds = int(args.minutes * 60)
         load = subprocess.Popen(

@@ -5,10 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +16,7 @@ from grifo.store.records import LedgerEntry
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
 from tests.support.fabric import CHAT, topology_yaml
+from tests.support.processes import serve
 
 
 def entry(i: int) -> LedgerEntry:
@@ -103,35 +101,11 @@ def test_replay_is_idempotent_and_skips_a_torn_line(tmp_path: Path) -> None:
     db.close()
 
 
-def _serve(config: Path, state: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "grifo",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            "0",
-            "--state-dir",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    match = re.search(r":(\d+)/v1", proc.stdout.readline())
-    assert match, "grifo serve did not start"
-    return proc, int(match.group(1))
-
-
 def test_kill_9_under_load_loses_no_served_request(tmp_path: Path) -> None:
     config = tmp_path / "grifo.yaml"
     config.write_text(topology_yaml())
     state = tmp_path / "state"
-    proc, port = _serve(config, state)
+    proc, port = serve(config, state)
     key = json.loads((state / "demo-keys.json").read_text())["demo-global"]
     body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "bill me"}]})
     served: list[str] = []
@@ -168,7 +142,7 @@ def test_kill_9_under_load_loses_no_served_request(tmp_path: Path) -> None:
         proc.stdout.close()
     assert len(served) >= 300
 
-    again, _ = _serve(config, state)  # replays the spool at start
+    again, _ = serve(config, state)  # replays the spool at start
     again.send_signal(signal.SIGTERM)
     assert again.wait(30) == 0
     if again.stdout is not None:

@@ -6,9 +6,6 @@ import asyncio
 import http.client
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from grifo.errors import RateLimitedError
 from grifo.security.keys import Principal, generate_key
 from grifo.store.redis_limits import RedisLimiter
 from tests.support.fabric import CHAT
+from tests.support.processes import serve
 from tests.support.stores import REDIS_URL
 
 ACME = Principal("acme", "k1", None)
@@ -77,32 +75,11 @@ keys:
     )
     gateways = []
     try:
-        for n in range(2):
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "grifo",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--port",
-                    "0",
-                    "--state-dir",
-                    str(tmp_path / f"gw{n}"),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
-            gateways.append(proc)
         ports = []
-        for proc in gateways:
-            assert proc.stdout is not None
-            match = re.search(r":(\d+)/v1", proc.stdout.readline())
-            assert match, "a gateway did not start"
-            ports.append(int(match.group(1)))
+        for n in range(2):
+            proc, port = serve(config, tmp_path / f"gw{n}", env)
+            gateways.append(proc)
+            ports.append(port)
         body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "hi"}]})
         statuses = []
         started = time.monotonic()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -159,5 +158,5 @@ def _refusal(scope: str, limits: LimitsConfig, tokens: int, wait_s: float) -> Ra
     return RateLimitedError(
         f"the {name} is over one of its limits (requests or tokens per minute, or requests "
         "at once)",
-        retry_after_s=max(wait_s, 0.001) if not math.isinf(wait_s) else 60.0,
+        retry_after_s=max(wait_s, 0.001),
     )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import urllib.parse
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
@@ -23,7 +23,6 @@ from grifo.security.keys import KeyRing, Principal
 from grifo.store.records import TOTAL_COLUMNS
 from grifo.store.select import StateStore
 
-T = TypeVar("T")
 ROUTES = frozenset({"/admin/usage", "/admin/budgets", "/admin/keys"})
 
 
@@ -51,7 +50,7 @@ class AdminApi:
         now = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         start = {"day": now, "month": now.replace(day=1), "all": None}[period]
         since_ms = int(start.timestamp() * 1000) if start else 0
-        rows = await _off_loop(lambda: self._db.totals(by, since_ms, tenant))
+        rows = await asyncio.to_thread(lambda: self._db.totals(by, since_ms, tenant))
         data = [
             {
                 by: group,
@@ -71,7 +70,9 @@ class AdminApi:
             for name, budget in self._budgets.items()
             if principal.sees(name) and tenant in (None, name)
         }
-        burns = await _off_loop(lambda: burn_rates(self._db, budgets, dt.datetime.now(dt.UTC)))
+        burns = await asyncio.to_thread(
+            lambda: burn_rates(self._db, budgets, dt.datetime.now(dt.UTC))
+        )
         data = [
             {
                 "tenant": b.tenant,
@@ -87,7 +88,7 @@ class AdminApi:
 
     async def _list_keys(self, principal: Principal, query: Mapping[str, str]) -> dict[str, Any]:
         tenant = _tenant(principal, query)
-        rows = await _off_loop(self._db.list_keys)
+        rows = await asyncio.to_thread(self._db.list_keys)
         data = [
             {"id": key_id, "tenant": owner, "created_ms": created, "revoked_ms": revoked}
             for key_id, owner, created, revoked in rows
@@ -126,10 +127,6 @@ def _choice(query: Mapping[str, str], name: str, allowed: tuple[str, ...], defau
     if value not in allowed:
         raise InvalidRequestError(f"{name} must be one of {', '.join(allowed)}", param=name)
     return value
-
-
-async def _off_loop(read: Callable[[], T]) -> T:
-    return await asyncio.to_thread(read)
 
 
 def _json(payload: dict[str, Any]) -> Response:

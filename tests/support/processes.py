@@ -1,0 +1,37 @@
+"""`grifo serve` as a child process, the way a user runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def serve(
+    config: Path, state: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Start `grifo serve --port 0` and return it with the port its banner names."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "grifo",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--state-dir",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=None if env is None else dict(env),
+    )
+    assert proc.stdout is not None
+    match = re.search(r":(\d+)/v1", proc.stdout.readline())
+    assert match, "grifo serve did not start"
+    return proc, int(match.group(1))
