@@ -2,69 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import openai
 import pytest
 
-from grifo.http.message import Request, Response
-from grifo.http.server import HttpServer
 from tests.support.fabric import CHAT, Fabric
-
-
-class FailingPoint:
-    """Healthy to probes, 500 to every inference request."""
-
-    def __init__(self, jurisdiction: str = "PE") -> None:
-        self.jurisdiction = jurisdiction
-        self.inference_requests = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = HttpServer(self.handle)
-        self.port = asyncio.run_coroutine_threadsafe(
-            self._server.start("127.0.0.1", 0), self._loop
-        ).result(10)
-
-    async def handle(self, request: Request) -> Response:
-        here = self.jurisdiction.encode()
-        ident = [(b"x-grifo-point", b"bad-lima"), (b"x-grifo-jurisdiction", here)]
-        if request.path == "/health":
-            body = {
-                "status": "ready",
-                "name": "bad-lima",
-                "jurisdiction": self.jurisdiction,
-                "models": [{"id": CHAT, "kind": "chat", "context_length": 2048}],
-            }
-            return Response(200, msgspec.json.encode(body), ident)
-        if request.path == "/load":
-            return Response(200, b"{}", ident)
-        self.inference_requests += 1
-        return Response(500, b'{"error": {"message": "boom", "type": "server_error"}}', ident)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.close(0.1), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+from tests.support.faulty import FaultyPoint
 
 
 @pytest.fixture
-def failing_point() -> Iterator[FailingPoint]:
-    point = FailingPoint()
+def failing_point() -> Iterator[FaultyPoint]:
+    """Healthy to probes, 500 to every inference request."""
+    point = FaultyPoint("bad-lima", mode="error")
     yield point
     point.close()
 
 
 def test_failing_point_is_retried_around_then_ejected(
-    failing_point: FailingPoint, tmp_path: Path
+    failing_point: FaultyPoint, tmp_path: Path
 ) -> None:
     topology = f"""
 gateway: {{demo_keys: true, health_interval_s: 0.1,
@@ -109,7 +69,7 @@ def test_retry_budget() -> None:
 
 
 def test_retries_never_leave_the_allowed_jurisdictions(tmp_path: Path) -> None:
-    bad = FailingPoint(jurisdiction="DE")
+    bad = FaultyPoint("bad-lima", jurisdiction="DE", mode="error")
     topology = f"""
 gateway: {{demo_keys: true, health_interval_s: 0.1}}
 points:

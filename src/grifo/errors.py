@@ -30,6 +30,7 @@ class GrifoError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    retry_after_s: float | None = None  # sent as `retry-after` (whole seconds, at least 1)
     audited = False  # set once the audit log has a record of the request it ended
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
@@ -197,6 +198,19 @@ class PointProtocolError(UpstreamError):
 
     status = 502
     code = "point_protocol_error"
+
+
+class OverloadedError(GrifoError):
+    """Every compliant point is at its concurrency limit and the request was shed (lowest
+    priority first); the response says when to retry (`retry-after`, seconds)."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreUnavailableError(GrifoError):

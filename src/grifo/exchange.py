@@ -41,6 +41,9 @@ class Exchange:
     answer: bytes | None = None  # a whole response's body, for the audit record
     attestation: str | None = None
     point_receipt: str = ""
+    tier: str = "any"
+    slot: str | None = None  # the point whose admission slot this request holds
+    tried: list[str] | None = None  # attempts before the one that answered, "point:outcome"
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
 
     def remaining_s(self) -> float:

@@ -22,6 +22,7 @@ from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
 from grifo.admission.ratelimit import Limiter, RateLimits
 from grifo.admission.reservations import BudgetStore, LocalReservations
+from grifo.admission.shedding import Admission
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
 from grifo.audit.log import AuditLog
@@ -122,6 +123,7 @@ async def start(
         budgets(config, db),
         audit,
         rate_limits(config),
+        admission(config, points),
     )
     poller = HealthPoller(pools, points, config.gateway.health_interval_s)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
@@ -169,6 +171,14 @@ def prune_audit(db: StateStore, keep_days: int) -> int:
 def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
     tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
     return AdminApi(keys, db, tenant_budgets)
+
+
+def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None:
+    """Concurrency limits per point and the priority queue (per gateway process)."""
+    if not config.gateway.admission.enabled:
+        return None
+    weights = {t.name: t.weight for t in config.tenants}
+    return Admission(config.gateway.admission, points, weights)
 
 
 def rate_limits(config: GrifoConfig) -> Limiter | None:

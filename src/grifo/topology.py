@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from grifo.config.load import parse_point_url, usd_to_micros
 from grifo.config.model import EjectionConfig, PointConfig
+from grifo.dispatch.latency import LatencyWindow
 from grifo.metering.sharing import BusyClock
 
 _epoch = [0]
@@ -58,6 +59,8 @@ class PointState:
     ejections: int = 0
     ejected_until: float = 0.0  # monotonic seconds
     public_key: str | None = None  # the key the point signs receipts with (from /health)
+    answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
+    first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams
 
     @property
     def name(self) -> str:

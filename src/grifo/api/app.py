@@ -14,7 +14,7 @@ import uuid
 from grifo.api.admin import ROUTES as ADMIN_ROUTES
 from grifo.api.admin import AdminApi
 from grifo.api.models import list_models
-from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError, RateLimitedError
+from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.service import Gateway
 from grifo.telemetry.scrape import scrape
@@ -45,7 +45,7 @@ class GatewayApp:
             response = await self._route(request, request_id)
         except GrifoError as exc:
             response = Response(exc.status, exc.envelope())
-            if isinstance(exc, RateLimitedError):
+            if exc.retry_after_s is not None:
                 retry = str(max(1, math.ceil(exc.retry_after_s))).encode()
                 response.headers.append((b"retry-after", retry))
             if exc.status >= 500:

@@ -90,6 +90,10 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Default deadline for the tenant's requests (`x-grifo-timeout-ms` overrides it)."""
     limits: LimitsConfig | None = None
+    priority: Literal["low", "normal", "high"] = "normal"
+    """Its requests' priority when points are saturated; `x-grifo-priority` may lower it."""
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    """Its share of saturated points against other tenants of the same priority."""
     data_classes: dict[Name, list[str] | None] = {}
     """Jurisdictions per data class, e.g. `{personal: [EU], health: [DE], public: null}` (null:
     unrestricted). A request names its class in `x-grifo-data-class`; without one it gets
@@ -132,6 +136,41 @@ class EjectionConfig(Base, kw_only=True, frozen=True):
     consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
     base_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+
+
+class DispatchConfig(Base, kw_only=True, frozen=True):
+    """Retries and hedges. Until the client has received a byte (a whole answer read, or a
+    stream's first token) a failed attempt is tried again on the next ranked point of the
+    request's allowed set; after that, failures travel in-band. See README, Resilience."""
+
+    try_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """One attempt's time to answer (a stream's first token, or a whole answer); a point that
+    misses it is counted as failing and the request moves on. None: the request's deadline."""
+    retry_ratio: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2
+    retry_min: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 3
+    """Envoy's retry budget: retries and hedges in progress stay under
+    max(retry_min, retry_ratio × requests being dispatched)."""
+    hedge_tiers: list[Literal["edge", "regional", "central", "any"]] = []
+    """Requests for these tiers (`x-grifo-tier` or the tenant's) are hedged: when the first
+    point has not answered after its observed p95, a copy goes to the next compliant point."""
+    hedge_quantile: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.95
+    hedge_min_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    hedge_initial_delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 500.0
+    """The hedge delay until a point has 20 observations of its own."""
+
+
+class AdmissionConfig(Base, kw_only=True, frozen=True):
+    """Concurrency limits per point learned from latency, a priority queue, and shedding (see
+    README, Resilience, and admission/shedding.py for the rule)."""
+
+    enabled: bool = True
+    initial_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    min_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2
+    max_limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 4096
+    tolerance: Annotated[float, msgspec.Meta(ge=1, le=10)] = 1.5
+    """How much slower than its long-term average a point may answer before its limit shrinks."""
+    max_queue: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1024
+    max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
 
 
 class AuditConfig(Base, kw_only=True, frozen=True):
@@ -186,6 +225,8 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     demo_keys: bool = False
     placement: PlacementConfig = PlacementConfig()
     ejection: EjectionConfig = EjectionConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()
 

@@ -59,24 +59,36 @@ class UpstreamResponse:
             self._waiter.set_result(None)
 
     # -- consumer API -----------------------------------------------------------------------------
+    async def next_chunk(self) -> bytes | None:
+        """The next body bytes as they arrive (already de-chunked), or None at the end."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._conn is not None and self._buffered <= _HIGH_WATER // 2:
+                    self._conn.resume()
+                return chunk
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes already taken with `next_chunk` back in front of the rest."""
+        if data:
+            self._chunks.appendleft(data)
+            self._buffered += len(data)
+
     async def iter_body(self) -> AsyncIterator[bytes]:
-        """Yield body bytes as they arrive (already de-chunked)."""
+        """Yield body bytes as they arrive; the connection is closed if the reader stops early."""
         try:
-            while True:
-                if self._chunks:
-                    chunk = self._chunks.popleft()
-                    self._buffered -= len(chunk)
-                    if self._conn is not None and self._buffered <= _HIGH_WATER // 2:
-                        self._conn.resume()
-                    yield chunk
-                elif self._done:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                else:
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    await self._waiter
-                    self._waiter = None
+            while (chunk := await self.next_chunk()) is not None:
+                yield chunk
         finally:
             self.close()
 

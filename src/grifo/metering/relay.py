@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 
 from grifo.audit.signing import RECEIPT_COMMENT
+from grifo.dispatch.first_token import carries_output
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
 from grifo.http.client import UpstreamResponse
 from grifo.metering.usage import SseSplitter, Usage, usage_of
@@ -43,6 +44,7 @@ class StreamRelay:
         self.cost: int | None = None
         self.first_event_ns: int | None = None
         self.point_receipt = ""  # the point's signed receipt, when it sends one
+        self.broken = False  # the point failed after the stream was committed
 
     def usage_so_far(self) -> Usage:
         """The point's usage if it came; else the prompt and the content events seen."""
@@ -63,6 +65,7 @@ class StreamRelay:
                 yield b": x-grifo-attestation " + token.encode() + b"\n\n"
         except (GrifoError, ValueError) as exc:
             if not isinstance(exc, DeadlineExceededError):  # a client deadline is not the point's
+                self.broken = True
                 self._point_outcome(False)
             error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
             yield b"data: " + error.envelope() + b"\n\n"
@@ -77,7 +80,8 @@ class StreamRelay:
             return event
         if b'"usage"' in event:
             return self._usage_event(event)
-        self.events += 1
+        if carries_output(event):  # role-only and finish chunks are not tokens
+            self.events += 1
         return event
 
     def _usage_event(self, event: bytes) -> bytes:

@@ -38,6 +38,7 @@ class Principal:
     models: frozenset[str] | None = None  # the key's model allow-list (None: any)
     expires_ms: int | None = None
     redacted_to: Mapping[str, frozenset[str]] | None = None  # per class, once redacted
+    priority: int = 1  # the tenant's: 0 low, 1 normal, 2 high (the most a request may ask)
 
     def sees(self, tenant: str) -> bool:
         """Whether this principal may read `tenant`'s usage, budgets and keys."""

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from grifo.admission.shedding import PRIORITIES
 from grifo.config.model import GrifoConfig, KeyConfig
 from grifo.errors import StoreUnavailableError
 from grifo.jurisdictions import expand, merge_blocs
@@ -36,6 +37,7 @@ def build_keyring(
         for t in config.tenants
     }
     defaults = {t.name: t.default_data_class or "" for t in config.tenants}
+    priorities = {t.name: PRIORITIES[t.priority] for t in config.tenants}
     redacted = {
         t.name: {c: expand(j, blocs) for c, j in t.redacted_to.items()} for t in config.tenants
     }
@@ -55,6 +57,7 @@ def build_keyring(
             frozenset(key.models.split(",")) if key.models else None,
             key.expires_ms,
             redacted[tenant] or None,
+            priorities.get(tenant, 1),
         )
 
     ring = KeyRing()

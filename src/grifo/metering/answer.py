@@ -1,0 +1,227 @@
+"""Turning a point's committed answer into the client's response: meter it once (ledger,
+budget settlement, rate-limit correction, audit record, metrics) and add grifo's headers."""
+
+from __future__ import annotations
+
+import time
+
+from grifo.admission.budgets import Budgets
+from grifo.admission.ratelimit import Limiter
+from grifo.admission.shedding import Admission
+from grifo.audit.log import AuditLog
+from grifo.audit.signing import RECEIPT_HEADER
+from grifo.config.model import GatewayConfig
+from grifo.dispatch.forward import Answer
+from grifo.errors import DeadlineExceededError
+from grifo.exchange import Exchange
+from grifo.http.client import UpstreamResponse
+from grifo.http.message import Headers, Response, StreamResponse
+from grifo.metering.pricing import cost_micros
+from grifo.metering.relay import StreamRelay
+from grifo.metering.usage import Usage, usage_of
+from grifo.store.ledger import LedgerWriter
+from grifo.store.records import Amount, LedgerEntry
+from grifo.telemetry.metrics import GatewayMetrics
+from grifo.topology import PointState
+
+
+class Answering:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        ledger: LedgerWriter,
+        metrics: GatewayMetrics,
+        budgets: Budgets | None,
+        audit: AuditLog | None,
+        limits: Limiter | None,
+        admission: Admission | None = None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.metrics = metrics
+        self.budgets = budgets
+        self.audit = audit
+        self.limits = limits
+        self.admission = admission
+
+    def whole(self, ex: Exchange, answer: Answer) -> Response:
+        assert ex.point is not None
+        assert answer.payload is not None
+        response, payload = answer.response, answer.payload
+        answered_ns = time.monotonic_ns()
+        if response.status < 500:  # 5xx were counted by dispatch; a 4xx is the request's fault
+            ex.point.succeeded()
+        cost = 0
+        if response.status == 200:
+            usage = usage_of(payload) or Usage(0, 0)
+            ex.answer = payload
+            ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
+            cost = self.meter(ex, usage, "ok", "point")
+        else:
+            self.leave_point(ex)
+            self.release(ex)  # the point refused the request: nothing to bill
+            self.free_slot(ex, ok=response.status < 500)
+            if self.audit is not None:
+                self.audit.append(ex, ex.point, (0, 0), f"point:{response.status}", 0)
+        self.metrics.observe(
+            ex.endpoint,
+            ex.point.name,
+            response.status,
+            (time.monotonic_ns() - ex.received_ns) / 1e9,
+            None,
+        )
+        headers = _point_headers(ex.point, cost)
+        if ex.redacted:
+            headers.append((b"x-grifo-redacted", ex.redacted.encode()))
+        if ex.point_receipt:
+            headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
+        if ex.attestation is not None:
+            headers.append((b"x-grifo-attestation", ex.attestation.encode()))
+        if ex.tried:
+            headers.append((b"x-grifo-tried", ",".join(ex.tried).encode()))
+        headers.append(self.overhead(ex, answered_ns))
+        return Response(response.status, payload, headers=headers)
+
+    def overhead(self, ex: Exchange, answered_ns: int) -> tuple[bytes, bytes]:
+        """Time the gateway itself added: before dispatch, and after the point answered."""
+        added_ns = (ex.dispatched_ns - ex.received_ns) + (time.monotonic_ns() - answered_ns)
+        self.metrics.overhead.observe(added_ns / 1e9)
+        return (b"x-grifo-overhead-ms", f"{added_ns / 1e6:.3f}".encode())
+
+    def stream(
+        self, ex: Exchange, response: UpstreamResponse, include_usage: bool
+    ) -> StreamResponse:
+        assert ex.point is not None
+        answered_ns = time.monotonic_ns()
+        point = ex.point
+
+        def point_outcome(ok: bool) -> None:
+            if ok:
+                point.succeeded()
+            else:
+                point.failed(time.monotonic(), self.config.ejection)
+
+        def meter(usage: Usage, status: str, source: str) -> int:
+            ex.point_receipt = relay.point_receipt  # the point sends it before its usage
+            return self.meter(ex, usage, status, source)
+
+        relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
+
+        async def on_close(completed: bool) -> None:
+            ex.cancel_deadline()
+            point.gateway_in_flight -= 1
+            if relay.cost is None:  # the usage event never came: bill what was produced
+                status = "client_closed" if not completed else "ok"
+                status = "point_failed" if relay.broken else status
+                status = "deadline_exceeded" if ex.deadline_hit else status
+                self.meter(ex, relay.usage_so_far(), status, "estimated")
+            latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
+            first = relay.first_event_ns
+            ttft_s = None if first is None else (first - ex.received_ns) / 1e9
+            self.metrics.observe(
+                ex.endpoint, point.name, 200 if completed else 499, latency_s, ttft_s
+            )
+
+        head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
+        headers = _point_headers(point, head_cost)
+        if ex.tried:
+            headers.append((b"x-grifo-tried", ",".join(ex.tried).encode()))
+        headers.append(self.overhead(ex, answered_ns))
+        return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
+
+    def meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
+        point = ex.point
+        assert point is not None
+        busy_ns = self.leave_point(ex)
+        done_well = usage.completion_tokens if status == "ok" else None
+        self.free_slot(ex, ok=status != "point_failed", completion_tokens=done_well)
+        cost = cost_micros(
+            point.price(ex.model),
+            point.usd_per_hour_micros,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            busy_ns,
+        )
+        self.ledger.record(
+            LedgerEntry(
+                request_id=ex.request_id,
+                ts_ms=int(time.time() * 1000),
+                tenant=ex.principal.tenant,
+                key_id=ex.principal.key_id,
+                endpoint=ex.endpoint,
+                model=ex.model,
+                point=point.name,
+                jurisdiction=point.jurisdiction,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_micros=cost,
+                status=status,
+                usage_source=source,
+                latency_ms=(time.monotonic_ns() - ex.received_ns) / 1e6,
+            )
+        )
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        if ex.reservation is not None and self.budgets is not None:
+            self.budgets.settle(ex.reservation, Amount(cost, tokens))
+        if ex.lease is not None and self.limits is not None:
+            self.limits.done(ex.lease, tokens)
+        if self.audit is not None:
+            record = self.audit.append(
+                ex, point, (usage.prompt_tokens, usage.completion_tokens), status, cost
+            )
+            if self.config.audit.attest:
+                ex.attestation = self.audit.attest(record)
+        self.metrics.meter(
+            ex.principal.tenant,
+            ex.principal.key_id,
+            point.name,
+            ex.model,
+            (usage.prompt_tokens, usage.completion_tokens),
+            cost,
+        )
+        return cost
+
+    def free_slot(self, ex: Exchange, *, ok: bool, completion_tokens: int | None = None) -> None:
+        """Give back the request's admission slot (once), with its time per output token when
+        it completed well, so the point's concurrency limit learns from it."""
+        if ex.slot is None or self.admission is None:
+            return
+        slot, ex.slot = ex.slot, None
+        elapsed_s = (time.monotonic_ns() - ex.dispatched_ns) / 1e9
+        sample = None
+        if ok and completion_tokens is not None and not ex.endpoint.endswith("embeddings"):
+            sample = elapsed_s / (completion_tokens + 1)
+            self.admission.observe_time(elapsed_s)
+        self.admission.leave(slot, sample_s=sample, ok=ok)
+
+    def leave_point(self, ex: Exchange) -> int:
+        """The request is done at its point: its share of the point's busy time (once)."""
+        if ex.busy_share_ns is None:
+            assert ex.point is not None
+            ex.busy_share_ns = ex.point.busy.leave(ex.busy_mark, time.monotonic_ns())
+        return ex.busy_share_ns
+
+    def expire(self, ex: Exchange, response: UpstreamResponse) -> None:
+        """The deadline passed while the point was still answering: stop reading, which closes
+        the connection, and the point stops generating for nobody."""
+        ex.deadline_hit = True
+        response.fail(DeadlineExceededError(deadline_message(ex)))
+
+    def release(self, ex: Exchange) -> None:
+        """Nothing was produced: give back the reservation and the rate limits' tokens."""
+        if ex.reservation is not None and self.budgets is not None:
+            self.budgets.release(ex.reservation)
+        if ex.lease is not None and self.limits is not None:
+            self.limits.done(ex.lease, 0)
+
+
+def _point_headers(point: PointState, cost: int) -> Headers:
+    return [
+        (b"x-grifo-point", point.name.encode()),
+        (b"x-grifo-jurisdiction", point.jurisdiction.encode()),
+        (b"x-grifo-cost-micros", str(cost).encode()),
+    ]
+
+
+def deadline_message(ex: Exchange) -> str:
+    return f"the request's deadline of {ex.timeout_s * 1000:.0f} ms passed (x-grifo-timeout-ms)"
