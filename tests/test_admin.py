@@ -128,3 +128,20 @@ def test_admin_routes_are_read_only(admin_fabric: tuple[Fabric, dict[str, str]])
     fab, keys = admin_fabric
     status, _ = get(fab, "/admin/keys", keys["root"], method="POST")
     assert status == 405
+
+
+@pytest.mark.parametrize("who", ["root", "eu-audit"])
+def test_every_admin_role_sees_the_points_and_their_state(
+    admin_fabric: tuple[Fabric, dict[str, str]], who: str
+) -> None:
+    fab, keys = admin_fabric
+    status, body = get(fab, "/admin/points", keys[who])
+    assert status == 200
+    points = {p["name"]: p for p in body["data"]}
+    assert set(points) == {p.name for p in fab.running.gateway.points}
+    for point in points.values():
+        assert point["state"] == "up"
+        assert point["ejected_for_s"] == 0
+        assert point["concurrency_limit"] >= 1
+    status, body = get(fab, "/admin/points", fab.keys["demo-eu"])
+    assert status == 403

@@ -9,11 +9,13 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from grifo.telemetry.fabric import point_states
 from tests.support.fabric import CHAT, Fabric
 from tests.support.faulty import FaultyPoint
 
@@ -87,6 +89,15 @@ def test_a_silent_or_trickling_point_is_left_for_the_next_and_ejected(
         gateway_state = fab.running.gateway
         assert not next(p for p in gateway_state.points if p.name == "bad").healthy
         assert gateway_state.dispatcher.counts.retries == {"timeout": 2}
+        states = {p["name"]: p for p in point_states(gateway_state)}
+        assert states["bad"]["state"] == "ejected"
+        assert states["bad"]["times_ejected"] == 1
+        assert states["good"]["state"] == "up"
+        with urllib.request.urlopen(f"{fab.url}/metrics", timeout=5) as scrape:
+            metrics = scrape.read().decode()
+        assert 'grifo_point_ejected{point="bad"} 1.0' in metrics
+        assert 'grifo_point_ejected{point="good"} 0.0' in metrics
+        assert 'grifo_dispatch_retries_total{reason="timeout"} 2.0' in metrics
         ledger = [e for e in fab.running.db.ledger() if e.point != "bad"]
         assert {e.point for e in ledger} == {"good"}  # the abandoned attempts bill nothing
     finally:

@@ -147,15 +147,25 @@ def test_hang_never_answers_but_probes_do_until_told(faulty_points: Make) -> Non
     assert point.inference_requests == 1
 
 
-def test_a_hanging_request_is_dropped_when_the_point_closes() -> None:
-    point = FaultyPoint("hang-lima", mode="hang", health_ok=False)
+@pytest.mark.parametrize("mode", ["hang", "trickle"])
+def test_an_unfinished_answer_is_dropped_when_the_point_closes(mode: str) -> None:
+    point = FaultyPoint("slow-lima", mode=mode)
     with socket.create_connection(("127.0.0.1", point.port), timeout=2) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        body = ask(False)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%b"
+            % (len(body), body)
+        )
         time.sleep(0.05)
         started = time.monotonic()
         point.close()
-        assert sock.recv(1024) == b""
+        data = b""
+        while piece := sock.recv(1024):
+            data += piece
     assert time.monotonic() - started < 1
+    _, _, chunked = data.partition(b"\r\n\r\n")
+    assert not dechunk(chunked)[1], "closing must not complete the answer"
+    assert data.startswith(b"HTTP/1.1 200 ") if mode == "trickle" else data == b""
 
 
 @pytest.mark.parametrize("stream", [False, True])

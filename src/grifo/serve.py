@@ -40,6 +40,7 @@ from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
 from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
+from grifo.telemetry.fabric import point_states
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state
 
@@ -136,7 +137,7 @@ async def start(
             loop.create_task(checkpoints(audit, settings.checkpoint_s, db, settings.retention_days))
         )
     server = HttpServer(
-        GatewayApp(gateway, admin_api(config, keys, db)).handle,
+        GatewayApp(gateway, admin_api(config, keys, db, gateway)).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
@@ -168,9 +169,9 @@ def prune_audit(db: StateStore, keep_days: int) -> int:
         return 0
 
 
-def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore) -> AdminApi:
+def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gateway) -> AdminApi:
     tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
-    return AdminApi(keys, db, tenant_budgets)
+    return AdminApi(keys, db, tenant_budgets, lambda: point_states(gateway))
 
 
 def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None:

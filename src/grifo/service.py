@@ -41,6 +41,7 @@ from grifo.placement.jurisdiction import TIER_HEADER, request_policy, requested_
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
+from grifo.telemetry.fabric import FabricCollector
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState
 from grifo.wire import requests as wire
@@ -75,6 +76,7 @@ class Gateway:
         self.dispatcher = Dispatcher(pools, config.dispatch, config.ejection)
         self.admission = admission
         self.answers = Answering(config, ledger, metrics, budgets, audit, limits, admission)
+        metrics.registry.register(FabricCollector(self))
         self.idempotency = idempotency
         self.budgets = budgets
         self.audit = audit
@@ -214,7 +216,6 @@ class Gateway:
         if ex.slot is not None and ex.slot != point.name:
             self.answers.free_slot(ex, ok=False)  # the point given the slot failed the request
         ex.point, ex.busy_mark, ex.tried = point, answer.busy_mark, answer.tried
-        point.gateway_in_flight += 1
         if answer.payload is not None:
             try:
                 return self.answers.whole(ex, answer)

@@ -135,7 +135,8 @@ class FaultyPoint:
             return self._answer(500, ERROR_BODY)
         if mode == "trickle":
             kind = b"text/event-stream" if ask.stream else b"application/json"
-            return StreamResponse(200, self._trickle(ask, chat), list(self._ident), kind)
+            body = self._trickle(request, ask, chat)
+            return StreamResponse(200, body, list(self._ident), kind)
         if mode == "die_after_head" and ask.stream:
             return StreamResponse(200, self._die_after_role(request, ask, chat), list(self._ident))
         if mode == "die_after_head":
@@ -170,15 +171,16 @@ class FaultyPoint:
         self._abort(request)
         await _forever()
 
-    async def _trickle(self, ask: _Ask, chat: bool) -> AsyncIterator[bytes]:
+    async def _trickle(self, request: Request, ask: _Ask, chat: bool) -> AsyncIterator[bytes]:
         if ask.stream:
             source: Iterator[bytes] = _endless_sse(ask, chat)
         else:
             source = _endless_json(_whole(ask, chat))
         for piece in source:
             for i in range(len(piece)):
-                if self._closed.is_set():
-                    return
+                if self._closed.is_set():  # never a complete body, even when closing
+                    self._abort(request)
+                    await _forever()
                 yield piece[i : i + 1]
                 await asyncio.sleep(TRICKLE_GAP_S)
 

@@ -1,4 +1,4 @@
-"""`/admin/...`: usage, budgets and keys, for keys with an admin role.
+"""`/admin/...`: usage, budgets, keys and points, for keys with an admin role.
 
 `admin` sees every tenant; `tenant-admin` and `auditor` see their own tenant only, and another
 tenant's objects do not exist for them (404, the same as a tenant nobody has); `user` keys get
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -23,14 +23,21 @@ from grifo.security.keys import KeyRing, Principal
 from grifo.store.records import TOTAL_COLUMNS
 from grifo.store.select import StateStore
 
-ROUTES = frozenset({"/admin/usage", "/admin/budgets", "/admin/keys"})
+ROUTES = frozenset({"/admin/usage", "/admin/budgets", "/admin/keys", "/admin/points"})
 
 
 class AdminApi:
-    def __init__(self, keys: KeyRing, db: StateStore, budgets: Mapping[str, BudgetConfig]) -> None:
+    def __init__(
+        self,
+        keys: KeyRing,
+        db: StateStore,
+        budgets: Mapping[str, BudgetConfig],
+        points: Callable[[], list[dict[str, Any]]] = list,
+    ) -> None:
         self._keys = keys
         self._db = db
         self._budgets = budgets
+        self._points = points
 
     async def handle(self, request: Request) -> Response:
         principal = self._keys.authenticate(request.headers.get(b"authorization"))
@@ -41,6 +48,9 @@ class AdminApi:
             return _json(await self._usage(principal, query))
         if request.path == "/admin/budgets":
             return _json(await self._burn(principal, query))
+        if request.path == "/admin/points":
+            # The fabric's shape and health: every admin role may see it (no tenant's data).
+            return _json({"object": "list", "data": self._points()})
         return _json(await self._list_keys(principal, query))
 
     async def _usage(self, principal: Principal, query: Mapping[str, str]) -> dict[str, Any]:

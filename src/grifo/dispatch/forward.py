@@ -83,7 +83,8 @@ class Plan:
 
 @dataclass(slots=True)
 class Answer:
-    """The committed attempt: give the busy-clock mark back with `point.busy.leave` when done."""
+    """The committed attempt: when done with it, give the busy-clock mark back with
+    `point.busy.leave` and take the request off `point.gateway_in_flight`."""
 
     point: PointState
     response: UpstreamResponse
@@ -132,27 +133,18 @@ class Dispatcher:
         try:
             if plan.hedge and len(candidates) > 1:
                 return await self._hedged(candidates, request, plan, held)
-            return await self._in_turn(candidates, request, plan, held)
+            tried: list[str] = []
+            last: _Try | None = None
+            for i, candidate in enumerate(candidates):
+                last = await self._try(candidate.point, request, plan)
+                more = i + 1 < len(candidates)
+                if last.move_on == _FINAL or not more or not self._may_move_on(last, held):
+                    break
+                tried.append(f"{last.point.name}:{last.outcome}")
+            return _settle(last, tried)
         finally:
             self.budget.active -= 1
             self.budget.retrying -= held[0]
-
-    async def _in_turn(
-        self,
-        candidates: Sequence[Candidate],
-        request: tuple[str, bytes, Headers],
-        plan: Plan,
-        held: list[int],
-    ) -> Answer:
-        tried: list[str] = []
-        last: _Try | None = None
-        for i, candidate in enumerate(candidates):
-            last = await self._try(candidate.point, request, plan)
-            more = i + 1 < len(candidates)
-            if last.move_on == _FINAL or not more or not self._may_move_on(last, held):
-                break
-            tried.append(f"{last.point.name}:{last.outcome}")
-        return _settle(last, tried)
 
     async def _hedged(
         self,
@@ -212,12 +204,11 @@ class Dispatcher:
     ) -> _Try:
         """One attempt at one point, judged: never raises but for cancellation."""
         attempt = _Try(point, point.busy.enter(time.monotonic_ns()), time.monotonic())
+        point.gateway_in_flight += 1  # placement sees requests still waiting for an answer
         try:
             await self._commit(attempt, request, plan)
         except asyncio.CancelledError:
-            if attempt.response is not None:
-                attempt.response.close()
-            point.busy.leave(attempt.mark, time.monotonic_ns())
+            _release(attempt)
             raise
         except PointUnavailableError as exc:  # nothing was answered: the point is down
             point.mark_down(str(exc))
@@ -256,24 +247,28 @@ class Dispatcher:
         until = plan.deadline
         if self.config.try_timeout_s is not None:
             until = min(until, attempt.started + self.config.try_timeout_s)
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(loop.time() + (until - time.monotonic())):
-            response = await self.pools[point.name].request(
-                "POST", path, headers=headers, body=body, head_timeout_s=until - attempt.started
-            )
-            attempt.response = response
-            claimed = response.headers.get(b"x-grifo-jurisdiction", b"").decode("latin-1")
-            if claimed != point.jurisdiction:
-                point.mark_down(
-                    f"reports jurisdiction {claimed!r}, configured {point.jurisdiction}"
-                )
-                raise PointProtocolError(
-                    "the point's answer did not match its configured jurisdiction"
-                )
-            if plan.stream and response.status == 200:
+        response = await self.pools[point.name].request(
+            "POST", path, headers=headers, body=body, head_timeout_s=until - time.monotonic()
+        )
+        attempt.response = response
+        claimed = response.headers.get(b"x-grifo-jurisdiction", b"").decode("latin-1")
+        if claimed != point.jurisdiction:
+            point.mark_down(f"reports jurisdiction {claimed!r}, configured {point.jurisdiction}")
+            raise PointProtocolError("the point's answer did not match its configured jurisdiction")
+        stream = plan.stream and response.status == 200
+        if response.complete and not stream:  # the usual whole answer: body came with head
+            attempt.payload = response.take_body()
+            return
+        timer = asyncio.get_running_loop().call_later(
+            until - time.monotonic(), response.fail, TimeoutError()
+        )
+        try:
+            if stream:
                 await await_first_token(response)
             else:
                 attempt.payload = await response.read()
+        finally:
+            timer.cancel()
 
 
 class _Race:
@@ -349,6 +344,7 @@ def _release(attempt: _Try) -> None:
     if attempt.response is not None:
         attempt.response.close()
     attempt.point.busy.leave(attempt.mark, time.monotonic_ns())
+    attempt.point.gateway_in_flight -= 1
 
 
 def _settle(last: _Try | None, tried: list[str]) -> Answer:

@@ -92,6 +92,18 @@ class UpstreamResponse:
         finally:
             self.close()
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived, well."""
+        return self._done and self._error is None
+
+    def take_body(self) -> bytes:
+        """The whole body of a `complete` response, at once."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read(self) -> bytes:
         """The whole body."""
         return b"".join([chunk async for chunk in self.iter_body()])
