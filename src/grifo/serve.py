@@ -30,6 +30,7 @@ from grifo.audit.setup import open_audit_log
 from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
+from grifo.dispatch.outliers import eject_slow_points
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import merge_blocs
 from grifo.security.keys import KeyRing
@@ -126,7 +127,13 @@ async def start(
         rate_limits(config),
         admission(config, points),
     )
-    poller = HealthPoller(pools, points, config.gateway.health_interval_s)
+    judge = gateway.admission
+
+    def after_round() -> None:
+        if judge is not None:
+            eject_slow_points(points, judge.limits, config.gateway.ejection)
+
+    poller = HealthPoller(pools, points, config.gateway.health_interval_s, after_round)
     await _wait_ready(poller, gateway, local, ready_timeout_s)
     poller.start()
     loop = asyncio.get_running_loop()

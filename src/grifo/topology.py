@@ -89,13 +89,16 @@ class PointState:
     def failed(self, now_s: float, ejection: EjectionConfig) -> None:
         """A failed answer (5xx, broken or timed-out response); enough in a row eject the point."""
         self.failures += 1
-        if self.failures < ejection.consecutive_failures:
-            return
+        if self.failures >= ejection.consecutive_failures:
+            self.eject(now_s, ejection, f"{ejection.consecutive_failures} failures in a row")
+
+    def eject(self, now_s: float, ejection: EjectionConfig, why: str) -> None:
+        """Out of placement for base_s × times ejected (at most max_s), whatever probes say."""
         self.ejections += 1
         duration = min(ejection.base_s * self.ejections, ejection.max_s)
         self.ejected_until = now_s + duration
         self.failures = 0
-        self.mark_down(f"ejected for {duration:g} s after {ejection.consecutive_failures} failures")
+        self.mark_down(f"ejected for {duration:g} s: {why}")
 
     def ejected(self, now_s: float) -> bool:
         return now_s < self.ejected_until

@@ -48,7 +48,7 @@ def request_priority(tenant_max: int, header: bytes | None) -> int:
 class GradientLimit:
     """One point's concurrency limit (see the module docstring)."""
 
-    __slots__ = ("_config", "_long", "_short", "in_flight", "limit")
+    __slots__ = ("_config", "_long", "_short", "in_flight", "limit", "sampled_at")
 
     def __init__(self, config: AdmissionConfig) -> None:
         self._config = config
@@ -56,6 +56,12 @@ class GradientLimit:
         self.in_flight = 0
         self._long: float | None = None  # long-term average sample (about 600 requests)
         self._short: float | None = None  # short-term average sample (about 10 requests)
+        self.sampled_at = 0.0  # monotonic seconds of the last sample
+
+    @property
+    def recent_s(self) -> float | None:
+        """The short-term average time per output token (None before any answer)."""
+        return self._short
 
     def free(self) -> bool:
         return self.in_flight < int(self.limit)
@@ -63,6 +69,7 @@ class GradientLimit:
     def observe(self, sample_s: float, in_flight: int) -> None:
         """A successful answer took `sample_s` per output token with `in_flight` requests out."""
         self._short = sample_s if self._short is None else self._short * 0.9 + sample_s * 0.1
+        self.sampled_at = time.monotonic()
         self._long = sample_s if self._long is None else self._long * (599 / 600) + sample_s / 600
         if self._long / max(self._short, 1e-9) > 2:
             self._long *= 0.95  # the point got faster for good: let the baseline follow

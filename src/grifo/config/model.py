@@ -136,6 +136,10 @@ class EjectionConfig(Base, kw_only=True, frozen=True):
     consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
     base_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    latency_factor: Annotated[float, msgspec.Meta(gt=1)] | None = None
+    """A point answering this many times slower per output token than the median of its peers
+    (the points of its tier serving the same models, at least 3 with recent traffic) is ejected
+    too. Off by default: peers on different hardware are legitimately slower."""
 
 
 class DispatchConfig(Base, kw_only=True, frozen=True):

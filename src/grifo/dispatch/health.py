@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -65,10 +65,17 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
 
 
 class HealthPoller:
-    def __init__(self, pools: PointPools, points: Sequence[PointState], interval_s: float) -> None:
+    def __init__(
+        self,
+        pools: PointPools,
+        points: Sequence[PointState],
+        interval_s: float,
+        after_round: Callable[[], object] = lambda: None,
+    ) -> None:
         self._pools = pools
         self._points = points
         self._interval_s = interval_s
+        self._after_round = after_round  # e.g. judge latency outliers on the fresh state
         self._task: asyncio.Task[None] | None = None
 
     async def check_all(self) -> None:
@@ -80,6 +87,7 @@ class HealthPoller:
     async def _loop(self) -> None:
         while True:
             await self.check_all()
+            self._after_round()
             await asyncio.sleep(self._interval_s)
 
     async def stop(self) -> None:
