@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from grifo.audit import merkle
-from grifo.audit.record import GENESIS, canonical, decode, entry_hash
+from grifo.audit.record import GENESIS, AuditRecord, canonical, decode, entry_hash
 from grifo.audit.setup import gateway_name, signer
 from grifo.audit.signing import (
     CheckpointError,
@@ -273,7 +273,9 @@ def test_a_gateway_cannot_rewrite_where_a_request_ran(
         record = decode(line["record"])
         changes: dict[str, object] = {"prev_hash": prev}
         if line["seq"] == 3:
-            changes["jurisdiction"] = "US" if record.jurisdiction != "US" else "DE"
+            # A place the request was allowed to go, so only the receipt can tell.
+            places = sorted(record.allowed) if record.allowed else ["DE", "US"]
+            changes["jurisdiction"] = next(j for j in places if j != record.jurisdiction)
         record = msgspec.structs.replace(record, **changes)
         data = canonical(record)
         prev = entry_hash(record.prev_hash, data)
@@ -404,3 +406,42 @@ def test_a_rotated_key_still_verifies_what_it_signed(tmp_path: Path) -> None:
     assert cli.returncode == 0, cli.stdout
     only_new = verify(out, _public(out))  # the current key alone cannot vouch for the old ones
     assert any("no signature" in p for p in only_new.problems)
+
+
+def test_verify_names_a_request_that_reached_a_place_outside_its_allowed_set(
+    tmp_path: Path,
+) -> None:
+    """Even a log written and signed as is: a retry hop outside the allowed set is named."""
+
+    def record(seq: int, prev: str, tried: list[str]) -> AuditRecord:
+        return AuditRecord(
+            log="gw",
+            seq=seq,
+            prev_hash=prev,
+            request_id=f"r{seq}",
+            received_ms=1,
+            done_ms=2,
+            tenant="t",
+            key_id="k",
+            endpoint="/v1/chat/completions",
+            model="m",
+            point="lima",
+            site="lima",
+            jurisdiction="PE",
+            allowed=["PE"],
+            status="ok",
+            prompt_tokens=1,
+            completion_tokens=1,
+            cost_micros=1,
+            input_hmac="",
+            output_hmac="",
+            policy="p",
+            tried=tried,
+        )
+
+    first = record(0, GENESIS, ["lima-2:PE:500"])
+    second = record(1, entry_hash(GENESIS, canonical(first)), ["fra:DE:timeout"])
+    lines = [{"log": "gw", "seq": r.seq, "record": canonical(r).decode()} for r in (first, second)]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = verify(tmp_path, Ed25519PrivateKey.generate().public_key())
+    assert report.problems == ["gw: record 1: r1 reached DE, outside its allowed set"]

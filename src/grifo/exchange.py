@@ -43,7 +43,7 @@ class Exchange:
     point_receipt: str = ""
     tier: str = "any"
     slot: str | None = None  # the point whose admission slot this request holds
-    tried: list[str] | None = None  # attempts before the one that answered, "point:outcome"
+    tried: list[tuple[PointState, str]] | None = None  # attempts before the answer's, outcome
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
 
     def remaining_s(self) -> float:

@@ -131,6 +131,7 @@ class AuditLog:
             point_receipt=ex.point_receipt,
             data_class=ex.data_class,
             redacted=ex.redacted,
+            tried=[f"{p.name}:{p.jurisdiction}:{outcome}" for p, outcome in ex.tried or ()],
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

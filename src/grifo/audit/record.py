@@ -16,6 +16,8 @@ for risk identification, post-market monitoring and the deployer's monitoring of
 - input_hmac, output_hmac: HMAC-SHA-256 with a per-tenant key of the request and response
   bodies, so a tenant can prove what was sent without the log holding it;
 - policy: a digest of the configuration the decision was made under;
+- tried: the attempts on other points before the one that answered (retries, hedges that lost),
+  as `point:jurisdiction:outcome`, so every place the request reached is on record;
 - point_receipt: the point's own signed receipt (`signing.Receipt`), which the gateway cannot
   forge: where the point says it ran, checked against the point's key by `grifo audit verify`.
 """
@@ -63,6 +65,7 @@ class AuditRecord(
     point_receipt: str = ""
     data_class: str = ""
     redacted: str = ""
+    tried: list[str] = []
 
 
 _encoder = msgspec.json.Encoder()

@@ -201,7 +201,8 @@ def _check_chain(name: str, lines: list[ExportLine], problems: list[str]) -> lis
 def _check_receipts(
     name: str, lines: list[ExportLine], keys: Mapping[str, Ed25519PublicKey], report: Report
 ) -> None:
-    """A record's point, jurisdiction, model and tokens must be what its point signed."""
+    """Every jurisdiction a record's request reached must be in its allowed set, and its point,
+    jurisdiction, model and tokens must be what its point signed."""
     for line in lines:
         if line.record is None:
             continue
@@ -209,6 +210,13 @@ def _check_receipts(
             record = decode(line.record.encode())
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue  # reported by the chain check
+        reached = [record.jurisdiction] if record.jurisdiction else []
+        reached += [hop.split(":")[1] for hop in record.tried if hop.count(":") >= 2]
+        if record.allowed is not None and (outside := set(reached) - set(record.allowed)):
+            report.problems.append(
+                f"{name}: record {line.seq}: {record.request_id} reached "
+                f"{', '.join(sorted(outside))}, outside its allowed set"
+            )
         key = keys.get(record.point)
         if not record.point_receipt or key is None:
             report.unchecked += 1

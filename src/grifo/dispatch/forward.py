@@ -90,7 +90,7 @@ class Answer:
     response: UpstreamResponse
     busy_mark: float
     payload: bytes | None  # the whole body, unless a stream answered 200
-    tried: list[str] = field(default_factory=list)  # the other attempts, "point:outcome"
+    tried: list[tuple[PointState, str]] = field(default_factory=list)  # other attempts, outcome
 
 
 @dataclass(slots=True)
@@ -133,14 +133,14 @@ class Dispatcher:
         try:
             if plan.hedge and len(candidates) > 1:
                 return await self._hedged(candidates, request, plan, held)
-            tried: list[str] = []
+            tried: list[tuple[PointState, str]] = []
             last: _Try | None = None
             for i, candidate in enumerate(candidates):
                 last = await self._try(candidate.point, request, plan)
                 more = i + 1 < len(candidates)
                 if last.move_on == _FINAL or not more or not self._may_move_on(last, held):
                     break
-                tried.append(f"{last.point.name}:{last.outcome}")
+                tried.append((last.point, last.outcome))
             return _settle(last, tried)
         finally:
             self.budget.active -= 1
@@ -287,8 +287,8 @@ class _Race:
         self.request = request
         self.plan = plan
         self.held = held
-        self.tasks: dict[asyncio.Task[_Try], tuple[int, str]] = {}  # -> launch order, point
-        self.tried: list[str] = []
+        self.tasks: dict[asyncio.Task[_Try], tuple[int, PointState]] = {}  # -> order, point
+        self.tried: list[tuple[PointState, str]] = []
         self.launched = 0
         self.hedged = False
         self.fallback: _Try | None = None  # a failure that could not move on
@@ -296,7 +296,7 @@ class _Race:
     def launch(self) -> None:
         point = self.queue.pop(0).point
         task = asyncio.ensure_future(self.dispatcher._try(point, self.request, self.plan))
-        self.tasks[task] = (self.launched, point.name)
+        self.tasks[task] = (self.launched, point)
         self.launched += 1
 
     def hedge(self) -> None:
@@ -319,15 +319,15 @@ class _Race:
                 self.dispatcher.counts.hedges["won" if order > 0 else "lost"] += 1
             if self.fallback is not None:
                 _release(self.fallback)
-            self.tried += [f"{name}:hedge-lost" for _, name in self.tasks.values()]
+            self.tried += [(point, "hedge-lost") for _, point in self.tasks.values()]
             return _settle(attempt, self.tried)
         moving = attempt.move_on != _FINAL and bool(self.queue)
         if moving and self.dispatcher._may_move_on(attempt, self.held):
-            self.tried.append(f"{attempt.point.name}:{attempt.outcome}")
+            self.tried.append((attempt.point, attempt.outcome))
             self.launch()
             return None
         if self.fallback is not None:
-            self.tried.append(f"{self.fallback.point.name}:{self.fallback.outcome}")
+            self.tried.append((self.fallback.point, self.fallback.outcome))
             _release(self.fallback)
         self.fallback = attempt
         return None
@@ -347,7 +347,7 @@ def _release(attempt: _Try) -> None:
     attempt.point.gateway_in_flight -= 1
 
 
-def _settle(last: _Try | None, tried: list[str]) -> Answer:
+def _settle(last: _Try | None, tried: list[tuple[PointState, str]]) -> Answer:
     """The answer to commit, or the failure to raise."""
     if last is None:
         raise NoCompliantPointError("no compliant point could be tried")

@@ -2,8 +2,8 @@
 
 Errors and missed try timeouts eject a point from single requests; slowness needs peers to be
 judged against. After each round of health checks, every healthy point with recent traffic is
-compared with the others of its tier serving the same models: one whose recent time per output token (the
-admission limit's short-term average, about its last 10 answers) exceeds
+compared with the others of its tier serving the same models: one whose recent time per output
+token (the admission limit's short-term average, about its last 10 answers) exceeds
 `ejection.latency_factor` × the median of the group is ejected. A group needs at least 3 points
 with answers in the last `RECENT_S`; two points cannot say which one is slow.
 """

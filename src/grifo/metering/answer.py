@@ -78,7 +78,7 @@ class Answering:
         if ex.attestation is not None:
             headers.append((b"x-grifo-attestation", ex.attestation.encode()))
         if ex.tried:
-            headers.append((b"x-grifo-tried", ",".join(ex.tried).encode()))
+            headers.append((b"x-grifo-tried", _tried(ex.tried)))
         headers.append(self.overhead(ex, answered_ns))
         return Response(response.status, payload, headers=headers)
 
@@ -125,7 +125,7 @@ class Answering:
         head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
         headers = _point_headers(point, head_cost)
         if ex.tried:
-            headers.append((b"x-grifo-tried", ",".join(ex.tried).encode()))
+            headers.append((b"x-grifo-tried", _tried(ex.tried)))
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
 
@@ -225,3 +225,7 @@ def _point_headers(point: PointState, cost: int) -> Headers:
 
 def deadline_message(ex: Exchange) -> str:
     return f"the request's deadline of {ex.timeout_s * 1000:.0f} ms passed (x-grifo-timeout-ms)"
+
+
+def _tried(tried: list[tuple[PointState, str]]) -> bytes:
+    return ",".join(f"{point.name}:{outcome}" for point, outcome in tried).encode()
