@@ -1,8 +1,8 @@
 """Randomized chaos: thousands of requests from tenants with random policies, data classes and
-narrowing headers, against points that fail at random (500s, refused connections), with
-retries and ejections at work. Compliance is measured from the points' own records of what
-they received, not from the gateway's belief: no request may ever reach a point outside its
-allowed set."""
+narrowing headers, against points that fail at random (500s, refused connections, slow or
+silent answers), with retries, hedges, try timeouts and ejections at work. Compliance is
+measured from the points' own records of what they received, not from the gateway's belief:
+no request may ever reach a point outside its allowed set."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ ANSWER = msgspec.json.encode(
 
 class ChaosPoint:
     """A point that keeps its own record of every request id it received, and misbehaves on
-    demand: `mode` is ok, error (answers 500) or down (not listening: connections refused)."""
+    demand: `mode` is ok, error (answers 500), slow (answers after 15 ms), silent (never
+    answers) or down (not listening: connections refused)."""
 
     def __init__(self, name: str, jurisdiction: str) -> None:
         self.name, self.jurisdiction = name, jurisdiction
@@ -76,13 +77,20 @@ class ChaosPoint:
         if request.path == "/load":
             return Response(200, b'{"in_flight": 0, "queued": 0}', list(self.ident))
         self.received.add(request.headers.get(b"x-request-id", b"?").decode())
+        if self.mode == "slow":
+            await asyncio.sleep(0.015)
+        elif self.mode == "silent":
+            await asyncio.sleep(5)
         if self.mode == "error":
             return Response(500, b'{"error": {"message": "chaos"}}', list(self.ident))
         return Response(200, ANSWER, list(self.ident))
 
 
 def topology(points: list[ChaosPoint], tenants: list[Tenant]) -> str:
-    gateway = "{health_interval_s: 0.05, audit: {enabled: false}, ejection: {base_s: 0.05}}"
+    gateway = (
+        "{health_interval_s: 0.05, audit: {enabled: false}, ejection: {base_s: 0.05}, "
+        "dispatch: {try_timeout_s: 0.05, hedge_tiers: [any], hedge_initial_delay_ms: 5}}"
+    )
     lines = [f"gateway: {gateway}", "points:"]
     lines += [
         f"  - {{name: {p.name}, site: s, region: r, jurisdiction: {p.jurisdiction}, "
@@ -116,7 +124,7 @@ def request_for(
     return headers, permitted
 
 
-async def chaos(state_dir: Path) -> tuple[int, list[str]]:
+async def chaos(state_dir: Path) -> tuple[int, list[str], dict[str, int]]:
     rng = random.Random(SEED)
     points = [ChaosPoint(f"p{i}", rng.choice(COUNTRIES)) for i in range(10)]
     for p in points:
@@ -135,7 +143,8 @@ async def chaos(state_dir: Path) -> tuple[int, list[str]]:
         for trial in range(TRIALS):
             if trial % 50 == 0:  # a new weather: some points fail for a while
                 for p in points:
-                    await p.weather(rng.choices(["ok", "error", "down"], [6, 2, 1])[0])
+                    modes = ["ok", "error", "down", "slow", "silent"]
+                    await p.weather(rng.choices(modes, [12, 4, 2, 1, 1])[0])
             headers, permitted = request_for(rng, rng.choice(tenants), blocs)
             body = b'{"model": "chaos", "messages": [{"role": "user", "content": "hi"}]}'
             response = await client.request(
@@ -154,10 +163,11 @@ async def chaos(state_dir: Path) -> tuple[int, list[str]]:
         await running.stop(grace_s=1)
         for p in points:
             await p.weather("down")
-    return served, violations
+    return served, violations, dict(running.gateway.dispatcher.counts.hedges)
 
 
 def test_no_request_ever_reaches_a_point_outside_its_allowed_set(tmp_path: Path) -> None:
-    served, violations = asyncio.run(chaos(tmp_path))
+    served, violations, hedges = asyncio.run(chaos(tmp_path))
+    assert hedges["sent"] > 0, "the chaos must exercise hedges too"
     assert violations == []
     assert served > TRIALS // 3, "most requests should still be served despite the chaos"
