@@ -164,3 +164,30 @@ def test_a_late_point_is_hedged_and_only_the_winner_is_billed(
         assert resp.status == 504
     finally:
         fab.close()
+
+
+def test_an_ejected_point_comes_back_half_open_and_one_failure_sends_it_out(
+    bad: FaultyPoint, tmp_path: Path
+) -> None:
+    gateway = "ejection: {consecutive_failures: 3, base_s: 0.3}"
+    fab = Fabric.from_yaml(_topology(bad, gateway), tmp_path)
+    try:
+        bad.mode = "error"
+        tried = [_post(fab, False)[0].getheader("x-grifo-tried") for _ in range(4)]
+        assert tried == ["bad:500", "bad:500", "bad:500", None]  # out after three in a row
+        state = next(p for p in fab.running.gateway.points if p.name == "bad")
+        deadline = time.monotonic() + 5
+        while not state.healthy and time.monotonic() < deadline:
+            time.sleep(0.02)  # the ejection ends and a probe lets it back, on probation
+        assert state.probation
+        tried = [_post(fab, False)[0].getheader("x-grifo-tried") for _ in range(2)]
+        assert tried == ["bad:500", None], "one failure on probation must eject it again"
+        assert state.ejections == 2
+        bad.mode = "ok"
+        deadline = time.monotonic() + 5
+        while not state.healthy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _post(fab, False)[0].getheader("x-grifo-point") == "bad"
+        assert not state.probation  # a good answer ends the probation
+    finally:
+        fab.close()

@@ -58,6 +58,7 @@ class PointState:
     failures: int = 0  # consecutive failed answers
     ejections: int = 0
     ejected_until: float = 0.0  # monotonic seconds
+    probation: bool = False  # back from an ejection: one failure sends it out again
     public_key: str | None = None  # the key the point signs receipts with (from /health)
     answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
     first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams
@@ -85,11 +86,14 @@ class PointState:
 
     def succeeded(self) -> None:
         self.failures = 0
+        self.probation = False
 
     def failed(self, now_s: float, ejection: EjectionConfig) -> None:
         """A failed answer (5xx, broken or timed-out response); enough in a row eject the point."""
         self.failures += 1
-        if self.failures >= ejection.consecutive_failures:
+        if self.probation:
+            self.eject(now_s, ejection, "failed again on its first answers after an ejection")
+        elif self.failures >= ejection.consecutive_failures:
             self.eject(now_s, ejection, f"{ejection.consecutive_failures} failures in a row")
 
     def eject(self, now_s: float, ejection: EjectionConfig, why: str) -> None:
@@ -98,6 +102,7 @@ class PointState:
         duration = min(ejection.base_s * self.ejections, ejection.max_s)
         self.ejected_until = now_s + duration
         self.failures = 0
+        self.probation = False
         self.mark_down(f"ejected for {duration:g} s: {why}")
 
     def ejected(self, now_s: float) -> bool:

@@ -59,6 +59,9 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
     point.tokens_per_s = load.tokens_per_s
     if point.ejected(time.monotonic()):
         return  # healthy to a probe, but failing real requests: wait out the ejection
+    if point.ejections and point.ejected_until and not point.healthy:
+        point.probation = True  # half-open: real traffic decides, and one failure suffices
+        point.ejected_until = 0.0
     if not point.healthy:
         log.info("point %s is up", point.name)
     point.healthy, point.reason = True, "ok"
