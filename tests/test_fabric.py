@@ -198,7 +198,12 @@ def test_readyz_healthz_and_metrics(fabric: Fabric) -> None:
         in metrics
     )
     assert "grifo_cost_micros_total" in metrics
-    assert "grifo_time_to_first_token_seconds" in metrics
+    assert "gen_ai_server_time_to_first_token_seconds" in metrics
+    model = f'gen_ai_operation_name="chat",gen_ai_request_model="{CHAT}",point="lima-edge"'
+    assert f"gen_ai_server_request_duration_seconds_count{{{model}}} " in metrics
+    assert f"gen_ai_server_time_per_output_token_seconds_count{{{model}}} " in metrics
+    usage = f'gen_ai_operation_name="chat",gen_ai_request_model="{CHAT}",gen_ai_token_type="output"'
+    assert f"gen_ai_client_token_usage_count{{{usage}}} " in metrics
     assert 'grifo_point_up{point="virginia-central"} 1.0' in metrics
     assert "grifo_gateway_overhead_seconds_count" in metrics
 

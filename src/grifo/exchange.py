@@ -42,6 +42,7 @@ class Exchange:
     attestation: str | None = None
     point_receipt: str = ""
     tier: str = "any"
+    span: Any = None  # the request's trace span, when tracing is on
     slot: str | None = None  # the point whose admission slot this request holds
     tried: list[tuple[PointState, str]] | None = None  # attempts before the answer's, outcome
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")

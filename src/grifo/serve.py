@@ -41,6 +41,7 @@ from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
 from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
+from grifo.telemetry import tracing
 from grifo.telemetry.fabric import point_states
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.topology import PointState, build_point_state
@@ -126,6 +127,7 @@ async def start(
         audit,
         rate_limits(config),
         admission(config, points),
+        tracing.build(config.gateway.tracing),
     )
     judge = gateway.admission
 

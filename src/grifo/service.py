@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from grifo.admission.budgets import Budgets, prompt_bound
 from grifo.admission.deadline import HEADER as DEADLINE_HEADER
@@ -43,6 +44,8 @@ from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
 from grifo.telemetry.fabric import FabricCollector
 from grifo.telemetry.metrics import GatewayMetrics
+from grifo.telemetry.spans import end_with, name_model, placed
+from grifo.telemetry.tracing import CURRENT, Tracing, failed
 from grifo.topology import PointState
 from grifo.wire import requests as wire
 
@@ -64,6 +67,7 @@ class Gateway:
         audit: AuditLog | None = None,
         limits: Limiter | None = None,
         admission: Admission | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.points = list(points)
@@ -73,7 +77,8 @@ class Gateway:
         self.pools = pools
         self.metrics = metrics
         self.placement = PlacementIndex(self.points, config.placement)
-        self.dispatcher = Dispatcher(pools, config.dispatch, config.ejection)
+        self.tracing = tracing
+        self.dispatcher = Dispatcher(pools, config.dispatch, config.ejection, tracing)
         self.admission = admission
         self.answers = Answering(config, ledger, metrics, budgets, audit, limits, admission)
         metrics.registry.register(FabricCollector(self))
@@ -85,8 +90,12 @@ class Gateway:
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
         received_ns = time.monotonic_ns()
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.request(request.path, "", request.headers, request_id)
+        CURRENT.set(span)
         try:
-            return await self._admit(request, request_id, received_ns)
+            response = await self._admit(request, request_id, received_ns)
         except GrifoError as exc:
             if self.audit is not None and not exc.audited:
                 # Refused before any point saw it: the record says who asked and why not.
@@ -94,7 +103,17 @@ class Gateway:
                 ex = Exchange(request_id, request.path, received_ns, principal, "")
                 ex.body, ex.allowed = request.body, principal.allowed
                 self.audit.append(ex, None, (0, 0), f"refused:{exc.status}:{exc.code}", 0)
+            if span is not None:
+                failed(span, exc.status, exc.code)
+                span.end()
             raise
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
+        if span is not None:
+            end_with(span, response)
+        return response
 
     async def _admit(
         self, request: Request, request_id: str, received_ns: int
@@ -106,6 +125,8 @@ class Gateway:
                 "or tenant-admin key"
             )
         body = wire.decode_for(request.path, request.body)
+        if (span := CURRENT.get()) is not None:
+            name_model(span, body.model, principal.tenant)
         if principal.models is not None and body.model not in principal.models:
             raise PermissionDeniedError(
                 f"this API key may not use the model {body.model!r}",
@@ -138,6 +159,8 @@ class Gateway:
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         tier = requested_tier(principal.tier, request.headers.get(TIER_HEADER))
         priority = request_priority(principal.priority, request.headers.get(PRIORITY_HEADER))
+        root = CURRENT.get()
+        placing = None if root is None else self._child(root, "placement")
         try:
             candidates = self.placement.rank(
                 body.model,
@@ -148,10 +171,15 @@ class Gateway:
             )
         except NoCompliantPointError:
             self.metrics.denials.inc()
+            if placing is not None:
+                placing.end()
             raise
+        if placing is not None:
+            placed(placing, allowed, data_class, tier, candidates)
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
         ex.body, ex.allowed, ex.data_class = request.body, allowed, data_class
+        ex.span = root
         ex.tier = tier or "any"
         if any(c.point.jurisdiction in only_redacted for c in candidates):
             # A candidate may see this class only redacted: every attempt gets the redacted text.
@@ -164,15 +192,7 @@ class Gateway:
             tokens = prompt_bound(body) + limit
             ex.lease = await self.limits.acquire(principal, tokens, request_id, ex.timeout_s)
         try:
-            if self.budgets is not None and self.budgets.applies(principal):
-                ex.reservation = await self.budgets.reserve(
-                    principal, body, candidates, request_id, ex.timeout_s
-                )
-            if self.admission is not None:
-                candidates = await self.admission.enter(
-                    principal.tenant, priority, candidates, ex.remaining_s()
-                )
-                ex.slot = candidates[0].point.name
+            candidates = await self._hold(ex, body, candidates, priority)
             return await self._dispatch(ex, request, body, candidates)
         except BaseException as exc:
             if ex.point is not None:
@@ -184,6 +204,32 @@ class Gateway:
                 self.audit.append(ex, ex.point, (0, 0), f"{kind}:{exc.status}:{exc.code}", 0)
                 exc.audited = True
             raise
+
+    async def _hold(
+        self,
+        ex: Exchange,
+        body: wire.InferenceRequest,
+        candidates: list[Candidate],
+        priority: int,
+    ) -> list[Candidate]:
+        """Reserve the worst case in the budgets, then wait for a point's concurrency slot:
+        the candidates with the point given the slot first."""
+        principal = ex.principal
+        span = None if ex.span is None else self._child(ex.span, "admission")
+        try:
+            if self.budgets is not None and self.budgets.applies(principal):
+                ex.reservation = await self.budgets.reserve(
+                    principal, body, candidates, ex.request_id, ex.timeout_s
+                )
+            if self.admission is not None:
+                candidates = await self.admission.enter(
+                    principal.tenant, priority, candidates, ex.remaining_s()
+                )
+                ex.slot = candidates[0].point.name
+            return candidates
+        finally:
+            if span is not None:
+                span.end()
 
     async def _dispatch(
         self,
@@ -204,6 +250,8 @@ class Gateway:
         ours = ex.timeout_s < self.config.request_timeout_s  # the client's deadline, not the point
         hedge = ex.tier in self.config.dispatch.hedge_tiers
         plan = Plan(stream, ex.deadline, blame_timeouts=not ours, hedge=hedge)
+        if ex.span is not None:
+            plan.span = self._child(ex.span, "dispatch", {"grifo.hedged": hedge})
         try:
             answer = await self.dispatcher.forward(
                 candidates, (request.path, upstream_body, headers), plan
@@ -212,6 +260,9 @@ class Gateway:
             if ours and time.monotonic() >= ex.deadline - 0.001:
                 raise DeadlineExceededError(deadline_message(ex)) from None
             raise
+        finally:
+            if plan.span is not None:
+                plan.span.end()
         point, response = answer.point, answer.response
         if ex.slot is not None and ex.slot != point.name:
             self.answers.free_slot(ex, ok=False)  # the point given the slot failed the request
@@ -229,6 +280,10 @@ class Gateway:
             body.include_usage
         )
         return self.answers.stream(ex, response, include_usage)
+
+    def _child(self, parent: Any, name: str, attributes: dict[str, Any] | None = None) -> Any:
+        assert self.tracing is not None
+        return self.tracing.child(parent, name, attributes)
 
     # -- models -----------------------------------------------------------------------------------
     def ready(self) -> bool:

@@ -177,6 +177,18 @@ class AdmissionConfig(Base, kw_only=True, frozen=True):
     max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
 
 
+class TracingConfig(Base, kw_only=True, frozen=True):
+    """OpenTelemetry traces of requests (see README, Observability); off by default."""
+
+    enabled: bool = False
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (default: the
+    OTEL_EXPORTER_OTLP_* environment, else localhost:4318)."""
+    service_name: str = "grifo-gateway"
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    """Share of new traces recorded; a client's sampled `traceparent` is always followed."""
+
+
 class AuditConfig(Base, kw_only=True, frozen=True):
     """The audit log: one chained, signed record per metered request (see README, Audit)."""
 
@@ -231,6 +243,7 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     ejection: EjectionConfig = EjectionConfig()
     dispatch: DispatchConfig = DispatchConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    tracing: TracingConfig = TracingConfig()
     store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from grifo.config.model import DispatchConfig, EjectionConfig
 from grifo.errors import (
@@ -28,6 +29,7 @@ from grifo.errors import (
 from grifo.http.client import ConnectionPool, UpstreamResponse
 from grifo.http.message import Headers
 from grifo.placement.scoring import Candidate
+from grifo.telemetry.tracing import Tracing
 from grifo.topology import PointState
 
 from .first_token import await_first_token
@@ -79,6 +81,7 @@ class Plan:
     deadline: float  # monotonic seconds: the request's own
     blame_timeouts: bool = True  # False when the deadline is the client's, not the point's fault
     hedge: bool = False
+    span: Any = None  # the dispatch span, when tracing is on: each attempt is its child
 
 
 @dataclass(slots=True)
@@ -117,8 +120,15 @@ class Counts:
 
 
 class Dispatcher:
-    def __init__(self, pools: PointPools, config: DispatchConfig, ejection: EjectionConfig) -> None:
+    def __init__(
+        self,
+        pools: PointPools,
+        config: DispatchConfig,
+        ejection: EjectionConfig,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.pools = pools
+        self.tracing = tracing
         self.config = config
         self.ejection = ejection
         self.budget = RetryBudget(config.retry_ratio, config.retry_min)
@@ -205,10 +215,22 @@ class Dispatcher:
         """One attempt at one point, judged: never raises but for cancellation."""
         attempt = _Try(point, point.busy.enter(time.monotonic_ns()), time.monotonic())
         point.gateway_in_flight += 1  # placement sees requests still waiting for an answer
+        span = None
+        if plan.span is not None and self.tracing is not None:
+            span = self.tracing.child(
+                plan.span,
+                f"attempt {point.name}",
+                {"grifo.point": point.name, "grifo.jurisdiction": point.jurisdiction},
+            )
+            path, body, headers = request
+            request = (path, body, [*headers, (b"traceparent", self.tracing.traceparent(span))])
         try:
             await self._commit(attempt, request, plan)
         except asyncio.CancelledError:
             _release(attempt)
+            if span is not None:
+                span.set_attribute("grifo.outcome", "cancelled")
+                span.end()
             raise
         except PointUnavailableError as exc:  # nothing was answered: the point is down
             point.mark_down(str(exc))
@@ -238,6 +260,9 @@ class Dispatcher:
             else:
                 window = point.first_token_s if attempt.payload is None else point.answer_s
                 window.add(time.monotonic() - attempt.started)
+        if span is not None:
+            span.set_attribute("grifo.outcome", attempt.outcome)
+            span.end()
         return attempt
 
     async def _commit(self, attempt: _Try, request: tuple[str, bytes, Headers], plan: Plan) -> None:

@@ -22,6 +22,7 @@ from grifo.metering.usage import Usage, usage_of
 from grifo.store.ledger import LedgerWriter
 from grifo.store.records import Amount, LedgerEntry
 from grifo.telemetry.metrics import GatewayMetrics
+from grifo.telemetry.spans import metered
 from grifo.topology import PointState
 
 
@@ -51,9 +52,10 @@ class Answering:
         answered_ns = time.monotonic_ns()
         if response.status < 500:  # 5xx were counted by dispatch; a 4xx is the request's fault
             ex.point.succeeded()
-        cost = 0
+        cost, output_tokens = 0, 0
         if response.status == 200:
             usage = usage_of(payload) or Usage(0, 0)
+            output_tokens = usage.completion_tokens
             ex.answer = payload
             ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
             cost = self.meter(ex, usage, "ok", "point")
@@ -66,9 +68,10 @@ class Answering:
         self.metrics.observe(
             ex.endpoint,
             ex.point.name,
+            ex.model,
             response.status,
-            (time.monotonic_ns() - ex.received_ns) / 1e9,
-            None,
+            ((time.monotonic_ns() - ex.received_ns) / 1e9, None),
+            output_tokens,
         )
         headers = _point_headers(ex.point, cost)
         if ex.redacted:
@@ -118,8 +121,10 @@ class Answering:
             latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
             first = relay.first_event_ns
             ttft_s = None if first is None else (first - ex.received_ns) / 1e9
+            code = 200 if completed else 499
+            produced = relay.usage_so_far().completion_tokens
             self.metrics.observe(
-                ex.endpoint, point.name, 200 if completed else 499, latency_s, ttft_s
+                ex.endpoint, point.name, ex.model, code, (latency_s, ttft_s), produced
             )
 
         head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
@@ -161,6 +166,14 @@ class Answering:
             )
         )
         tokens = usage.prompt_tokens + usage.completion_tokens
+        if ex.span is not None:
+            metered(
+                ex.span,
+                point.name,
+                point.jurisdiction,
+                (usage.prompt_tokens, usage.completion_tokens),
+                cost,
+            )
         if ex.reservation is not None and self.budgets is not None:
             self.budgets.settle(ex.reservation, Amount(cost, tokens))
         if ex.lease is not None and self.limits is not None:
@@ -178,6 +191,7 @@ class Answering:
             ex.model,
             (usage.prompt_tokens, usage.completion_tokens),
             cost,
+            ex.endpoint,
         )
         return cost
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -23,18 +28,35 @@ class GatewayMetrics:
             ["tenant", "key", "point", "model"],
             registry=r,
         )
+        # The OpenTelemetry GenAI semantic conventions' metrics, in Prometheus naming.
+        labels = ["gen_ai_operation_name", "gen_ai_request_model", "point"]
         self.latency = Histogram(
-            "grifo_request_duration_seconds",
-            "Time from request received to last byte",
-            ["point"],
+            "gen_ai_server_request_duration_seconds",
+            "gen_ai.server.request.duration: request received to last byte",
+            labels,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
-            "grifo_time_to_first_token_seconds",
-            "Time from request received to first token",
-            ["point"],
+            "gen_ai_server_time_to_first_token_seconds",
+            "gen_ai.server.time_to_first_token: request received to first token (streams)",
+            labels,
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "gen_ai.server.time_per_output_token: time per output token after the first "
+            "(streams), or per output token (whole answers)",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "gen_ai.client.token.usage: tokens per request, by type (input, output)",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
             registry=r,
         )
         self.overhead = Histogram(
@@ -99,18 +121,44 @@ class GatewayMetrics:
             self._unchecked_seen = total
 
     def observe(
-        self, endpoint: str, point: str, status: int, latency_s: float, ttft_s: float | None
+        self,
+        endpoint: str,
+        point: str,
+        model: str,
+        status: int,
+        times: tuple[float, float | None],
+        output_tokens: int,
     ) -> None:
+        """An answered request: `times` is (latency, time to first token) in seconds."""
+        latency_s, ttft_s = times
         self._child(self.requests, endpoint, point, str(status)).inc()  # type: ignore[attr-defined]
-        if point:
-            self._child(self.latency, point).observe(latency_s)  # type: ignore[attr-defined]
-            if ttft_s is not None:
-                self._child(self.ttft, point).observe(ttft_s)  # type: ignore[attr-defined]
+        if not point:
+            return
+        operation = _OPERATIONS.get(endpoint, "chat")
+        self._child(self.latency, operation, model, point).observe(latency_s)  # type: ignore[attr-defined]
+        if ttft_s is not None:
+            self._child(self.ttft, operation, model, point).observe(ttft_s)  # type: ignore[attr-defined]
+            if output_tokens > 1:
+                per_token = (latency_s - ttft_s) / (output_tokens - 1)
+                self._child(self.tpot, operation, model, point).observe(per_token)  # type: ignore[attr-defined]
+        elif output_tokens > 0:
+            per_token = latency_s / output_tokens
+            self._child(self.tpot, operation, model, point).observe(per_token)  # type: ignore[attr-defined]
 
     def meter(
-        self, tenant: str, key: str, point: str, model: str, usage: tuple[int, int], cost: int
+        self,
+        tenant: str,
+        key: str,
+        point: str,
+        model: str,
+        usage: tuple[int, int],
+        cost: int,
+        endpoint: str = "/v1/chat/completions",
     ) -> None:
         prompt, completion = usage
+        operation = _OPERATIONS.get(endpoint, "chat")
+        self._child(self.token_usage, operation, model, "input").observe(prompt)  # type: ignore[attr-defined]
+        self._child(self.token_usage, operation, model, "output").observe(completion)  # type: ignore[attr-defined]
         self._child(self.tokens, point, model, "prompt").inc(prompt)  # type: ignore[attr-defined]
         self._child(self.tokens, point, model, "completion").inc(completion)  # type: ignore[attr-defined]
         self._child(self.cost, tenant, key, point, model).inc(cost)  # type: ignore[attr-defined]
