@@ -31,6 +31,7 @@ from grifo.config.model import GrifoConfig, StoreConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
 from grifo.dispatch.outliers import eject_slow_points
+from grifo.http.message import Request, Response
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import merge_blocs
 from grifo.security.keys import KeyRing
@@ -44,6 +45,8 @@ from grifo.supervisor import LocalPoint, start_points, stop_points, stop_process
 from grifo.telemetry import tracing
 from grifo.telemetry.fabric import point_states
 from grifo.telemetry.metrics import GatewayMetrics
+from grifo.telemetry.peers import Peers
+from grifo.telemetry.scrape import scrape
 from grifo.topology import PointState, build_point_state
 
 log = logging.getLogger("grifo.serve")
@@ -61,11 +64,16 @@ class Running:
     local_points: list[LocalPoint] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    internal: HttpServer | None = None  # workers only: serves this process's own /metrics
 
     async def stop(self, grace_s: float = 10.0) -> None:
         for task in self.tasks:
             task.cancel()
         await self.server.close(grace_s)
+        if self.internal is not None:
+            assert self.gateway.peers is not None
+            self.gateway.peers.unregister()
+            await self.internal.close(0.5)
         await self.poller.stop()
         await stop_points(self.local_points)
         await self.gateway.pools.close()
@@ -150,7 +158,24 @@ async def start(
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     bound = await server.start(host, port, reuse_port=reuse_port)
-    return Running(gateway, server, poller, db, bound, local, demo, tasks)
+    internal = await _own_metrics(gateway, state_dir) if reuse_port else None
+    return Running(gateway, server, poller, db, bound, local, demo, tasks, internal)
+
+
+async def _own_metrics(gateway: Gateway, state_dir: Path) -> HttpServer:
+    """A worker's private loopback listener for its own metrics, so that whichever worker is
+    scraped can merge all of them (telemetry/peers.py)."""
+
+    async def handle(request: Request) -> Response:
+        if request.path != "/metrics":
+            return Response(404, b"")
+        return Response(200, scrape(gateway), content_type=b"text/plain; version=0.0.4")
+
+    internal = HttpServer(handle)
+    port = await internal.start("127.0.0.1", 0)
+    gateway.peers = Peers(state_dir)
+    gateway.peers.register(port)
+    return internal
 
 
 async def checkpoints(audit: AuditLog, interval_s: float, db: StateStore, keep_days: int) -> None:

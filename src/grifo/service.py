@@ -44,6 +44,7 @@ from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
 from grifo.telemetry.fabric import FabricCollector
 from grifo.telemetry.metrics import GatewayMetrics
+from grifo.telemetry.peers import Peers
 from grifo.telemetry.spans import end_with, name_model, placed
 from grifo.telemetry.tracing import CURRENT, Tracing, failed
 from grifo.topology import PointState
@@ -86,6 +87,7 @@ class Gateway:
         self.budgets = budgets
         self.audit = audit
         self.limits = limits
+        self.peers: Peers | None = None  # the other workers of `serve --workers`, if any
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:

@@ -17,6 +17,7 @@ from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.service import Gateway
+from grifo.telemetry.peers import merge
 from grifo.telemetry.scrape import scrape
 
 log = logging.getLogger("grifo.api")
@@ -67,6 +68,8 @@ class GatewayApp:
         if path in _GET:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
+            if path == "/metrics" and self.gateway.peers is not None:
+                return await self._merged_metrics()
             return self._get(request)
         if path in ADMIN_ROUTES and self.admin is not None:
             if request.method not in ("GET", "HEAD"):
@@ -82,6 +85,14 @@ class GatewayApp:
         if request.path == "/readyz":
             return self._readyz()
         return Response(200, scrape(self.gateway), content_type=b"text/plain; version=0.0.4")
+
+    async def _merged_metrics(self) -> Response:
+        """Every worker's metrics in one exposition (`serve --workers`: telemetry/peers.py)."""
+        assert self.gateway.peers is not None
+        others, missing = await self.gateway.peers.expositions()
+        own = scrape(self.gateway).decode()
+        body = merge([own, *others], workers=1 + len(others), missing=missing)
+        return Response(200, body, content_type=b"text/plain; version=0.0.4")
 
     def _readyz(self) -> Response:
         import msgspec
