@@ -25,6 +25,7 @@ from grifo.admission.reservations import BudgetStore, LocalReservations
 from grifo.admission.shedding import Admission
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
+from grifo.api.dashboard import dashboard_state
 from grifo.audit.log import AuditLog
 from grifo.audit.setup import open_audit_log
 from grifo.config.model import GrifoConfig, StoreConfig
@@ -205,7 +206,13 @@ def prune_audit(db: StateStore, keep_days: int) -> int:
 
 def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gateway) -> AdminApi:
     tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
-    return AdminApi(keys, db, tenant_budgets, lambda: point_states(gateway))
+    return AdminApi(
+        keys,
+        db,
+        tenant_budgets,
+        lambda: point_states(gateway),
+        lambda principal: dashboard_state(gateway, principal),
+    )
 
 
 def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ from grifo.topology import PointState
 from grifo.wire import requests as wire
 
 log = logging.getLogger("grifo.gateway")
+Placement = tuple[float, str, str, str, str, list[Candidate], list[tuple[PointState, str]]]
 
 
 class Gateway:
@@ -88,6 +90,9 @@ class Gateway:
         self.audit = audit
         self.limits = limits
         self.peers: Peers | None = None  # the other workers of `serve --workers`, if any
+        # The last placement decisions, for the dashboard: (time, request id, tenant, model,
+        # the point that answered, the ranked candidates, attempts before the answer's).
+        self.placements: deque[Placement] = deque(maxlen=50)
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, request: Request, request_id: str) -> Response | StreamResponse:
@@ -269,6 +274,17 @@ class Gateway:
         if ex.slot is not None and ex.slot != point.name:
             self.answers.free_slot(ex, ok=False)  # the point given the slot failed the request
         ex.point, ex.busy_mark, ex.tried = point, answer.busy_mark, answer.tried
+        self.placements.append(
+            (
+                time.time(),
+                ex.request_id,
+                ex.principal.tenant,
+                ex.model,
+                point.name,
+                candidates,
+                answer.tried,
+            )
+        )
         if answer.payload is not None:
             try:
                 return self.answers.whole(ex, answer)

@@ -54,6 +54,7 @@ class PointState:
     point_in_flight: int = 0
     tokens_per_s: float = 0.0
     gateway_in_flight: int = 0
+    answered: int = 0  # requests metered here by this gateway process
     busy: BusyClock = field(default_factory=BusyClock)
     failures: int = 0  # consecutive failed answers
     ejections: int = 0

@@ -23,7 +23,9 @@ from grifo.security.keys import KeyRing, Principal
 from grifo.store.records import TOTAL_COLUMNS
 from grifo.store.select import StateStore
 
-ROUTES = frozenset({"/admin/usage", "/admin/budgets", "/admin/keys", "/admin/points"})
+ROUTES = frozenset(
+    {"/admin/usage", "/admin/budgets", "/admin/keys", "/admin/points", "/admin/dashboard"}
+)
 
 
 class AdminApi:
@@ -33,11 +35,13 @@ class AdminApi:
         db: StateStore,
         budgets: Mapping[str, BudgetConfig],
         points: Callable[[], list[dict[str, Any]]] = list,
+        dashboard: Callable[[Principal], dict[str, Any]] | None = None,
     ) -> None:
         self._keys = keys
         self._db = db
         self._budgets = budgets
         self._points = points
+        self._dashboard = dashboard
 
     async def handle(self, request: Request) -> Response:
         principal = self._keys.authenticate(request.headers.get(b"authorization"))
@@ -48,6 +52,8 @@ class AdminApi:
             return _json(await self._usage(principal, query))
         if request.path == "/admin/budgets":
             return _json(await self._burn(principal, query))
+        if request.path == "/admin/dashboard" and self._dashboard is not None:
+            return _json(self._dashboard(principal))  # filtered to what the key may see
         if request.path == "/admin/points":
             # The fabric's shape and health: every admin role may see it (no tenant's data).
             return _json({"object": "list", "data": self._points()})

@@ -13,6 +13,7 @@ import uuid
 
 from grifo.api.admin import ROUTES as ADMIN_ROUTES
 from grifo.api.admin import AdminApi
+from grifo.api.dashboard import asset, is_asset
 from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
@@ -71,6 +72,10 @@ class GatewayApp:
             if path == "/metrics" and self.gateway.peers is not None:
                 return await self._merged_metrics()
             return self._get(request)
+        if is_asset(path):
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowedError(f"{path} accepts GET only")
+            return asset(path)
         if path in ADMIN_ROUTES and self.admin is not None:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")

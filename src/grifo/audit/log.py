@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,6 +87,7 @@ class AuditLog:
         self._checkpoints: RecordWriter[CheckpointRow] = RecordWriter(
             lambda: CheckpointSink(open_tables()), spool_dir, CheckpointRow, "checkpoint"
         )
+        self.recent: deque[AuditRecord] = deque(maxlen=50)  # the tail, for the dashboard
 
     @property
     def size(self) -> int:
@@ -137,6 +139,7 @@ class AuditLog:
         self._prev = row.entry_hash
         self._range.append(bytes.fromhex(row.leaf_hash))
         self._records.record(row)
+        self.recent.append(record)
         if self._range.size - self._checkpointed >= self._every:
             self.checkpoint()
         return record

@@ -138,6 +138,7 @@ class Answering:
         point = ex.point
         assert point is not None
         busy_ns = self.leave_point(ex)
+        point.answered += 1
         done_well = usage.completion_tokens if status == "ok" else None
         self.free_slot(ex, ok=status != "point_failed", completion_tokens=done_well)
         cost = cost_micros(
