@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -84,3 +85,64 @@ def test_two_workers_share_the_port_and_the_ledger(tmp_path: Path) -> None:
     finally:
         tables.close()
         db.close()
+
+
+def test_two_workers_share_a_strict_budget_through_the_state_database(tmp_path: Path) -> None:
+    """Two processes reserve in the SQLite state database: together they never overspend."""
+    import concurrent.futures
+
+    from tests.support.fabric import check_ledger_invariants
+
+    config = tmp_path / "grifo.yaml"
+    budget = "allowed_jurisdictions: [PE], budget: {usd: 0.0001, period: day, mode: strict}"
+    config.write_text(
+        topology_yaml()
+        .replace(
+            "{name: demo-latam, allowed_jurisdictions: [PE, BR]}", f"{{name: demo-latam, {budget}}}"
+        )
+        .replace("health_interval_s: 0.2", "health_interval_s: 0.2, request_timeout_s: 1")
+    )
+    argv = ["serve", "--config", str(config), "--port", "0", "--workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grifo", *argv, "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(re.search(r":(\d+)/v1", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
+        key = json.loads((tmp_path / "state" / "demo-keys.json").read_text())["demo-latam"]
+        body = json.dumps(
+            {"model": CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "spend"}]}
+        ).encode()
+
+        def one(_: int) -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=body,
+                headers={"authorization": f"Bearer {key}", "connection": "close"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(one, range(120)))
+        assert set(statuses) == {200, 429}, statuses
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()
+    from grifo.store.sqlite import StateDB
+
+    db = StateDB(tmp_path / "state" / "grifo.db")
+    try:
+        spent = sum(e.cost_micros for e in db.ledger() if e.tenant == "demo-latam")
+    finally:
+        db.close()
+    assert 0 < spent <= 100  # micro-USD: 0.0001 USD
+    check_ledger_invariants(tmp_path / "state")

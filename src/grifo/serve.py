@@ -21,7 +21,7 @@ import msgspec
 from grifo.admission.budgets import Budgets
 from grifo.admission.idempotency import Idempotency
 from grifo.admission.ratelimit import Limiter, RateLimits
-from grifo.admission.reservations import BudgetStore, LocalReservations
+from grifo.admission.reservations import BudgetStore, LocalReservations, ProcessReservations
 from grifo.admission.shedding import Admission
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
@@ -132,7 +132,7 @@ async def start(
         pools,
         GatewayMetrics(),
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
-        budgets(config, db),
+        budgets(config, db, shared=reuse_port),
         audit,
         rate_limits(config),
         admission(config, points),
@@ -239,13 +239,13 @@ def rate_limits(config: GrifoConfig) -> Limiter | None:
     return SharedLimits(limiter, tenants, keys)
 
 
-def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:
+def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Budgets | None:
     tenants = {t.name: t.budget for t in config.tenants if t.budget is not None}
     keys = {k.id: k.budget for k in config.keys if k.budget is not None}
     if not tenants and not keys:
         return None
     return Budgets(
-        reservations(config.gateway.store, db),
+        reservations(config.gateway.store, db, shared=shared),
         db,
         tenants,
         keys,
@@ -254,15 +254,18 @@ def budgets(config: GrifoConfig, db: StateStore) -> Budgets | None:
     )
 
 
-def reservations(store: StoreConfig, db: StateStore) -> BudgetStore:
-    """Redis when configured (replicas), else the SQLite state database (one host)."""
+def reservations(
+    store: StoreConfig, db: StateStore, *, shared: bool
+) -> BudgetStore | ProcessReservations:
+    """Redis when configured (replicas); else the SQLite state database when processes share
+    it (`--workers`), or this process's memory when it is the only one."""
     url = redis_url(store)
     if url is not None:
         from grifo.store.redis_budgets import RedisReservations
 
         return RedisReservations(url, db.spent, prefix=store.redis_prefix)
     assert isinstance(db, StateDB), "checked with the config: PostgreSQL budgets need Redis"
-    return LocalReservations(db)
+    return LocalReservations(db) if shared else ProcessReservations(db)
 
 
 async def _wait_ready(

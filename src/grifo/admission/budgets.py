@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from grifo.admission.burn import Burn, SpendSource, burn_rates
-from grifo.admission.reservations import Batched, BudgetStore
+from grifo.admission.reservations import Batched, BudgetStore, ProcessReservations
 from grifo.config.model import BudgetConfig, OutagePolicy
 from grifo.errors import BudgetExceededError, StoreUnavailableError
 from grifo.metering.pricing import cost_micros
@@ -43,24 +44,36 @@ class Budgets:
 
     def __init__(
         self,
-        store: BudgetStore,
+        store: BudgetStore | ProcessReservations,
         spend: SpendSource,
         tenants: Mapping[str, BudgetConfig],
         keys: Mapping[str, BudgetConfig],
         request_timeout_s: float,
         on_outage: OutagePolicy = "auto",
     ) -> None:
-        self._store = Batched(store)
+        self._store: Batched | ProcessReservations = (
+            store if isinstance(store, ProcessReservations) else Batched(store)
+        )
         self._spend = spend
         self._tenants = tenants
         self._keys = keys
         self._timeout_ns = int(request_timeout_s * 1e9)
         self._on_outage = on_outage
         self.unchecked = 0
+        self._day = dt.date(1970, 1, 1)
+        self._day_ends = 0.0  # epoch seconds of the next UTC midnight
 
     def burn(self, now: dt.datetime | None = None) -> list[Burn]:
         """Every tenant budget's burn rate and projection (see `burn.py`)."""
         return burn_rates(self._spend, self._tenants, now or dt.datetime.now(dt.UTC))
+
+    def _today(self) -> dt.date:
+        """The UTC date, from a cache that lasts until midnight (datetime.now is slow)."""
+        wall = time.time()
+        if wall >= self._day_ends:
+            self._day = dt.datetime.fromtimestamp(wall, dt.UTC).date()
+            self._day_ends = (wall // 86_400 + 1) * 86_400
+        return self._day
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
@@ -75,10 +88,10 @@ class Budgets:
         now: dt.datetime | None = None,
     ) -> Reservation:
         """Reserve the worst case in every budget that applies, or raise 429."""
-        now = now or dt.datetime.now(dt.UTC)
+        day = now.date() if now is not None else self._today()
         checks = [
-            _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), now),
-            _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), now),
+            _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), day),
+            _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), day),
         ]
         active = [c for c in checks if c is not None]
         worst = self.worst_case(body, candidates, timeout_s)
@@ -160,10 +173,10 @@ def prompt_bound(body: wire.InferenceRequest) -> int:
     return len(body.prompt_text().encode()) + _PER_MESSAGE_TOKENS
 
 
-def _check(scope: str, budget: BudgetConfig | None, now: dt.datetime) -> BudgetCheck | None:
+def _check(scope: str, budget: BudgetConfig | None, day: dt.date) -> BudgetCheck | None:
     if budget is None:
         return None
-    return _check_on(scope, budget, now.date())
+    return _check_on(scope, budget, day)
 
 
 @functools.lru_cache(maxsize=1024)

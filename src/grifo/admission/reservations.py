@@ -16,6 +16,7 @@ from typing import Protocol
 
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.store.sqlite import StateDB
+from grifo.store.sqlite_budgets import fits
 
 log = logging.getLogger("grifo.budgets")
 
@@ -49,6 +50,54 @@ class LocalReservations:
 
     async def close(self) -> None:
         pass  # the state database is closed by its owner
+
+
+class ProcessReservations:
+    """Reservations in this process's memory, for a gateway that is the only process spending
+    its budgets (`grifo serve` without `--workers`, no Redis): as strict as the database, since
+    one event loop decides every ask in order, without a transaction per batch. Spending is
+    counted from the ledger the first time a scope is seen, as the database store does, and the
+    counters are written to the state database's `budget_usage` when the gateway stops."""
+
+    def __init__(self, db: StateDB) -> None:
+        self._db = db
+        self._rows: dict[tuple[str, int], list[int]] = {}  # reserved µ, tokens, spent µ, tokens
+        self.up = True
+        self.store = self  # the surface of `Batched`, without the batching
+
+    async def reserve(self, ask: Ask) -> BudgetCheck | None:
+        rows = [self._row(check) for check in ask.checks]
+        worst = ask.worst
+        for check, row in zip(ask.checks, rows, strict=True):
+            if not fits(check, row, worst):
+                return check
+        for row in rows:
+            row[0] += worst.micros
+            row[1] += worst.tokens
+        return None
+
+    def settle(self, settlement: Settlement) -> None:
+        reserved, actual = settlement.reserved, settlement.actual
+        for check in settlement.checks:
+            row = self._row(check)
+            row[0] -= reserved.micros
+            row[1] -= reserved.tokens
+            row[2] += actual.micros
+            row[3] += actual.tokens
+
+    def _row(self, check: BudgetCheck) -> list[int]:
+        key = (check.scope, check.period_start_ms)
+        row = self._rows.get(key)
+        if row is None:
+            spent = self._db.spent(check.scope, check.period_start_ms)
+            row = self._rows[key] = [0, 0, spent.micros, spent.tokens]
+        return row
+
+    def flush(self) -> None:
+        pass  # nothing waits: every settlement is counted when it happens
+
+    async def close(self) -> None:
+        self._db.save_usage(self._rows)
 
 
 class Batched:

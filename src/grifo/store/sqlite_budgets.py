@@ -40,11 +40,7 @@ class BudgetTables:
                 for checks, worst in asks:
                     rows = [self._row(usage, c) for c in checks]
                     refused = next(
-                        (
-                            c
-                            for c, row in zip(checks, rows, strict=True)
-                            if not _fits(c, row, worst)
-                        ),
+                        (c for c, row in zip(checks, rows, strict=True) if not fits(c, row, worst)),
                         None,
                     )
                     if refused is None:
@@ -117,6 +113,23 @@ class BudgetTables:
         )
         return Amount(0, 0), spent
 
+    def save_usage(self, rows: dict[tuple[str, int], list[int]]) -> None:
+        """Write counters kept elsewhere (a single process's, see `ProcessReservations`):
+        `rows` maps (scope, period start) to reserved and spent micro-USD and tokens."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO budget_usage (scope, period_start_ms, "
+                    "reserved_micros, reserved_tokens, spent_micros, spent_tokens) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(*key, *row) for key, row in rows.items()],
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
     def spent(self, scope: str, since_ms: int) -> Amount:
         """Micro-USD and tokens a `tenant:<name>` or `key:<id>` scope spent since `since_ms`."""
         with self._lock:
@@ -133,7 +146,7 @@ class BudgetTables:
         return Amount(int(micros), int(tokens))
 
 
-def _fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:
+def fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:
     """strict: committed + worst within the limit; soft: committed still under it.
     `row`: reserved micros, reserved tokens, spent micros, spent tokens."""
     for limit, committed, need in (
