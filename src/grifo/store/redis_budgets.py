@@ -183,6 +183,7 @@ class RedisReservations:
         self._pending: list[Settlement] = []
         self._timer: asyncio.TimerHandle | None = None
         self._settle_delay_s = settle_delay_s
+        self._reserving = 0  # reserve calls in flight: the next one will carry settlements
         self.up = True
 
     def _keys(self, check: BudgetCheck) -> list[str]:
@@ -205,6 +206,13 @@ class RedisReservations:
         """Each ask's worst case in every one of its scopes, or nothing, in order; per ask the
         check that refused it or None. Settlements waiting to be sent go first, in the same
         call. Raises `StoreUnavailableError` when Redis is away."""
+        self._reserving += 1
+        try:
+            return await self._reserve_many(asks)
+        finally:
+            self._reserving -= 1
+
+    async def _reserve_many(self, asks: list[Ask]) -> list[BudgetCheck | None]:
         settling, self._pending = self._pending, []
         scopes = [c for s in settling for c in s.checks] + [c for a in asks for c in a.checks]
         index, keys = self._scopes(scopes)
@@ -271,8 +279,13 @@ class RedisReservations:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._settle_delay_s, self._flush_settlements)
 
-    def _flush_settlements(self) -> None:
+    def _flush_settlements(self, *, now: bool = False) -> None:
         self._timer = None
+        if self._pending and self._reserving and not now:
+            # Reservations are on their way: the call after them takes these along.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._settle_delay_s, self._flush_settlements)
+            return
         if self._pending:
             settling, self._pending = self._pending, []
             task = asyncio.get_running_loop().create_task(self._settle_now(settling))
@@ -302,7 +315,7 @@ class RedisReservations:
     async def drain(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._flush_settlements()
+        self._flush_settlements(now=True)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
