@@ -115,6 +115,13 @@ class UnprocessableError(ClientError):
     code = "unprocessable"
 
 
+class GuardrailError(ClientError):
+    """The tenant's guardrails refuse the request's content (personal data, prompt injection);
+    the code says which."""
+
+    code = "guardrail_blocked"
+
+
 class RequestTimeoutError(ClientError):
     """The client sent its request too slowly."""
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grifo.admission.budgets import Reservation
+from grifo.guardrails.policy import Verdict
 from grifo.security.keys import Principal
 from grifo.topology import PointState
 
@@ -45,6 +46,7 @@ class Exchange:
     span: Any = None  # the request's trace span, when tracing is on
     slot: str | None = None  # the point whose admission slot this request holds
     tried: list[tuple[PointState, str]] | None = None  # attempts before the answer's, outcome
+    verdict: Verdict | None = None  # the tenant's guardrails' findings, when it has any
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
 
     def remaining_s(self) -> float:

@@ -36,6 +36,7 @@ from grifo.errors import (
     UpstreamError,
 )
 from grifo.exchange import Exchange
+from grifo.guardrails import policy as guardrails
 from grifo.guardrails.redact import redact_request
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.answer import Answering, deadline_message
@@ -163,6 +164,9 @@ class Gateway:
         body: wire.InferenceRequest,
     ) -> Response | StreamResponse:
         data_class, allowed, only_redacted = request_policy(principal, request.headers, self.blocs)
+        verdict = None
+        if principal.guardrails.active:
+            body, verdict = guardrails.check(body, principal.guardrails)
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         tier = requested_tier(principal.tier, request.headers.get(TIER_HEADER))
         priority = request_priority(principal.priority, request.headers.get(PRIORITY_HEADER))
@@ -186,9 +190,13 @@ class Gateway:
         check_token_limit(body, candidates[0].point)
         ex = Exchange(request_id, request.path, received_ns, principal, body.model)
         ex.body, ex.allowed, ex.data_class = request.body, allowed, data_class
+        if verdict is not None:
+            ex.verdict = verdict
+            if verdict.redacted:
+                ex.redacted = ",".join(f"{k}:{n}" for k, n in sorted(verdict.redacted.items()))
         ex.span = root
         ex.tier = tier or "any"
-        if any(c.point.jurisdiction in only_redacted for c in candidates):
+        if any(c.point.jurisdiction in only_redacted for c in candidates) and not ex.redacted:
             # A candidate may see this class only redacted: every attempt gets the redacted text.
             body, found = redact_request(body)
             ex.redacted = ",".join(f"{k}:{n}" for k, n in sorted(found.items())) or "none"

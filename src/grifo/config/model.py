@@ -80,6 +80,18 @@ class LimitsConfig(Base, kw_only=True, frozen=True):
     concurrent: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
+class GuardrailsConfig(Base, kw_only=True, frozen=True):
+    """A tenant's guardrails on request input (see README, Guardrails)."""
+
+    pii: Literal["allow", "redact", "block"] = "allow"
+    """Personal data (e-mails, phones, cards, IBANs, CPF, DNI): pass, replace by its kind
+    before the request leaves the gateway, or refuse the request (400 `pii_blocked`)."""
+    injection: Literal["allow", "flag", "block"] = "allow"
+    """Prompt-injection heuristics on user and tool messages: ignore, report the score
+    (`x-grifo-injection-score`), or refuse at `injection_threshold` (400 `prompt_injection`)."""
+    injection_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+
+
 class TenantConfig(Base, kw_only=True, frozen=True):
     name: Name
     allowed_jurisdictions: list[str] | None = None
@@ -90,6 +102,7 @@ class TenantConfig(Base, kw_only=True, frozen=True):
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Default deadline for the tenant's requests (`x-grifo-timeout-ms` overrides it)."""
     limits: LimitsConfig | None = None
+    guardrails: GuardrailsConfig = GuardrailsConfig()
     priority: Literal["low", "normal", "high"] = "normal"
     """Its requests' priority when points are saturated; `x-grifo-priority` may lower it."""
     weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1

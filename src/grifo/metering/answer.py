@@ -74,14 +74,11 @@ class Answering:
             output_tokens,
         )
         headers = _point_headers(ex.point, cost)
-        if ex.redacted:
-            headers.append((b"x-grifo-redacted", ex.redacted.encode()))
+        _request_headers(ex, headers)
         if ex.point_receipt:
             headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
         if ex.attestation is not None:
             headers.append((b"x-grifo-attestation", ex.attestation.encode()))
-        if ex.tried:
-            headers.append((b"x-grifo-tried", _tried(ex.tried)))
         headers.append(self.overhead(ex, answered_ns))
         return Response(response.status, payload, headers=headers)
 
@@ -129,8 +126,7 @@ class Answering:
 
         head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
         headers = _point_headers(point, head_cost)
-        if ex.tried:
-            headers.append((b"x-grifo-tried", _tried(ex.tried)))
+        _request_headers(ex, headers)
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
 
@@ -240,6 +236,18 @@ def _point_headers(point: PointState, cost: int) -> Headers:
 
 def deadline_message(ex: Exchange) -> str:
     return f"the request's deadline of {ex.timeout_s * 1000:.0f} ms passed (x-grifo-timeout-ms)"
+
+
+def _request_headers(ex: Exchange, headers: Headers) -> None:
+    """What happened to the request on its way: redaction, guardrail scores, earlier tries."""
+    if ex.redacted:
+        headers.append((b"x-grifo-redacted", ex.redacted.encode()))
+    if ex.verdict is not None and ex.verdict.injection_rules:
+        rules = ",".join(ex.verdict.injection_rules)
+        value = f"{ex.verdict.injection_score:.2f}; rules={rules}"
+        headers.append((b"x-grifo-injection-score", value.encode()))
+    if ex.tried:
+        headers.append((b"x-grifo-tried", _tried(ex.tried)))
 
 
 def _tried(tried: list[tuple[PointState, str]]) -> bytes:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from grifo.errors import AuthenticationError
+from grifo.guardrails.policy import Guardrails
 
 _MAX_KEY_LEN = 256
+NO_GUARDRAILS = Guardrails()
 
 Role = Literal["user", "tenant-admin", "auditor", "admin"]
 """user: inference only; tenant-admin: inference and its tenant's usage, budgets and keys;
@@ -39,6 +41,7 @@ class Principal:
     expires_ms: int | None = None
     redacted_to: Mapping[str, frozenset[str]] | None = None  # per class, once redacted
     priority: int = 1  # the tenant's: 0 low, 1 normal, 2 high (the most a request may ask)
+    guardrails: Guardrails = NO_GUARDRAILS  # the tenant's
 
     def sees(self, tenant: str) -> bool:
         """Whether this principal may read `tenant`'s usage, budgets and keys."""

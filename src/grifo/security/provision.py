@@ -12,6 +12,7 @@ from pathlib import Path
 from grifo.admission.shedding import PRIORITIES
 from grifo.config.model import GrifoConfig, KeyConfig
 from grifo.errors import StoreUnavailableError
+from grifo.guardrails.policy import Guardrails
 from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import ROLES, KeyRing, Principal, Role, generate_key, hash_key
 from grifo.store.records import StoredKey
@@ -38,6 +39,12 @@ def build_keyring(
     }
     defaults = {t.name: t.default_data_class or "" for t in config.tenants}
     priorities = {t.name: PRIORITIES[t.priority] for t in config.tenants}
+    rails = {
+        t.name: Guardrails(
+            t.guardrails.pii, t.guardrails.injection, t.guardrails.injection_threshold
+        )
+        for t in config.tenants
+    }
     redacted = {
         t.name: {c: expand(j, blocs) for c, j in t.redacted_to.items()} for t in config.tenants
     }
@@ -58,6 +65,7 @@ def build_keyring(
             key.expires_ms,
             redacted[tenant] or None,
             priorities.get(tenant, 1),
+            rails.get(tenant, Guardrails()),
         )
 
     ring = KeyRing()
