@@ -413,6 +413,11 @@ HOSTILE = {
     "bad-header-name": b"GET / HTTP/1.1\r\nhost: t\r\nbad header: x\r\n\r\n",
     "space-before-colon": b"GET / HTTP/1.1\r\nhost: t\r\ncontent-length : 5\r\n\r\nabcde",
     "negative-content-length": b"POST /s HTTP/1.1\r\nhost: t\r\ncontent-length: -1\r\n\r\n",
+    "upgrade-with-body": (
+        b"POST /s HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: h2c\r\n"
+        b"content-length: 2\r\n\r\nab"
+    ),
+    "connect": b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nhost: t\r\n\r\n",
 }
 
 

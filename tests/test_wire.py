@@ -190,6 +190,8 @@ def test_unknown_field_inside_a_message_is_unsupported_parameter() -> None:
         (EmbeddingRequest, "input", []),
         (EmbeddingRequest, "encoding_format", "int8"),
         (EmbeddingRequest, "dimensions", 0),
+        (EmbeddingRequest, "dimensions", 65_537),
+        (EmbeddingRequest, "dimensions", 2**70),
     ],
 )
 def test_hostile_completion_and_embedding_fields(
@@ -234,6 +236,56 @@ def test_not_a_request_object(raw: bytes, code: str) -> None:
         with pytest.raises(InvalidRequestError) as info:
             decode(kind, raw)
         assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw"),
+    [
+        (ChatCompletionRequest, b'{"model":"m\xff","messages":[{"role":"user","content":"x"}]}'),
+        (ChatCompletionRequest, b'{"model":"m","messages":[{"role":"user","content":"\xc0\xaf"}]}'),
+        (CompletionRequest, b'{"model":"m","prompt":"\xed\xa0\x80"}'),
+        (EmbeddingRequest, b'{"model":"m","input":["ok","\x80"]}'),
+    ],
+    ids=["model", "overlong", "encoded-surrogate", "continuation-byte"],
+)
+def test_invalid_utf8_is_invalid_json_not_a_crash(
+    kind: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest], raw: bytes
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode(kind, raw)
+    assert info.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model":"a","model":"m","messages":[{"role":"user","content":"x"}]}', "model"),
+        (b'{"model":"m","messages":[{"role":"user","role":"system","content":"x"}]}', "role"),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a",'
+            b'"text":"b"}]}]}',
+            "text",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],'
+            b'"stream_options":{"include_usage":true,"include_usage":false}}',
+            "include_usage",
+        ),
+    ],
+    ids=["top-level", "message", "text-part", "stream_options"],
+)
+def test_a_key_given_twice_is_refused_naming_it(raw: bytes, param: str) -> None:
+    """Decoders disagree on which of two values wins (msgspec keeps the last); the gateway
+    must judge exactly what a point would see, so it takes neither."""
+    with pytest.raises(InvalidRequestError) as info:
+        decode(ChatCompletionRequest, raw)
+    assert info.value.param == param
+    assert info.value.code == "duplicate_key"
+
+
+def test_the_same_key_in_different_objects_is_fine() -> None:
+    raw = b'{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}'
+    assert len(decode(ChatCompletionRequest, raw).messages) == 2
 
 
 @pytest.mark.parametrize(

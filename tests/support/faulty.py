@@ -16,6 +16,8 @@ In a test: `with FaultyPoint("bad-lima", mode="hang") as point: ...`, or the fix
 `faulty_points` (import `fixture_faulty_points` into the test module). As a process:
 `python -m tests.support.faulty --name N --jurisdiction PE --mode hang --port 0` prints
 `{"event": "listening", "port": P}` and serves until SIGTERM or SIGINT.
+
+Every inference request a point is sent is kept in `received` (the last 1024): what a point saw.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Literal, TypeVar, get_args
@@ -90,6 +93,8 @@ class FaultyPoint:
         self.mode = mode
         self.health_ok = health_ok
         self.inference_requests = 0
+        # What the point was sent (method, path, headers, body): the last 1024 inference requests.
+        self.received: deque[Request] = deque(maxlen=1024)
         self._ident = [
             (b"x-grifo-point", name.encode()),
             (b"x-grifo-jurisdiction", jurisdiction.encode()),
@@ -123,6 +128,7 @@ class FaultyPoint:
         if request.method != "POST" or request.path not in INFERENCE_PATHS:
             return self._answer(404, b'{"error": {"message": "no such route"}}')
         self.inference_requests += 1
+        self.received.append(request)
         try:
             ask = msgspec.json.decode(request.body, type=_Ask)
         except msgspec.DecodeError as exc:

@@ -18,9 +18,14 @@ def timeout_s(header: bytes | None, default_s: float) -> float:
     if header is None:
         return default_s
     raw = header.decode("latin-1").strip()
-    if not raw.isdigit() or int(raw) < 1:
+    # ASCII digits only ('²' is a digit to str.isdigit); any length is a number of ms, and
+    # more than 15 digits is more than the gateway allows anyway (no int() of 5,000 digits).
+    digits = raw.lstrip("0")
+    if not (raw.isascii() and raw.isdigit()) or not digits:
         raise InvalidRequestError(
             "x-grifo-timeout-ms must be a positive whole number of milliseconds",
             param="x-grifo-timeout-ms",
         )
-    return min(int(raw) / 1000, default_s)
+    if len(digits) > 15:
+        return default_s
+    return min(int(digits) / 1000, default_s)

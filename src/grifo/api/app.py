@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import uuid
+from importlib import resources
 
 from grifo.api.admin import ROUTES as ADMIN_ROUTES
 from grifo.api.admin import AdminApi
@@ -33,7 +34,8 @@ def new_request_id() -> str:
 
 
 _INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-_GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
+_GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json"})
+OPENAPI = resources.files("grifo.api").joinpath("openapi.json").read_bytes()  # the API, described
 
 
 class GatewayApp:
@@ -89,6 +91,8 @@ class GatewayApp:
             return Response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
             return self._readyz()
+        if request.path == "/openapi.json":
+            return Response(200, OPENAPI)
         return Response(200, scrape(self.gateway), content_type=b"text/plain; version=0.0.4")
 
     async def _merged_metrics(self) -> Response:

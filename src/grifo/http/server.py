@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -157,6 +158,10 @@ class HttpProtocol(asyncio.Protocol):
             self._headers[key] = value
 
     def on_headers_complete(self) -> None:
+        if self._parser.should_upgrade():
+            # CONNECT, or `Upgrade` with `Connection: upgrade`: refused here, before the request
+            # could reach the handler (llhttp reports an upgrade only after the whole message).
+            raise _Abort(InvalidRequestError("protocol upgrades are not supported"))
         length = self._headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
             raise _Abort(
@@ -333,25 +338,31 @@ async def _close_iterator(response: StreamResponse) -> None:
 
 
 class HttpServer:
-    """A listening socket and its connections; `close()` drains in-flight work first."""
+    """A listening socket and its connections; `close()` drains in-flight work first.
+
+    `limits` is read as each connection is accepted: replacing it applies to new connections.
+    """
 
     def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
         self._handler = handler
-        self._limits = limits or ServerLimits()
+        self.limits = limits or ServerLimits()
         self._server: asyncio.Server | None = None
         self.connections: set[HttpProtocol] = set()
         self.draining = False
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Listen and return the bound port (useful with port 0)."""
+    async def start(
+        self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+    ) -> int:
+        """Listen (over TLS with `tls`) and return the bound port (useful with port 0)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HttpProtocol(self._handler, self._limits, self),
+            lambda: HttpProtocol(self._handler, self.limits, self),
             host=host,
             port=port,
             reuse_address=True,
             reuse_port=reuse_port or None,
             backlog=2048,
+            ssl=tls,
         )
         sockname = self._server.sockets[0].getsockname()
         return int(sockname[1])

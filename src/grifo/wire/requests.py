@@ -2,11 +2,14 @@
 
 Decoding is the allow-list: unknown fields, wrong types (no coercion: `"stream": "false"` is an
 error) and out-of-range numbers are rejected with `InvalidRequestError` naming the parameter, and
-re-encoding a decoded request sends engines only the fields listed here.
+re-encoding a decoded request sends engines only the fields listed here. A body that is not
+UTF-8, or that names a key twice in one object, is refused too: parsers disagree on which of
+two values wins, and the gateway must judge the request that the point would see.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal, TypeVar
 
@@ -15,6 +18,7 @@ import msgspec
 from grifo.errors import InvalidRequestError
 
 MAX_TOKENS_LIMIT = 1_048_576
+MAX_DIMENSIONS = 65_536  # bounds what reaches an engine; models have a few thousand at most
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
@@ -100,7 +104,7 @@ class EmbeddingRequest(_Strict, kw_only=True):
     model: ModelName
     input: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIMENSIONS)] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
     def texts(self) -> list[str]:
@@ -124,7 +128,11 @@ def decode(kind: type[T], body: bytes) -> T:
     if not body:
         raise InvalidRequestError("the request body is empty; send a JSON object")
     try:
-        return _DECODERS[kind].decode(body)  # type: ignore[return-value]
+        request: T = _DECODERS[kind].decode(body)  # type: ignore[assignment]
+    except UnicodeDecodeError:  # msgspec checks UTF-8 inside strings only as it reads them
+        raise InvalidRequestError(
+            "the request body is not valid UTF-8 JSON", code="invalid_json"
+        ) from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         unknown = _UNKNOWN.search(message)
@@ -143,6 +151,32 @@ def decode(kind: type[T], body: bytes) -> T:
         raise InvalidRequestError(
             "the request body is not valid JSON", code="invalid_json"
         ) from None
+    _refuse_duplicate_keys(body)
+    return request
+
+
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """Raise InvalidRequestError naming a key given twice in one object. Runs only on a body
+    that already decoded, so its depth and size are those the request types allow."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs)
+    except ValueError:  # JSON the first decoder took and this one does not: refuse it too
+        raise InvalidRequestError(
+            "the request body is not valid JSON", code="invalid_json"
+        ) from None
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> None:
+    if len(pairs) > 1:
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise InvalidRequestError(
+                    f"duplicate key {name!r} in a JSON object: send each parameter once",
+                    param=name,
+                    code="duplicate_key",
+                )
+            seen.add(name)
 
 
 def encode(request: InferenceRequest) -> bytes:
