@@ -136,7 +136,7 @@ BAD: list[tuple[str, str, list[str]]] = [
         ["$.points[0]", "url", "engine"],
     ),
     ("neither url nor engine", "points:\n" + point(url=None), ["$.points[0]", "url", "engine"]),
-    ("bad url", "points:\n" + point(url="https://x:1"), ["$.points[0].url"]),
+    ("bad url", "points:\n" + point(url="ftp://x:1"), ["$.points[0].url"]),
     (
         "proxy without upstream",
         "points:\n" + point(url=None, extra="    engine: {kind: proxy}\n"),
@@ -206,7 +206,8 @@ def test_configured_bloc_does_not_change_builtin_ones() -> None:
         ("http://127.0.0.1:9001", ("127.0.0.1", 9001)),
         ("http://point.example:80/", ("point.example", 80)),
         ("http://host", None),
-        ("https://host:1", None),
+        ("https://host:1", ("host", 1)),
+        ("ftp://host:1", None),
         ("http://host:1/v1", None),
         ("http://user@host:1", None),
         ("http://host:99999", None),

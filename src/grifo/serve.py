@@ -37,6 +37,7 @@ from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import merge_blocs
 from grifo.security.keys import KeyRing
 from grifo.security.provision import KEY_REFRESH_S, build_keyring, refresh_keys
+from grifo.security.tls import client_context, server_context
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
 from grifo.store.select import StateStore, open_state, redis_url
@@ -122,7 +123,10 @@ async def start(
         )
     urls = dict(point_urls or {}) | {lp.config.name: lp.url for lp in local}
     points: list[PointState] = [build_point_state(p, p.url or urls[p.name]) for p in config.points]
-    pools = PointPools(points)
+    tls_to_points = None
+    if any(p.tls for p in points):
+        tls_to_points = client_context(config.gateway.point_tls)
+    pools = PointPools(points, tls=tls_to_points)
     gateway = Gateway(
         config.gateway,
         points,
@@ -158,7 +162,8 @@ async def start(
         GatewayApp(gateway, admin_api(config, keys, db, gateway)).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
-    bound = await server.start(host, port, reuse_port=reuse_port)
+    listen_tls = None if config.gateway.tls is None else server_context(config.gateway.tls)
+    bound = await server.start(host, port, reuse_port=reuse_port, tls=listen_tls)
     internal = await _own_metrics(gateway, state_dir) if reuse_port else None
     return Running(gateway, server, poller, db, bound, local, demo, tasks, internal)
 
@@ -282,12 +287,13 @@ async def _wait_ready(
 
 
 def banner(running: Running, host: str) -> str:
-    lines = [f"grifo gateway on http://{host}:{running.port}/v1"]
+    scheme = "https" if running.gateway.config.tls is not None else "http"
+    lines = [f"grifo gateway on {scheme}://{host}:{running.port}/v1"]
     for p in running.gateway.points:
         state = "ready" if p.healthy else f"DOWN ({p.reason})"
         lines.append(
             f"  point {p.name:<20} {p.jurisdiction}  {p.config.tier:<8} "
-            f"http://{p.host}:{p.port}  {state}"
+            f"{'https' if p.tls else 'http'}://{p.host}:{p.port}  {state}"
         )
     if running.demo_keys:
         lines.append("demo API keys (also in demo-keys.json in the state directory):")
@@ -304,7 +310,10 @@ async def serve(
     running = await start(config, state_dir, host, port, reuse_port=workers > 1)
     extra: list[asyncio.subprocess.Process] = []
     try:
-        urls = {p.name: f"http://{p.host}:{p.port}" for p in running.gateway.points}
+        urls = {
+            p.name: f"{'https' if p.tls else 'http'}://{p.host}:{p.port}"
+            for p in running.gateway.points
+        }
         extra = await start_workers(config, state_dir, host, running.port, urls, workers - 1)
         print(banner(running, host), flush=True)
         await _until(stop, None)

@@ -32,7 +32,8 @@ class LocalPoint:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
 
 class _Listening(msgspec.Struct):

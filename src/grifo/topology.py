@@ -61,6 +61,7 @@ class PointState:
     ejected_until: float = 0.0  # monotonic seconds
     probation: bool = False  # back from an ejection: one failure sends it out again
     public_key: str | None = None  # the key the point signs receipts with (from /health)
+    tls: bool = False  # reached at https://
     answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
     first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams
 
@@ -129,4 +130,5 @@ def build_point_state(config: PointConfig, url: str) -> PointState:
         prices={name: price(p) for name, p in config.prices.models.items()},
         default_price=price(config.prices.default),
         usd_per_hour_micros=usd_to_micros(config.prices.usd_per_hour),
+        tls=url.startswith("https://"),
     )

@@ -160,10 +160,15 @@ def _check_point(where: str, point: PointConfig) -> list[str]:
     if (point.url is None) == (point.engine is None):
         problems.append(f"{where}: give exactly one of `url` (a running point) or `engine`")
     if point.url is not None and parse_point_url(point.url) is None:
-        problems.append(f"{where}.url: expected http://host:port, got {point.url!r}")
+        problems.append(f"{where}.url: expected http(s)://host:port, got {point.url!r}")
     engine = point.engine
     upstream = engine.upstream_url if engine is not None else None
-    if engine is not None and engine.kind == "proxy" and parse_point_url(upstream or "") is None:
+    plain = (upstream or "").startswith("http://")  # the proxy speaks plain HTTP upstream
+    if (
+        engine is not None
+        and engine.kind == "proxy"
+        and (not plain or not parse_point_url(upstream or ""))
+    ):
         problems.append(f"{where}.engine.upstream_url: a proxy engine needs http://host:port")
     prices = [
         ("default", point.prices.default),
@@ -191,13 +196,13 @@ def usd_to_micros(usd: float) -> int:
 
 
 def parse_point_url(url: str) -> tuple[str, int] | None:
-    """(host, port) of an `http://host:port` URL, or None if it is not one."""
+    """(host, port) of an `http://host:port` or `https://host:port` URL, or None."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         return None
-    if parts.scheme != "http" or not parts.hostname or port is None:
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
         return None
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         return None

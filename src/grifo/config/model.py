@@ -44,6 +44,24 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     """fake engine only: time per generated token, to exercise streaming and cancellation."""
 
 
+class TlsConfig(Base, kw_only=True, frozen=True):
+    """A TLS listener: its certificate and key (PEM); with `client_ca_file`, clients must show a
+    certificate signed by that CA (mutual TLS). `grifo certs` makes a local CA and certificates."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class PointTlsConfig(Base, kw_only=True, frozen=True):
+    """How the gateway talks to `https://` points: the CA their certificates are checked
+    against (default: the system's) and the gateway's own certificate for mutual TLS."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
 class PointConfig(Base, kw_only=True, frozen=True):
     name: Name
     site: str
@@ -54,6 +72,8 @@ class PointConfig(Base, kw_only=True, frozen=True):
     url: str | None = None
     engine: EngineConfig | None = None
     prices: Prices = Prices()
+    tls: TlsConfig | None = None
+    """The point's listener over TLS (a point grifo starts is then reached at https://)."""
 
 
 class BudgetConfig(Base, kw_only=True, frozen=True):
@@ -257,6 +277,9 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     dispatch: DispatchConfig = DispatchConfig()
     admission: AdmissionConfig = AdmissionConfig()
     tracing: TracingConfig = TracingConfig()
+    tls: TlsConfig | None = None
+    """Serve clients over HTTPS (see README, TLS)."""
+    point_tls: PointTlsConfig | None = None
     store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,9 +43,16 @@ _FINAL, _BUDGETED, _FREE = 0, 1, 2  # may the request move on after this attempt
 class PointPools:
     """One keep-alive connection pool per point."""
 
-    def __init__(self, points: Sequence[PointState], connect_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        points: Sequence[PointState],
+        connect_timeout_s: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._pools = {
-            p.name: ConnectionPool(p.host, p.port, connect_timeout_s=connect_timeout_s)
+            p.name: ConnectionPool(
+                p.host, p.port, connect_timeout_s=connect_timeout_s, tls=tls if p.tls else None
+            )
             for p in points
         }
 

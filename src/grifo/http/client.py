@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import cast
@@ -222,7 +223,13 @@ class ConnectionPool:
     """Keep-alive connections to one origin (`host:port`)."""
 
     def __init__(
-        self, host: str, port: int, *, max_idle: int = 256, connect_timeout_s: float = 2.0
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int = 256,
+        connect_timeout_s: float = 2.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -230,6 +237,7 @@ class ConnectionPool:
         self._idle: deque[_Connection] = deque()
         self._max_idle = max_idle
         self._connect_timeout_s = connect_timeout_s
+        self._tls = tls  # https: the server's certificate must match `host`
         self._all: set[_Connection] = set()
 
     async def request(
@@ -282,9 +290,19 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self), self.host, self.port),
+                loop.create_connection(
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=self.host if self._tls is not None else None,
+                ),
                 timeout=self._connect_timeout_s,
             )
+        except ssl.SSLError as exc:
+            raise PointUnavailableError(
+                f"TLS with the point at {self.host}:{self.port} failed: {exc.reason}"
+            ) from exc
         except (OSError, TimeoutError) as exc:
             raise PointUnavailableError(
                 f"cannot connect to the point at {self.host}:{self.port}"

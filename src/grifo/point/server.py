@@ -20,6 +20,7 @@ from grifo.http.server import HttpServer
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.engines.base import Embedder, Generator
 from grifo.point.runner import BatchGenerator, EngineRunner
+from grifo.security.tls import server_context
 
 log = logging.getLogger("grifo.point")
 
@@ -91,7 +92,8 @@ async def serve_point(
     signer = None if key_file is None else load_or_create(key_file, point.name)
     app = await build_app(point, signer)
     server = HttpServer(app.handle)
-    bound = await server.start(host, port)
+    tls = None if point.tls is None else server_context(point.tls)
+    bound = await server.start(host, port, tls=tls)
     # One JSON line on stdout tells a supervisor where we listen.
     sys.stdout.write(
         msgspec.json.encode({"event": "listening", "point": point.name, "port": bound}).decode()
