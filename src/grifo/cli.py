@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -17,7 +16,11 @@ from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
 from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
 from grifo.errors import StoreUnavailableError
-from grifo.store.records import StoredKey
+from grifo.planner import cli as plan_cli
+from grifo.security.certs import add_parser as add_certs_parser
+from grifo.security.certs import run as run_certs
+from grifo.security.keys_cli import add_parser as add_keys_parser
+from grifo.security.keys_cli import run as run_keys
 from grifo.store.select import StateStore
 
 _DESCRIPTION = """\
@@ -123,31 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.add_argument("--json", action="store_true", help="one JSON object per group")
 
-    keys = sub.add_parser(
-        "keys",
-        help="create, revoke and list API keys in the state database",
-        description="API keys kept (hashed) in the state directory; running gateways pick up "
-        "changes within seconds. A new key is printed once and never stored in clear.",
-    )
-    keys.add_argument("action", choices=["create", "revoke", "list"])
-    keys.add_argument("key_id", nargs="?", help="for revoke: the key id (see list)")
-    keys.add_argument(
-        "--role",
-        choices=["user", "tenant-admin", "auditor", "admin"],
-        default="user",
-        help="for create: user (inference), tenant-admin, auditor or admin (see README)",
-    )
-    keys.add_argument("--tenant", help="for create: a tenant of --config")
-    keys.add_argument(
-        "--expires-days", type=float, help="for create: the key stops working after this"
-    )
-    keys.add_argument("--models", help="for create: the only models it may use (a,b,c)")
-    keys.add_argument(
-        "--config",
-        type=Path,
-        help="the topology naming the tenant (needed for create), and whose store holds keys",
-    )
-    keys.add_argument("--state-dir", type=Path, default=None)
+    add_keys_parser(sub)
 
     budgets = sub.add_parser(
         "budgets",
@@ -158,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_argument("--config", type=Path, required=True)
     budgets.add_argument("--state-dir", type=Path, default=None)
     add_audit_parser(sub)
+    add_certs_parser(sub)
+    plan_cli.add_parser(sub)
 
     policy = sub.add_parser(
         "policy",
@@ -189,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "budgets":
             return _budgets(args)
         if args.command == "keys":
-            return _keys(args)
+            return run_keys(args, _open_state(args))
         if args.command == "audit":
             return run_audit(args)
+        if args.command == "certs":
+            return run_certs(args)
+        if args.command == "plan":
+            return plan_cli.run(args)
         if args.command == "policy":
             from grifo.placement.explain import explain
 
@@ -359,38 +344,3 @@ def _open_state(args: argparse.Namespace) -> StateStore:
     state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
     store = load_config(args.config).gateway.store if args.config else StoreConfig()
     return open_state(store, state_dir)
-
-
-def _keys(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from grifo.security.keys import generate_key, hash_key
-
-    db = _open_state(args)
-    try:
-        if args.action == "create":
-            if not args.tenant or not args.config:
-                raise ConfigError("keys create needs --tenant and --config")
-            if args.tenant not in {t.name for t in load_config(args.config).tenants}:
-                raise ConfigError(f"{args.config}: no tenant named {args.tenant!r}")
-            key = generate_key()
-            key_id = f"key-{key[4:12]}"
-            expires = None
-            if args.expires_days is not None:
-                expires = int((time.time() + args.expires_days * 86400) * 1000)
-            models = ",".join(m.strip() for m in (args.models or "").split(",") if m.strip())
-            db.add_key(StoredKey(key_id, args.tenant, hash_key(key), args.role, expires, models))
-            print(f"{key_id} {key}")
-            print("the key is shown once; only its hash is kept", file=sys.stderr)
-            return 0
-        if args.action == "revoke":
-            if not args.key_id or not db.revoke_key(args.key_id):
-                print(f"grifo: no active key {args.key_id!r}", file=sys.stderr)
-                return 1
-            return 0
-        for key_id, tenant, created, revoked in db.list_keys():
-            stamp = dt.datetime.fromtimestamp(created / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
-            print(f"{key_id:<28} {tenant:<20} {stamp}  {'revoked' if revoked else 'active'}")
-        return 0
-    finally:
-        db.close()
