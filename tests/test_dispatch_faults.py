@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from grifo.audit.record import AuditRecord, decode
 from grifo.telemetry.fabric import point_states
 from tests.support.fabric import CHAT, Fabric
 from tests.support.faulty import FaultyPoint
@@ -67,20 +66,6 @@ def _content(stream: bool, text: str) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
-def _audit(fab: Fabric, request_id: str) -> AuditRecord:
-    """The audit record of a request, once the writer has stored it."""
-    deadline = time.monotonic() + 5
-    while True:
-        tables = fab.running.db.open_audit()
-        try:
-            rows = {r.request_id: r for log in tables.logs() for r in tables.records_from(log, 0)}
-        finally:
-            tables.close()
-        if request_id in rows or time.monotonic() > deadline:
-            return decode(rows[request_id].record)
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("mode", ["hang", "trickle"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_silent_or_trickling_point_is_left_for_the_next_and_ejected(
@@ -102,8 +87,8 @@ def test_a_silent_or_trickling_point_is_left_for_the_next_and_ejected(
             if len(tried) == 1:
                 first_retried = resp.getheader("x-request-id") or ""
         assert tried == ["bad:timeout", "bad:timeout", None, None]  # ejected after two
-        assert _audit(fab, resp.getheader("x-request-id") or "").tried == []
-        assert _audit(fab, first_retried).tried == ["bad:PE:timeout"]
+        assert fab.audit_record(resp.getheader("x-request-id") or "").tried == []
+        assert fab.audit_record(first_retried).tried == ["bad:PE:timeout"]
         assert bad.inference_requests == 3
         gateway_state = fab.running.gateway
         assert not next(p for p in gateway_state.points if p.name == "bad").healthy
@@ -157,7 +142,7 @@ def test_a_late_point_is_hedged_and_only_the_winner_is_billed(
         assert counts["won"] == 1
         request_id = resp.getheader("x-request-id")
         assert [e.point for e in fab.ledger(request_id).values()] == ["good"]
-        assert _audit(fab, request_id).tried == ["bad:PE:hedge-lost"]
+        assert fab.audit_record(request_id).tried == ["bad:PE:hedge-lost"]
         # Without hedging (tier any) the same request waits on the silent point until its
         # deadline: the hedge is what answered above.
         resp, _ = _post(fab, False, **{"x-grifo-tier": "any", "x-grifo-timeout-ms": "600"})

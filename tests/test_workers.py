@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tests.support.fabric import CHAT, topology_yaml
+from tests.support.processes import serve
 
 REQUESTS = 101  # odd: the two workers cannot have served the same number
 
@@ -31,28 +30,8 @@ def _served(port: int) -> float:
 def test_two_workers_share_the_port_and_the_ledger(tmp_path: Path) -> None:
     config = tmp_path / "grifo.yaml"
     config.write_text(topology_yaml())
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "grifo",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--state-dir",
-            str(tmp_path / "state"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, port = serve(config, tmp_path / "state", workers=2)
     try:
-        assert proc.stdout is not None
-        port = int(re.search(r":(\d+)/v1", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
         key = json.loads((tmp_path / "state" / "demo-keys.json").read_text())["demo-global"]
         body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "hi"}]})
         for _ in range(REQUESTS):  # a new connection each time: the kernel picks a worker
@@ -102,16 +81,8 @@ def test_two_workers_share_a_strict_budget_through_the_state_database(tmp_path: 
         )
         .replace("health_interval_s: 0.2", "health_interval_s: 0.2, request_timeout_s: 1")
     )
-    argv = ["serve", "--config", str(config), "--port", "0", "--workers", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "grifo", *argv, "--state-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, port = serve(config, tmp_path / "state", workers=2)
     try:
-        assert proc.stdout is not None
-        port = int(re.search(r":(\d+)/v1", proc.stdout.readline()).group(1))  # type: ignore[union-attr]
         key = json.loads((tmp_path / "state" / "demo-keys.json").read_text())["demo-latam"]
         body = json.dumps(
             {"model": CHAT, "max_tokens": 4, "messages": [{"role": "user", "content": "spend"}]}

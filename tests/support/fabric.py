@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import openai
 
+from grifo.audit.record import AuditRecord, decode
 from grifo.config.load import parse_config
 from grifo.config.model import GrifoConfig
 from grifo.serve import Running, start
@@ -101,6 +102,21 @@ class Fabric:
             rows = {e.request_id: e for e in self.running.db.ledger()}
             if all(r in rows for r in request_ids) or time.monotonic() > deadline:
                 return {r: rows[r] for r in request_ids if r in rows}
+            time.sleep(0.02)
+
+    def audit_record(self, request_id: str, timeout_s: float = 5.0) -> AuditRecord:
+        """A request's audit record, once the writer has stored it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            tables = self.running.db.open_audit()
+            try:
+                for log in tables.logs():
+                    for row in tables.records_from(log, 0):
+                        if row.request_id == request_id:
+                            return decode(row.record)
+            finally:
+                tables.close()
+            assert time.monotonic() < deadline, f"no audit record of {request_id}"
             time.sleep(0.02)
 
     def close(self) -> None:

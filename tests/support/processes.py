@@ -10,9 +10,10 @@ from pathlib import Path
 
 
 def serve(
-    config: Path, state: Path, env: Mapping[str, str] | None = None
+    config: Path, state: Path, env: Mapping[str, str] | None = None, workers: int = 1
 ) -> tuple[subprocess.Popen[str], int]:
-    """Start `grifo serve --port 0` and return it with the port its banner names."""
+    """Start `grifo serve --port 0 [--workers N]` and return it with the port its banner
+    names."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -25,6 +26,8 @@ def serve(
             "0",
             "--state-dir",
             str(state),
+            "--workers",
+            str(workers),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
