@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from grifo.security.certs import run as run_certs
 from grifo.security.keys_cli import add_parser as add_keys_parser
 from grifo.security.keys_cli import run as run_keys
 from grifo.store.select import StateStore
+from grifo.telemetry import logs
 
 _DESCRIPTION = """\
 grifo: an OpenAI-compatible inference fabric. It decides for every request where it may run
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"grifo {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("GRIFO_LOG_FORMAT", "text"),
+        help="text, or one JSON object per line (default text; GRIFO_LOG_FORMAT)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -155,11 +161,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         if args.command == "serve":
             return _serve(args)

@@ -19,6 +19,7 @@ from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.service import Gateway
+from grifo.telemetry.logs import REQUEST_ID
 from grifo.telemetry.peers import merge
 from grifo.telemetry.scrape import scrape
 
@@ -45,6 +46,7 @@ class GatewayApp:
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         request_id = new_request_id()
+        REQUEST_ID.set(request_id)  # on this request's log lines
         try:
             response = await self._route(request, request_id)
         except GrifoError as exc:
@@ -60,6 +62,8 @@ class GatewayApp:
             response = Response(error.status, error.envelope())
         if not any(name == b"x-request-id" for name, _ in response.headers):
             response.headers.append((b"x-request-id", request_id.encode()))  # replays keep theirs
+        if log.isEnabledFor(logging.INFO):  # the access log: off at the default level
+            log.info("%s %s %d", request.method, request.path, response.status)
         return response
 
     async def _route(self, request: Request, request_id: str) -> Response | StreamResponse:
