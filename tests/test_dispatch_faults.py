@@ -102,6 +102,9 @@ def test_a_silent_or_trickling_point_is_left_for_the_next_and_ejected(
         assert 'grifo_point_ejected{point="bad"} 1.0' in metrics
         assert 'grifo_point_ejected{point="good"} 0.0' in metrics
         assert 'grifo_dispatch_retries_total{reason="timeout"} 2.0' in metrics
+        assert 'grifo_placement_decisions_total{reason="retried"} 2.0' in metrics
+        assert 'grifo_placement_decisions_total{reason="best_score"} 1.0' in metrics  # the first
+        assert 'grifo_placement_decisions_total{reason="only_compliant"} 2.0' in metrics  # ejected
         ledger = [e for e in fab.running.db.ledger() if e.point != "bad"]
         assert {e.point for e in ledger} == {"good"}  # the abandoned attempts bill nothing
     finally:

@@ -282,6 +282,7 @@ class Gateway:
         if ex.slot is not None and ex.slot != point.name:
             self.answers.free_slot(ex, ok=False)  # the point given the slot failed the request
         ex.point, ex.busy_mark, ex.tried = point, answer.busy_mark, answer.tried
+        self.metrics.placed(_reason(len(candidates), answer.tried))
         self.placements.append(
             (
                 time.time(),
@@ -314,3 +315,12 @@ class Gateway:
     # -- models -----------------------------------------------------------------------------------
     def ready(self) -> bool:
         return all(p.healthy for p in self.points)
+
+
+def _reason(candidates: int, tried: list[tuple[PointState, str]]) -> str:
+    """Why the request's point: for `grifo_placement_decisions_total{reason}`."""
+    if any(outcome == "hedge-lost" for _, outcome in tried):
+        return "hedged"
+    if tried:
+        return "retried"
+    return "only_compliant" if candidates == 1 else "best_score"

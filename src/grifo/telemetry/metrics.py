@@ -79,6 +79,13 @@ class GatewayMetrics:
             registry=r,
         )
         self.point_up = Gauge("grifo_point_up", "1 if the point is healthy", ["point"], registry=r)
+        self.placements = Counter(
+            "grifo_placement_decisions",
+            "Requests placed, by why their point: best_score (of several compliant candidates), "
+            "only_compliant, retried (earlier points failed), hedged (a copy raced)",
+            ["reason"],
+            registry=r,
+        )
         self.denials = Counter(
             "grifo_jurisdiction_denials", "Requests refused: no compliant point", registry=r
         )
@@ -162,6 +169,9 @@ class GatewayMetrics:
         self._child(self.tokens, point, model, "prompt").inc(prompt)  # type: ignore[attr-defined]
         self._child(self.tokens, point, model, "completion").inc(completion)  # type: ignore[attr-defined]
         self._child(self.cost, tenant, key, point, model).inc(cost)  # type: ignore[attr-defined]
+
+    def placed(self, reason: str) -> None:
+        self._child(self.placements, reason).inc()  # type: ignore[attr-defined]
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> object:
         key = (metric._name, *labels)
