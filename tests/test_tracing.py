@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
 
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.http.server import HttpServer
@@ -186,3 +187,56 @@ def test_a_stream_span_ends_with_the_stream_and_a_refusal_is_an_error_span(
     refused = _root(request_id)
     assert not refused.status.is_ok
     assert (refused.attributes or {})["error.type"] == "invalid_api_key"
+
+
+def test_the_point_traces_its_generation_under_the_gateways_attempt(
+    traced: tuple[Fabric, RecordingPoint],
+) -> None:
+    """A point with tracing: the engine's span is a child of the `traceparent` it was sent,
+    with the tokens and time to first token; its GenAI metrics count the same generation."""
+    from grifo.point.app import PointApp, PointIdentity
+    from grifo.point.engines.fake import FakeEmbedder, FakeGenerator
+    from grifo.point.runner import EngineRunner
+    from grifo.telemetry.tracing import Tracing
+
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)  # the one `traced` installed
+    identity = PointIdentity("lima-edge", "lima", "sa-west", "PE", "edge")
+    runner = EngineRunner(FakeGenerator("fake-chat", 2048, 0.001), FakeEmbedder())
+    app = PointApp(identity, runner, tracing=Tracing(provider.get_tracer("test")))
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    body = {"model": "fake-chat", "messages": [{"role": "user", "content": "one two three"}]}
+
+    async def call() -> Response | StreamResponse:
+        request = Request(
+            "POST",
+            "/v1/chat/completions",
+            "",
+            {b"traceparent": parent.encode(), b"x-request-id": b"point-span"},
+            json.dumps(body).encode(),
+        )
+        return await app.handle(request)
+
+    try:
+        response = asyncio.run(call())
+    finally:
+        runner.close()
+    assert response.status == 200
+    engine = [
+        s
+        for s in EXPORTER.get_finished_spans()
+        if s.context is not None and f"{s.context.trace_id:032x}" == parent.split("-")[1]
+    ]
+    assert len(engine) == 1
+    span = engine[0]
+    assert span.name == "chat fake-chat"
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == parent.split("-")[2]
+    attributes = span.attributes or {}
+    assert attributes["grifo.point"] == "lima-edge"
+    assert attributes["gen_ai.usage.output_tokens"] == 3
+    assert float(str(attributes["grifo.time_to_first_token_ms"])) >= 0
+    metrics = generate_latest(app.metrics.registry).decode()
+    model = 'gen_ai_request_model="fake-chat"'
+    assert f"gen_ai_server_request_duration_seconds_count{{{model}}} 1.0" in metrics
+    assert f"gen_ai_server_time_per_output_token_seconds_count{{{model}}} 1.0" in metrics

@@ -119,7 +119,9 @@ async def start(
     local: list[LocalPoint] = []
     if point_urls is None:
         local = await start_points(
-            [p for p in config.points if p.engine is not None], state_dir / "logs"
+            [p for p in config.points if p.engine is not None],
+            state_dir / "logs",
+            tracing.point_env(config.gateway.tracing),
         )
     urls = dict(point_urls or {}) | {lp.config.name: lp.url for lp in local}
     points: list[PointState] = [build_point_state(p, p.url or urls[p.name]) for p in config.points]

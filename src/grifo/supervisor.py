@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,12 @@ class _Listening(msgspec.Struct):
     port: int
 
 
-async def start_point(config: PointConfig, log_dir: Path, timeout_s: float = 120.0) -> LocalPoint:
+async def start_point(
+    config: PointConfig,
+    log_dir: Path,
+    timeout_s: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> LocalPoint:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{config.name}.log"
     args = [
@@ -60,7 +66,11 @@ async def start_point(config: PointConfig, log_dir: Path, timeout_s: float = 120
     ]
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=log_file, stdin=asyncio.subprocess.DEVNULL
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env},
         )
     assert process.stdout is not None
     try:
@@ -72,9 +82,12 @@ async def start_point(config: PointConfig, log_dir: Path, timeout_s: float = 120
     return LocalPoint(config, process, listening.port, log_path)
 
 
-async def start_points(configs: list[PointConfig], log_dir: Path) -> list[LocalPoint]:
+async def start_points(
+    configs: list[PointConfig], log_dir: Path, env: Mapping[str, str] | None = None
+) -> list[LocalPoint]:
+    """Start local points (with `env` added to their environment) and wait until they listen."""
     started = await asyncio.gather(
-        *(start_point(c, log_dir) for c in configs), return_exceptions=True
+        *(start_point(c, log_dir, env=env) for c in configs), return_exceptions=True
     )
     points = [p for p in started if isinstance(p, LocalPoint)]
     errors = [e for e in started if isinstance(e, BaseException)]

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import generate_latest
 
 from grifo.audit.signing import RECEIPT_COMMENT, RECEIPT_HEADER, Receipt, Signer, public_b64
 from grifo.errors import (
@@ -25,7 +25,9 @@ from grifo.errors import (
 )
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.engines.base import Generation, Generator, SamplingParams
+from grifo.point.metrics import PointMetrics
 from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob, Kind, Payload
+from grifo.telemetry.tracing import Tracing
 from grifo.wire import responses
 from grifo.wire.requests import (
     ChatCompletionRequest,
@@ -47,29 +49,20 @@ class PointIdentity:
     tier: str
 
 
-class PointMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "grifo_point_requests",
-            "Requests served",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "grifo_point_tokens", "Tokens processed", ["kind"], registry=self.registry
-        )
-
-
 class PointApp:
     """Routes for one point; engines run in the `EngineRunner`."""
 
     def __init__(
-        self, identity: PointIdentity, runner: EngineRunner, signer: Signer | None = None
+        self,
+        identity: PointIdentity,
+        runner: EngineRunner,
+        signer: Signer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.identity = identity
         self.runner = runner
         self.signer = signer
+        self.tracing = tracing  # an engine span per generation, under the gateway's attempt
         self.metrics = PointMetrics()
         self._ident_headers = [
             (b"x-grifo-point", identity.name.encode()),
@@ -152,11 +145,11 @@ class PointApp:
             for m in chat.messages
         ]
         params = _params(chat, chat.token_limit(), gen.context_length)
-        job, generation, timer = await self._start(request, "chat", messages, params)
+        job, generation, timer = await self._start(request, "chat", messages, params, chat.model)
         frames = responses.ChatFrames(chat.model)
         if not chat.stream:
             text = await _collect(job, timer)
-            self._count(generation)
+            self._finish(job, generation)
             answer = frames.complete(text, *_totals(generation))
             receipt = self._receipt_header(request, chat.model, generation)
             return Response(200, answer, headers=receipt)
@@ -179,11 +172,13 @@ class PointApp:
         gen = self._generator(comp.model)
         params = _params(comp, comp.token_limit(), gen.context_length)
         prompt = comp.prompt_text()
-        job, generation, timer = await self._start(request, "completion", prompt, params)
+        job, generation, timer = await self._start(
+            request, "completion", prompt, params, comp.model
+        )
         frames = responses.CompletionFrames(comp.model)
         if not comp.stream:
             text = await _collect(job, timer)
-            self._count(generation)
+            self._finish(job, generation)
             answer = frames.complete(text, *_totals(generation))
             receipt = self._receipt_header(request, comp.model, generation)
             return Response(200, answer, headers=receipt)
@@ -229,10 +224,21 @@ class PointApp:
         return b"" if token is None else RECEIPT_COMMENT + token + b"\n\n"
 
     async def _start(
-        self, request: Request, kind: Kind, payload: Payload, params: SamplingParams
+        self, request: Request, kind: Kind, payload: Payload, params: SamplingParams, model: str
     ) -> tuple[GenerationJob, Generation, asyncio.TimerHandle | None]:
         """Start a generation; with `x-grifo-deadline-ms` it is cancelled when that passes."""
-        job = await self.runner.generate(kind, payload, params)
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.request(request.path, model, request.headers, "")
+            span.set_attribute("grifo.point", self.identity.name)
+            span.set_attribute("grifo.jurisdiction", self.identity.jurisdiction)
+        try:
+            job = await self.runner.generate(kind, payload, params)
+        except BaseException:
+            if span is not None:
+                span.end()
+            raise
+        job.model, job.span = model, span
         timer = None
         deadline_ms = request.headers.get(b"x-grifo-deadline-ms", b"")
         if deadline_ms.isdigit():
@@ -268,7 +274,7 @@ class PointApp:
                 timer.cancel()
             if not completed:
                 job.cancel()
-            self._count(generation)
+            self._finish(job, generation)
 
         headers = [(b"x-grifo-prompt-tokens", str(generation.prompt_tokens).encode())]
         return StreamResponse(200, body(), headers=headers, on_close=on_close)
@@ -291,9 +297,27 @@ class PointApp:
         )
         return Response(200, body)
 
-    def _count(self, generation: Generation) -> None:
-        self.metrics.tokens.labels("prompt").inc(generation.prompt_tokens)
-        self.metrics.tokens.labels("completion").inc(generation.completion_tokens)
+    def _finish(self, job: GenerationJob, generation: Generation) -> None:
+        """A generation is over: count its tokens and times, and end its span."""
+        metrics, model = self.metrics, job.model
+        metrics.tokens.labels("prompt").inc(generation.prompt_tokens)
+        metrics.tokens.labels("completion").inc(generation.completion_tokens)
+        done = time.monotonic()
+        metrics.duration.labels(model).observe(done - job.created)
+        if job.first_piece is not None:
+            metrics.ttft.labels(model).observe(job.first_piece - job.created)
+            if generation.completion_tokens > 1:
+                per_token = (done - job.first_piece) / (generation.completion_tokens - 1)
+                metrics.tpot.labels(model).observe(per_token)
+        span = job.span
+        if span is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [generation.finish_reason])
+            if job.first_piece is not None:
+                ttft_ms = round((job.first_piece - job.created) * 1000, 3)
+                span.set_attribute("grifo.time_to_first_token_ms", ttft_ms)
+            span.end()
 
 
 async def _collect(job: GenerationJob, timer: asyncio.TimerHandle | None) -> str:

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from grifo.errors import GrifoError
 from grifo.point.engines.base import (
@@ -71,6 +71,10 @@ class GenerationJob:
         self.generation: Generation | None = None
         self.cancelled = False
         self.error: BaseException | None = None
+        self.created = time.monotonic()  # for the point's own latency metrics and span
+        self.first_piece: float | None = None
+        self.model = ""
+        self.span: Any = None  # the engine's trace span, when the point traces
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -79,6 +83,8 @@ class GenerationJob:
 
     async def pieces(self) -> AsyncIterator[str]:
         while (piece := await self._queue.get()) is not None:
+            if self.first_piece is None:
+                self.first_piece = time.monotonic()
             yield piece
         if self.error is not None:
             raise self.error

@@ -21,6 +21,7 @@ from grifo.point.app import PointApp, PointIdentity
 from grifo.point.engines.base import Embedder, Generator
 from grifo.point.runner import BatchGenerator, EngineRunner
 from grifo.security.tls import server_context
+from grifo.telemetry.tracing import for_point
 
 log = logging.getLogger("grifo.point")
 
@@ -75,7 +76,7 @@ async def build_app(point: PointConfig, signer: Signer | None = None) -> PointAp
         await app.refresh_models()
         return app
     generator, embedder = await asyncio.to_thread(build_engines, engine)
-    return PointApp(identity, EngineRunner(generator, embedder), signer)
+    return PointApp(identity, EngineRunner(generator, embedder), signer, for_point(point.name))
 
 
 async def serve_point(

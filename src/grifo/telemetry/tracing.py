@@ -11,6 +11,7 @@ The SDK is imported only when tracing is on: a gateway without it pays one `is N
 from __future__ import annotations
 
 import contextvars
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -113,3 +114,27 @@ def build(config: TracingConfig) -> Tracing | None:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         trace.set_tracer_provider(provider)
     return Tracing(provider.get_tracer("grifo"))
+
+
+ENV = "GRIFO_TRACING"  # a point traces its generations when this is 1 (see README)
+ENDPOINT_ENV = "GRIFO_OTLP_ENDPOINT"
+
+
+def point_env(config: TracingConfig) -> dict[str, str] | None:
+    """What the points a gateway starts need in their environment to trace as it does."""
+    if not config.enabled:
+        return None
+    env = {ENV: "1"}
+    if config.otlp_endpoint is not None:
+        env[ENDPOINT_ENV] = config.otlp_endpoint
+    return env
+
+
+def for_point(name: str) -> Tracing | None:
+    """A point's tracing, from its environment (GRIFO_TRACING=1, GRIFO_OTLP_ENDPOINT)."""
+    if os.environ.get(ENV, "").lower() not in ("1", "true", "yes"):
+        return None
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    return build(
+        TracingConfig(enabled=True, otlp_endpoint=endpoint, service_name=f"grifo-point/{name}")
+    )
