@@ -210,6 +210,25 @@ class AdmissionConfig(Base, kw_only=True, frozen=True):
     max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
 
 
+class JwtConfig(Base, kw_only=True, frozen=True):
+    """OIDC/JWT bearer tokens besides API keys (see README, Identity): verified against the
+    keys of a JWKS file, mapped to a tenant and a role by two claims."""
+
+    jwks_file: str
+    issuer: str
+    audience: str
+    algorithms: tuple[
+        Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"], ...
+    ] = (
+        "RS256",
+        "ES256",
+        "EdDSA",
+    )
+    tenant_claim: str = "tenant"
+    role_claim: str = "role"
+    leeway_s: Annotated[int, msgspec.Meta(ge=0, le=300)] = 30
+
+
 class TracingConfig(Base, kw_only=True, frozen=True):
     """OpenTelemetry traces of requests (see README, Observability); off by default."""
 
@@ -279,6 +298,7 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     tracing: TracingConfig = TracingConfig()
     tls: TlsConfig | None = None
     """Serve clients over HTTPS (see README, TLS)."""
+    jwt: JwtConfig | None = None
     point_tls: PointTlsConfig | None = None
     store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()

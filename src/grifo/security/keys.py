@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from grifo.errors import AuthenticationError
 from grifo.guardrails.policy import Guardrails
@@ -56,9 +56,14 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+class TokenSource(Protocol):
+    def principal(self, token: bytes) -> Principal: ...
+
+
 class KeyRing:
     def __init__(self) -> None:
         self._by_digest: dict[bytes, Principal] = {}
+        self.tokens: TokenSource | None = None  # OIDC/JWT bearer tokens, when configured
 
     def add(self, sha256_hex: str, principal: Principal) -> None:
         self._by_digest[bytes.fromhex(sha256_hex)] = principal
@@ -84,6 +89,8 @@ class KeyRing:
             raise AuthenticationError("missing API key: send it as 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(b" ")
         key = key.strip()
+        if self.tokens is not None and key.startswith(b"eyJ") and scheme.lower() == b"bearer":
+            return self.tokens.principal(key)  # a JWT: its header is base64url of '{"'
         if scheme.lower() != b"bearer" or not key or len(key) > _MAX_KEY_LEN:
             raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'")
         digest = hashlib.sha256(key).digest()

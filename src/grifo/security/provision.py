@@ -69,6 +69,10 @@ def build_keyring(
         )
 
     ring = KeyRing()
+    if config.gateway.jwt is not None:
+        from grifo.security.tokens import TokenVerifier
+
+        ring.tokens = TokenVerifier(config.gateway.jwt, principal, set(allowed))
     for key in config.keys:
         digest = key.sha256 or hash_key(os.environ[key.env or ""])
         ring.add(digest, principal(stored_key(key, digest)))
