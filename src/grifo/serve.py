@@ -18,17 +18,14 @@ from pathlib import Path
 
 import msgspec
 
-from grifo.admission.budgets import Budgets
+from grifo.admission import build
 from grifo.admission.idempotency import Idempotency
-from grifo.admission.ratelimit import Limiter, RateLimits
-from grifo.admission.reservations import BudgetStore, LocalReservations, ProcessReservations
-from grifo.admission.shedding import Admission
 from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
 from grifo.api.dashboard import dashboard_state
 from grifo.audit.log import AuditLog
 from grifo.audit.setup import open_audit_log
-from grifo.config.model import GrifoConfig, StoreConfig
+from grifo.config.model import GrifoConfig
 from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
 from grifo.dispatch.outliers import eject_slow_points
@@ -138,10 +135,10 @@ async def start(
         pools,
         GatewayMetrics(),
         Idempotency(db, stale_s=config.gateway.request_timeout_s + 60),
-        budgets(config, db, shared=reuse_port),
+        build.budgets(config, db, shared=reuse_port),
         audit,
-        rate_limits(config),
-        admission(config, points),
+        build.rate_limits(config),
+        build.admission(config, points),
         tracing.build(config.gateway.tracing),
     )
     judge = gateway.admission
@@ -220,59 +217,6 @@ def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gatew
         lambda: point_states(gateway),
         lambda principal: dashboard_state(gateway, principal),
     )
-
-
-def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None:
-    """Concurrency limits per point and the priority queue (per gateway process)."""
-    if not config.gateway.admission.enabled:
-        return None
-    weights = {t.name: t.weight for t in config.tenants}
-    return Admission(config.gateway.admission, points, weights)
-
-
-def rate_limits(config: GrifoConfig) -> Limiter | None:
-    """Limits in Redis when replicas share one (`store.redis_url`), else in this process."""
-    tenants = {t.name: t.limits for t in config.tenants if t.limits is not None}
-    keys = {k.id: k.limits for k in config.keys if k.limits is not None}
-    if not tenants and not keys:
-        return None
-    url = redis_url(config.gateway.store)
-    if url is None:
-        return RateLimits(tenants, keys)
-    from grifo.admission.shared_limits import SharedLimits
-    from grifo.store.redis_limits import RedisLimiter
-
-    limiter = RedisLimiter(url, prefix=config.gateway.store.redis_prefix)
-    return SharedLimits(limiter, tenants, keys)
-
-
-def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Budgets | None:
-    tenants = {t.name: t.budget for t in config.tenants if t.budget is not None}
-    keys = {k.id: k.budget for k in config.keys if k.budget is not None}
-    if not tenants and not keys:
-        return None
-    return Budgets(
-        reservations(config.gateway.store, db, shared=shared),
-        db,
-        tenants,
-        keys,
-        config.gateway.request_timeout_s,
-        config.gateway.store.budget_outage,
-    )
-
-
-def reservations(
-    store: StoreConfig, db: StateStore, *, shared: bool
-) -> BudgetStore | ProcessReservations:
-    """Redis when configured (replicas); else the SQLite state database when processes share
-    it (`--workers`), or this process's memory when it is the only one."""
-    url = redis_url(store)
-    if url is not None:
-        from grifo.store.redis_budgets import RedisReservations
-
-        return RedisReservations(url, db.spent, prefix=store.redis_prefix)
-    assert isinstance(db, StateDB), "checked with the config: PostgreSQL budgets need Redis"
-    return LocalReservations(db) if shared else ProcessReservations(db)
 
 
 async def _wait_ready(

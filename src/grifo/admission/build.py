@@ -1,0 +1,66 @@
+"""The admission stage as a topology asks for it: budgets (and where their reservations are
+counted), rate limits, and per-point concurrency with its queue."""
+
+from __future__ import annotations
+
+from grifo.admission.budgets import Budgets
+from grifo.admission.ratelimit import Limiter, RateLimits
+from grifo.admission.reservations import BudgetStore, LocalReservations, ProcessReservations
+from grifo.admission.shedding import Admission
+from grifo.config.model import GrifoConfig, StoreConfig
+from grifo.store.select import StateStore, redis_url
+from grifo.store.sqlite import StateDB
+from grifo.topology import PointState
+
+
+def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None:
+    """Concurrency limits per point and the priority queue (per gateway process)."""
+    if not config.gateway.admission.enabled:
+        return None
+    weights = {t.name: t.weight for t in config.tenants}
+    return Admission(config.gateway.admission, points, weights)
+
+
+def rate_limits(config: GrifoConfig) -> Limiter | None:
+    """Limits in Redis when replicas share one (`store.redis_url`), else in this process."""
+    tenants = {t.name: t.limits for t in config.tenants if t.limits is not None}
+    keys = {k.id: k.limits for k in config.keys if k.limits is not None}
+    if not tenants and not keys:
+        return None
+    url = redis_url(config.gateway.store)
+    if url is None:
+        return RateLimits(tenants, keys)
+    from grifo.admission.shared_limits import SharedLimits
+    from grifo.store.redis_limits import RedisLimiter
+
+    limiter = RedisLimiter(url, prefix=config.gateway.store.redis_prefix)
+    return SharedLimits(limiter, tenants, keys)
+
+
+def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Budgets | None:
+    tenants = {t.name: t.budget for t in config.tenants if t.budget is not None}
+    keys = {k.id: k.budget for k in config.keys if k.budget is not None}
+    if not tenants and not keys:
+        return None
+    return Budgets(
+        reservations(config.gateway.store, db, shared=shared),
+        db,
+        tenants,
+        keys,
+        config.gateway.request_timeout_s,
+        config.gateway.store.budget_outage,
+    )
+
+
+def reservations(
+    store: StoreConfig, db: StateStore, *, shared: bool
+) -> BudgetStore | ProcessReservations:
+    """Redis when configured (replicas); else the SQLite state database when processes share
+    it (`--workers`), or this process's memory when it is the only one."""
+    url = redis_url(store)
+    if url is not None:
+        from grifo.store.redis_budgets import RedisReservations
+
+        return RedisReservations(url, db.spent, prefix=store.redis_prefix)
+    assert isinstance(db, StateDB), "checked with the config: PostgreSQL budgets need Redis"
+    return LocalReservations(db) if shared else ProcessReservations(db)
