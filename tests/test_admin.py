@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -50,9 +51,10 @@ def admin_fabric(
     fab.close()
 
 
-def get(fab: Fabric, path: str, key: str, method: str = "GET") -> tuple[int, Any]:
+def get(fab: Fabric, path: str, key: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"{fab.url}{path}", headers={"authorization": f"Bearer {key}"}, method=method
+        f"{fab.url}{path}", data=data, headers={"authorization": f"Bearer {key}"}, method=method
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -124,10 +126,67 @@ def test_bad_queries_are_named(
     assert (status, body["error"]["param"]) == (400, param)
 
 
-def test_admin_routes_are_read_only(admin_fabric: tuple[Fabric, dict[str, str]]) -> None:
+def test_reads_are_read_only(admin_fabric: tuple[Fabric, dict[str, str]]) -> None:
     fab, keys = admin_fabric
-    status, _ = get(fab, "/admin/keys", keys["root"], method="POST")
+    for path in ("/admin/usage", "/admin/points", "/admin/budgets"):
+        status, _ = get(fab, path, keys["root"], method="POST", body={})
+        assert status == 405, path
+    status, _ = get(fab, "/admin/keys/some-key", keys["root"])  # GET of a key: not a route
     assert status == 405
+
+
+def _works(fab: Fabric, key: str, expected: int, timeout_s: float = 10) -> bool:
+    """Whether inference with `key` answers `expected` within the key refresh's seconds."""
+    deadline = time.monotonic() + timeout_s
+    client = openai.OpenAI(base_url=f"{fab.url}/v1", api_key=key, max_retries=0)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "new key"}]
+                )
+                status = 200
+            except openai.APIStatusError as exc:
+                status = exc.status_code
+            if status == expected:
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        client.close()
+
+
+def test_keys_are_made_and_revoked_over_the_api_within_each_roles_standing(
+    admin_fabric: tuple[Fabric, dict[str, str]],
+) -> None:
+    fab, keys = admin_fabric
+    status, made = get(fab, "/admin/keys", keys["eu-admin"], "POST", {"models": [CHAT]})
+    assert status == 201, made
+    assert (made["tenant"], made["role"], made["models"]) == ("demo-eu", "user", [CHAT])
+    assert made["key"].startswith("grf-")
+    assert _works(fab, made["key"], 200), "a new key works on every process within seconds"
+    status, listed = get(fab, "/admin/keys", keys["eu-admin"])
+    assert made["id"] in {k["id"] for k in listed["data"]}
+    assert made["key"] not in json.dumps(listed)  # shown once, never again
+    refusals = [
+        ("eu-admin", {"tenant": "demo-global"}, 404),  # another tenant does not exist for it
+        ("eu-admin", {"role": "admin"}, 403),  # no role above its own
+        ("eu-admin", {"role": "tenant-admin"}, 403),
+        ("eu-audit", {}, 403),  # auditors read only
+        ("root", {"tenant": "nobody"}, 404),
+        ("root", {"role": "superuser"}, 400),
+        ("root", {"scopes": ["*"]}, 400),  # no unknown fields, no wildcards
+    ]
+    for who, body, expected in refusals:
+        status, answer = get(fab, "/admin/keys", keys[who], "POST", body)
+        assert status == expected, (who, body, answer)
+    status, other = get(fab, "/admin/keys", keys["root"], "POST", {"tenant": "demo-global"})
+    assert status == 201
+    assert get(fab, f"/admin/keys/{other['id']}", keys["eu-admin"], "DELETE")[0] == 404
+    status, gone = get(fab, f"/admin/keys/{made['id']}", keys["eu-admin"], "DELETE")
+    assert (status, gone) == (200, {"id": made["id"], "revoked": True})
+    assert _works(fab, made["key"], 401), "a revoked key stops working within seconds"
+    assert get(fab, f"/admin/keys/{made['id']}", keys["eu-admin"], "DELETE")[0] == 404
 
 
 @pytest.mark.parametrize("who", ["root", "eu-audit"])

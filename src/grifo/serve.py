@@ -216,6 +216,7 @@ def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gatew
         tenant_budgets,
         lambda: point_states(gateway),
         lambda principal: dashboard_state(gateway, principal),
+        {t.name for t in config.tenants},
     )
 
 

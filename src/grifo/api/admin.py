@@ -1,4 +1,5 @@
-"""`/admin/...`: usage, budgets, keys and points, for keys with an admin role.
+"""`/admin/...`: usage, budgets, keys and points, for keys with an admin role; keys can be
+made and revoked too (`admin_keys.py`).
 
 `admin` sees every tenant; `tenant-admin` and `auditor` see their own tenant only, and another
 tenant's objects do not exist for them (404, the same as a tenant nobody has); `user` keys get
@@ -10,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import msgspec
 
 from grifo.admission.burn import burn_rates
+from grifo.api import admin_keys
 from grifo.config.model import BudgetConfig
-from grifo.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from grifo.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from grifo.http.message import Request, Response
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.records import TOTAL_COLUMNS
@@ -36,17 +43,27 @@ class AdminApi:
         budgets: Mapping[str, BudgetConfig],
         points: Callable[[], list[dict[str, Any]]] = list,
         dashboard: Callable[[Principal], dict[str, Any]] | None = None,
+        tenants: Collection[str] = (),
     ) -> None:
         self._keys = keys
         self._db = db
         self._budgets = budgets
         self._points = points
         self._dashboard = dashboard
+        self._tenants = tenants
 
     async def handle(self, request: Request) -> Response:
         principal = self._keys.authenticate(request.headers.get(b"authorization"))
         if principal.role == "user":
             raise PermissionDeniedError("this key may not use the admin API (role: user)")
+        if request.path.startswith("/admin/keys/"):
+            if request.method != "DELETE":
+                raise MethodNotAllowedError(f"{request.path} accepts DELETE only")
+            return await admin_keys.revoke(self._db, principal, request.path[len("/admin/keys/") :])
+        if request.path == "/admin/keys" and request.method == "POST":
+            return await admin_keys.create(self._db, self._tenants, principal, request.body)
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowedError(f"{request.path} accepts GET only")
         query = _query(request.query)
         if request.path == "/admin/usage":
             return _json(await self._usage(principal, query))

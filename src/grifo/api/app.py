@@ -82,10 +82,8 @@ class GatewayApp:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
             return asset(path)
-        if path in ADMIN_ROUTES and self.admin is not None:
-            if request.method not in ("GET", "HEAD"):
-                raise MethodNotAllowedError(f"{path} accepts GET only")
-            return await self.admin.handle(request)
+        if (path in ADMIN_ROUTES or path.startswith("/admin/keys/")) and self.admin is not None:
+            return await self.admin.handle(request)  # it checks the method of each route
         raise NotFoundError(f"no route {request.method} {path}")
 
     def _get(self, request: Request) -> Response:
