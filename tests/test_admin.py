@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -204,3 +207,32 @@ def test_every_admin_role_sees_the_points_and_their_state(
         assert point["concurrency_limit"] >= 1
     status, body = get(fab, "/admin/points", fab.keys["demo-eu"])
     assert status == 403
+
+
+def test_grifo_points_and_tenants_from_the_command_line(
+    admin_fabric: tuple[Fabric, dict[str, str]], tmp_path: Path
+) -> None:
+    fab, keys = admin_fabric
+    run = [sys.executable, "-m", "grifo"]
+    env = {**os.environ, "GRIFO_ADMIN_KEY": keys["root"]}
+    out = subprocess.run(
+        [*run, "points", "--url", fab.url, "--json"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert {p["name"] for p in json.loads(out.stdout)["data"]} == {
+        p.name for p in fab.running.gateway.points
+    }
+    table = subprocess.run([*run, "points", "--url", fab.url], env=env, capture_output=True)
+    assert b"lima-edge" in table.stdout
+    env["GRIFO_ADMIN_KEY"] = fab.keys["demo-eu"]  # a user key
+    refused = subprocess.run([*run, "points", "--url", fab.url], env=env, capture_output=True)
+    assert refused.returncode == 1
+    assert b"403" in refused.stderr
+    config = tmp_path / "grifo.yaml"
+    config.write_text(topology_yaml())
+    rows = subprocess.run(
+        [*run, "tenants", "--config", str(config), "--json"], capture_output=True, text=True
+    )
+    tenants = {json.loads(line)["tenant"]: json.loads(line) for line in rows.stdout.splitlines()}
+    assert tenants["demo-latam"]["jurisdictions"] == "BR,PE"
+    assert tenants["demo-global"]["jurisdictions"] == "any"

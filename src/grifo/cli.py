@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
 from grifo import __version__
+from grifo.api import cli as fabric_cli
 from grifo.audit.cli import add_parser as add_audit_parser
 from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
@@ -144,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_argument("--state-dir", type=Path, default=None)
     add_audit_parser(sub)
     add_certs_parser(sub)
+    fabric_cli.add_parsers(sub)
     plan_cli.add_parser(sub)
 
     policy = sub.add_parser(
@@ -162,38 +165,42 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": _serve,
+        "point": _point,
+        "usage": _usage,
+        "budgets": _budgets,
+        "keys": lambda a: run_keys(a, _open_state(a)),
+        "audit": run_audit,
+        "certs": run_certs,
+        "points": fabric_cli.run_points,
+        "tenants": fabric_cli.run_tenants,
+        "plan": plan_cli.run,
+        "policy": _policy,
+        "check-config": _check_config,
+    }
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "point":
-            return _point(args)
-        if args.command == "usage":
-            return _usage(args)
-        if args.command == "budgets":
-            return _budgets(args)
-        if args.command == "keys":
-            return run_keys(args, _open_state(args))
-        if args.command == "audit":
-            return run_audit(args)
-        if args.command == "certs":
-            return run_certs(args)
-        if args.command == "plan":
-            return plan_cli.run(args)
-        if args.command == "policy":
-            from grifo.placement.explain import explain
-
-            config = load_config(args.config) if args.config else default_config()
-            print("\n".join(explain(config, args.tenant, args.data_class)))
-            return 0
-        config = load_config(args.config)
-        print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
-        return 0
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"grifo: invalid configuration: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailableError as exc:
         print(f"grifo: {exc.message}", file=sys.stderr)
         return 1
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from grifo.placement.explain import explain
+
+    config = load_config(args.config) if args.config else default_config()
+    print("\n".join(explain(config, args.tenant, args.data_class)))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.points)} points, {len(config.tenants)} tenants)")
+    return 0
 
 
 def _run(coro: object) -> None:
