@@ -60,6 +60,7 @@ class Budgets:
         self._timeout_ns = int(request_timeout_s * 1e9)
         self._on_outage = on_outage
         self.unchecked = 0
+        self._active: dict[tuple[str, str], tuple[dt.date, list[BudgetCheck]]] = {}
         self._day = dt.date(1970, 1, 1)
         self._day_ends = 0.0  # epoch seconds of the next UTC midnight
 
@@ -75,6 +76,23 @@ class Budgets:
             self._day_ends = (wall // 86_400 + 1) * 86_400
         return self._day
 
+    def _checks(self, principal: Principal, day: dt.date) -> list[BudgetCheck]:
+        """The budgets a caller's request counts against on `day` (cached for the day: they
+        only change at midnight; hashing the configs on every request was the costly part)."""
+        who = (principal.tenant, principal.key_id)
+        cached = self._active.get(who)
+        if cached is not None and cached[0] == day:
+            return cached[1]
+        checks = [
+            _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), day),
+            _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), day),
+        ]
+        active = [c for c in checks if c is not None]
+        if len(self._active) > 100_000:
+            self._active.clear()
+        self._active[who] = (day, active)
+        return active
+
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
 
@@ -89,11 +107,7 @@ class Budgets:
     ) -> Reservation:
         """Reserve the worst case in every budget that applies, or raise 429."""
         day = now.date() if now is not None else self._today()
-        checks = [
-            _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), day),
-            _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), day),
-        ]
-        active = [c for c in checks if c is not None]
+        active = self._checks(principal, day)
         worst = self.worst_case(body, candidates, timeout_s)
         hold_s = self._timeout_ns / 1e9 if timeout_s is None else timeout_s
         try:
@@ -143,23 +157,22 @@ class Budgets:
         deadline (`timeout_s`, default the gateway's request timeout)."""
         busy_ns = self._timeout_ns if timeout_s is None else int(timeout_s * 1e9)
         prompt = prompt_bound(body)
-        worst = Amount(0, 0)
+        embeddings = isinstance(body, wire.EmbeddingRequest)
+        limit = None if isinstance(body, wire.EmbeddingRequest) else body.token_limit()
+        worst_micros = worst_tokens = 0
         for candidate in candidates:
             point = candidate.point
             completion = 0
-            if not isinstance(body, wire.EmbeddingRequest):
+            if not embeddings:
                 card = point.models.get(body.model)
                 context = card.context_length if card is not None and card.context_length else 0
-                completion = body.token_limit() or context or wire.MAX_TOKENS_LIMIT
+                completion = limit or context or wire.MAX_TOKENS_LIMIT
             cost = cost_micros(
-                point.price(body.model),
-                point.usd_per_hour_micros,
-                prompt,
-                completion,
-                busy_ns,
+                point.price(body.model), point.usd_per_hour_micros, prompt, completion, busy_ns
             )
-            worst = Amount(max(worst.micros, cost), max(worst.tokens, prompt + completion))
-        return worst
+            worst_micros = max(worst_micros, cost)
+            worst_tokens = max(worst_tokens, prompt + completion)
+        return Amount(worst_micros, worst_tokens)
 
 
 def prompt_bound(body: wire.InferenceRequest) -> int:
