@@ -53,6 +53,7 @@ class PointState:
     queued: int = 0
     point_in_flight: int = 0
     tokens_per_s: float = 0.0
+    cache_usage: float = 0.0  # the engine's KV cache in use, 0..1, when it says
     gateway_in_flight: int = 0
     answered: int = 0  # requests metered here by this gateway process
     busy: BusyClock = field(default_factory=BusyClock)

@@ -158,6 +158,9 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
 
     ms_per_micro_usd: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     queue_ms_per_request: Annotated[float, msgspec.Meta(ge=0)] = 250.0
+    cache_ms_at_full: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
+    """KV-cache pressure: ms added in proportion to the share of a point's engine cache in use
+    (vLLM, llama.cpp's server report it), the whole of it when the cache is full."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
     """How many compliant points a request may be tried on before the first byte."""
 

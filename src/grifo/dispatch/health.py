@@ -30,6 +30,7 @@ class _Load(msgspec.Struct):
     in_flight: int = 0
     queued: int = 0
     tokens_per_s: float = 0.0
+    cache_usage: float = 0.0  # an engine's KV cache in use, 0..1 (vLLM, llama.cpp's server)
 
 
 async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2.0) -> None:
@@ -57,6 +58,7 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
     point.public_key = info.public_key
     point.queued, point.point_in_flight = load.queued, load.in_flight
     point.tokens_per_s = load.tokens_per_s
+    point.cache_usage = min(max(load.cache_usage, 0.0), 1.0)
     if point.ejected(time.monotonic()):
         return  # healthy to a probe, but failing real requests: wait out the ejection
     if point.ejections and point.ejected_until and not point.healthy:

@@ -1,7 +1,8 @@
 """Rank the compliant, healthy points that serve a model.
 
 score (ms) = rtt_ms + queue_ms_per_request × (requests queued or running at the point, counting
-this gateway's own in-flight ones) + ms_per_micro_usd × expected cost in micro-USD, where the
+this gateway's own in-flight ones) + cache_ms_at_full × the share of the point's engine KV cache
+in use (when the engine reports it) + ms_per_micro_usd × expected cost in micro-USD, where the
 expected cost is a nominal prompt plus the request's max tokens, and one second of the point's
 hourly price. Lowest score first; ties go to the lower name so placement is deterministic.
 """
@@ -121,6 +122,7 @@ class PlacementIndex:
         self, sources: list[list[_Entry]], completion_tokens: int, k: int | None, tier: str | None
     ) -> list[tuple[float, str, PointState]]:
         queue_w = self._config.queue_ms_per_request
+        cache_w = self._config.cache_ms_at_full
         entries = sources[0] if len(sources) == 1 else heapq.merge(*sources)
         best: list[tuple[float, str, PointState]] = []
         for static, name, point, out_w in entries:
@@ -129,7 +131,8 @@ class PlacementIndex:
             if not point.healthy or (tier is not None and point.config.tier != tier):
                 continue
             queue = point.queued + max(point.point_in_flight, point.gateway_in_flight)
-            bisect.insort(best, (static + out_w * completion_tokens + queue_w * queue, name, point))
+            load = queue_w * queue + cache_w * point.cache_usage
+            bisect.insort(best, (static + out_w * completion_tokens + load, name, point))
             if k is not None and len(best) > k:
                 best.pop()
         return best

@@ -1,17 +1,21 @@
 """A point in front of an existing OpenAI-compatible engine (vLLM, llama.cpp's server, ...).
 
 Requests are validated and re-encoded (the allow-list), then forwarded; answers pass through.
+`/load` reports the upstream engine's own queue and KV-cache use (see `signals.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 
-from grifo.errors import ModelNotFoundError
+from grifo.errors import GrifoError, ModelNotFoundError
 from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.runner import EngineRunner
+from grifo.point.signals import parse
 from grifo.wire import requests as wire
 
 
@@ -34,6 +38,8 @@ class ProxyPointApp(PointApp):
         self._routes["/v1/chat/completions"] = ("POST", self._forward_chat)
         self._routes["/v1/completions"] = ("POST", self._forward_completion)
         self._routes["/v1/embeddings"] = ("POST", self._forward_embeddings)
+        self._routes["/load"] = ("GET", self._upstream_load)
+        self._in_flight = 0
 
     async def refresh_models(self) -> None:
         response = await self.upstream.request("GET", "/v1/models", head_timeout_s=10)
@@ -66,15 +72,41 @@ class ProxyPointApp(PointApp):
         body = wire.decode(wire.EmbeddingRequest, request.body)
         return await self._forward(request.path, body, False)
 
+    async def _upstream_load(self, request: Request) -> Response:
+        """The upstream engine's own queue and KV-cache use from its `/metrics` (vLLM,
+        llama.cpp's server), or this point's count of requests in flight if it has none."""
+        signals = None
+        try:
+            response = await self.upstream.request("GET", "/metrics", head_timeout_s=1.0)
+            text = (await asyncio.wait_for(response.read(), 1.0)).decode("utf-8", "replace")
+            signals = parse(text) if response.status == 200 else None
+        except (GrifoError, TimeoutError):
+            signals = None
+        if signals is None:
+            load = {"in_flight": self._in_flight, "queued": 0, "engine": "unknown"}
+        else:
+            load = {
+                "in_flight": signals.running,
+                "queued": signals.waiting,
+                "cache_usage": signals.cache_usage,
+                "prefix_hit_rate": signals.prefix_hit_rate,
+                "engine": signals.engine,
+            }
+        return Response(200, msgspec.json.encode(load))
+
     async def _forward(
         self, path: str, body: wire.InferenceRequest, stream: bool
     ) -> Response | StreamResponse:
         if body.model not in self.upstream_models:
             raise ModelNotFoundError(f"the model {body.model!r} is not served here", param="model")
         headers = [(b"content-type", b"application/json")]
-        response = await self.upstream.request(
-            "POST", path, headers=headers, body=wire.encode(body), head_timeout_s=300
-        )
-        if not stream or response.status != 200:
-            return Response(response.status, await response.read())
+        self._in_flight += 1
+        try:
+            response = await self.upstream.request(
+                "POST", path, headers=headers, body=wire.encode(body), head_timeout_s=300
+            )
+            if not stream or response.status != 200:
+                return Response(response.status, await response.read())
+        finally:
+            self._in_flight -= 1
         return StreamResponse(200, response.iter_body())
