@@ -3,8 +3,6 @@ placement moving away from the engine with the longer queue or the fuller KV cac
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +11,9 @@ import msgspec
 import pytest
 
 from grifo.http.message import Request, Response
-from grifo.http.server import HttpServer
 from grifo.point.signals import EngineSignals, parse
 from tests.support.fabric import CHAT, Fabric
+from tests.support.threaded import ThreadedServer
 
 SAMPLES = Path(__file__).parent / "data" / "engine_metrics"
 
@@ -47,13 +45,8 @@ class Engine:
     def __init__(self) -> None:
         self.waiting, self.running, self.cache = 0, 0, 0.0
         self.served = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = HttpServer(self.handle)
-        self.port = asyncio.run_coroutine_threadsafe(
-            self._server.start("127.0.0.1", 0), self._loop
-        ).result(10)
+        self._server = ThreadedServer(self.handle)
+        self.port = self._server.port
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/v1/models":
@@ -82,10 +75,7 @@ class Engine:
         return Response(200, msgspec.json.encode(answer))
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.close(0.1), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._server.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -19,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import generate_latest
 
 from grifo.http.message import Request, Response, StreamResponse
-from grifo.http.server import HttpServer
 from tests.support.fabric import CHAT, Fabric
+from tests.support.threaded import ThreadedServer
 
 EXPORTER = InMemorySpanExporter()
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -32,13 +31,8 @@ class RecordingPoint:
 
     def __init__(self) -> None:
         self.traceparents: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = HttpServer(self.handle)
-        self.port = asyncio.run_coroutine_threadsafe(
-            self._server.start("127.0.0.1", 0), self._loop
-        ).result(10)
+        self._server = ThreadedServer(self.handle)
+        self.port = self._server.port
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         ident = [(b"x-grifo-point", b"recorder"), (b"x-grifo-jurisdiction", b"PE")]
@@ -62,10 +56,7 @@ class RecordingPoint:
         return Response(200, msgspec.json.encode(answer), ident)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.close(0.1), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._server.close()
 
 
 async def _events() -> AsyncIterator[bytes]:
@@ -240,3 +231,14 @@ def test_the_point_traces_its_generation_under_the_gateways_attempt(
     model = 'gen_ai_request_model="fake-chat"'
     assert f"gen_ai_server_request_duration_seconds_count{{{model}}} 1.0" in metrics
     assert f"gen_ai_server_time_per_output_token_seconds_count{{{model}}} 1.0" in metrics
+
+
+def test_a_gateway_with_tracing_starts_its_points_tracing() -> None:
+    from grifo.config.model import TracingConfig
+    from grifo.telemetry.tracing import point_env
+
+    assert point_env(TracingConfig()) is None  # off: the points' environment is left alone
+    assert point_env(TracingConfig(enabled=True)) == {"GRIFO_TRACING": "1"}
+    endpoint = "http://collector:4318/v1/traces"
+    env = point_env(TracingConfig(enabled=True, otlp_endpoint=endpoint))
+    assert env == {"GRIFO_TRACING": "1", "GRIFO_OTLP_ENDPOINT": endpoint}

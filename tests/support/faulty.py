@@ -38,9 +38,9 @@ import msgspec
 import pytest
 
 from grifo.http.message import Request, Response, StreamResponse
-from grifo.http.server import HttpServer
 from grifo.wire import responses
 from tests.support.fabric import CHAT
+from tests.support.threaded import ThreadedServer
 
 T = TypeVar("T")
 Mode = Literal["ok", "error", "hang", "trickle", "die_after_head"]
@@ -100,21 +100,17 @@ class FaultyPoint:
             (b"x-grifo-jurisdiction", jurisdiction.encode()),
         ]
         self._closed_flag = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"faulty-{name}", daemon=True
-        )
-        self._thread.start()
+        self._threaded = ThreadedServer(self.handle, host, port, name=f"faulty-{name}")
+        self._loop, self._server = self._threaded.loop, self._threaded.server
         self._closed = self._call(_new_event())
-        self._server = HttpServer(self.handle)
-        self.port = self._call(self._server.start(host, port))
+        self.port = self._threaded.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+        return self._threaded.call(coro)
 
     # -- routes ---------------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response | StreamResponse:
@@ -213,10 +209,7 @@ class FaultyPoint:
             return
         self._closed_flag = True
         self._loop.call_soon_threadsafe(self._closed.set)
-        self._call(self._server.close(0.2))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        self._threaded.close(0.2)
 
     def __enter__(self) -> FaultyPoint:
         return self
