@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from grifo.errors import PointProtocolError, PointTimeoutError, PointUnavailable
 from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.http.server import HttpServer, ServerLimits
+from grifo.security.certs import init_ca, issue
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -898,3 +901,80 @@ def test_pool_connection_dropped_mid_body_is_point_protocol_error(run: Runner) -
                 await pool.close()
 
     run(main())
+
+
+def test_pool_connects_to_connect_host_and_speaks_to_host(run: Runner, tmp_path: Path) -> None:
+    """`connect_host` is where the TCP connection goes; the Host header stays the configured
+    host (or `host_header`) and TLS verifies the certificate against `server_hostname`."""
+    init_ca(tmp_path)
+    issue(tmp_path, "api", ["localhost"])  # a certificate for localhost, served on 127.0.0.1
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "api.pem", tmp_path / "api.key")
+    sni: list[str | None] = []
+    server_tls.sni_callback = lambda _sock, name, _ctx: sni.append(name)
+    seen: list[tuple[bytes, str]] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append((head, writer.get_extra_info("sockname")[0]))
+            writer.write(OK)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def request(pool: ConnectionPool) -> bytes:
+        try:
+            return await (await pool.request("GET", "/x")).read()
+        finally:
+            await pool.close()
+
+    async def main() -> None:
+        plain = await asyncio.start_server(answer, "127.0.0.1", 0)
+        secure = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
+        port, tls_port = (s.sockets[0].getsockname()[1] for s in (plain, secure))
+        try:
+            # "api.invalid" never resolves: the connection can only go to connect_host.
+            pool = ConnectionPool("api.invalid", port, connect_host="127.0.0.1")
+            assert await request(pool) == b"ok"
+            pool = ConnectionPool(
+                "api.invalid", port, connect_host="127.0.0.1", host_header="api.invalid"
+            )
+            assert await request(pool) == b"ok"
+            pool = ConnectionPool(
+                "api.invalid", tls_port, tls=client, connect_host="127.0.0.1",
+                server_hostname="localhost",
+            )  # fmt: skip
+            assert await request(pool) == b"ok"
+            for name in (None, "elsewhere.example"):  # the certificate is not for that name
+                pool = ConnectionPool(
+                    "api.invalid", tls_port, tls=client, connect_host="127.0.0.1",
+                    server_hostname=name,
+                )  # fmt: skip
+                with pytest.raises(PointUnavailableError, match="TLS") as info:
+                    await request(pool)
+                assert isinstance(info.value.__cause__, ssl.SSLError)
+            hosts = [head.split(b"\r\n")[1] for head, _ in seen]
+            assert hosts == [
+                f"host: api.invalid:{port}".encode(),
+                b"host: api.invalid",
+                f"host: api.invalid:{tls_port}".encode(),
+            ]
+            assert [peer for _, peer in seen] == ["127.0.0.1"] * 3
+            assert sni == ["localhost", "api.invalid", "elsewhere.example"]
+        finally:
+            for server in (plain, secure):
+                server.close()
+                await server.wait_closed()
+
+    run(main())
+
+
+def test_pool_server_hostname_needs_tls() -> None:
+    with pytest.raises(ValueError, match="server_hostname"):
+        ConnectionPool("api.invalid", 443, server_hostname="api.invalid")
+    with pytest.raises(ValueError, match="line break"):
+        ConnectionPool("api.invalid", 80, host_header="a\r\nx-evil: 1")

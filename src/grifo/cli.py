@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 
 from grifo import __version__
+from grifo.agent.tools import vectors as index_cli
 from grifo.api import cli as fabric_cli
 from grifo.audit.cli import add_parser as add_audit_parser
 from grifo.audit.cli import run as run_audit
@@ -146,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     budgets.add_argument("--state-dir", type=Path, default=None)
     add_audit_parser(sub)
     add_certs_parser(sub)
+    index_cli.add_parser(sub)
     fabric_cli.add_parsers(sub)
     plan_cli.add_parser(sub)
 
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": lambda a: run_keys(a, _open_state(a)),
         "audit": run_audit,
         "certs": run_certs,
+        "index": index_cli.run,
         "points": fabric_cli.run_points,
         "tenants": fabric_cli.run_tenants,
         "plan": plan_cli.run,

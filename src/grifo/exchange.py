@@ -48,6 +48,7 @@ class Exchange:
     tried: list[tuple[PointState, str]] | None = None  # attempts before the answer's, outcome
     verdict: Verdict | None = None  # the tenant's guardrails' findings, when it has any
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
+    session: str | None = None  # tenant and session id, for session affinity
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

@@ -24,6 +24,8 @@ from grifo.admission.limits import check_token_limit
 from grifo.admission.ratelimit import Limiter
 from grifo.admission.shedding import HEADER as PRIORITY_HEADER
 from grifo.admission.shedding import Admission, request_priority
+from grifo.agent.loop import GUARD_HEADER as TOOL_GUARD_HEADER
+from grifo.agent.loop import ToolGuard
 from grifo.audit.log import AuditLog
 from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import Dispatcher, Plan, PointPools
@@ -40,7 +42,10 @@ from grifo.guardrails import policy as guardrails
 from grifo.guardrails.redact import redact_request
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.answer import Answering, deadline_message
+from grifo.placement.affinity import HEADER as SESSION_HEADER
+from grifo.placement.affinity import Affinity, session_key
 from grifo.placement.jurisdiction import TIER_HEADER, request_policy, requested_tier
+from grifo.placement.runs import capped, with_tools
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
@@ -81,6 +86,7 @@ class Gateway:
         self.pools = pools
         self.metrics = metrics
         self.placement = PlacementIndex(self.points, config.placement)
+        self.affinity = Affinity(config.placement.affinity_slack_ms)
         self.tracing = tracing
         self.dispatcher = Dispatcher(pools, config.dispatch, config.ejection, tracing)
         self.admission = admission
@@ -170,16 +176,16 @@ class Gateway:
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         tier = requested_tier(principal.tier, request.headers.get(TIER_HEADER))
         priority = request_priority(principal.priority, request.headers.get(PRIORITY_HEADER))
+        run = body if isinstance(body, wire.AgentRunRequest) else None
+        session = session_key(
+            principal.tenant,
+            None if run is None else run.session_id,
+            request.headers.get(SESSION_HEADER),
+        )
         root = CURRENT.get()
         placing = None if root is None else self._child(root, "placement")
         try:
-            candidates = self.placement.rank(
-                body.model,
-                allowed,
-                limit,
-                self.config.placement.max_attempts,
-                tier,
-            )
+            body, candidates = self._place(body, allowed, limit, tier, session)
         except NoCompliantPointError:
             self.metrics.denials.inc()
             if placing is not None:
@@ -196,6 +202,7 @@ class Gateway:
                 ex.redacted = ",".join(f"{k}:{n}" for k, n in sorted(verdict.redacted.items()))
         ex.span = root
         ex.tier = tier or "any"
+        ex.session = session
         if any(c.point.jurisdiction in only_redacted for c in candidates) and not ex.redacted:
             # A candidate may see this class only redacted: every attempt gets the redacted text.
             body, found = redact_request(body)
@@ -219,6 +226,27 @@ class Gateway:
                 self.audit.append(ex, ex.point, (0, 0), f"{kind}:{exc.status}:{exc.code}", 0)
                 exc.audited = True
             raise
+
+    def _place(
+        self,
+        body: wire.InferenceRequest,
+        allowed: frozenset[str] | None,
+        limit: int,
+        tier: str | None,
+        session: str | None,
+    ) -> tuple[wire.InferenceRequest, list[Candidate]]:
+        """The ranked candidates (an agent run's only where its tools are, a session's point
+        first while the affinity rule allows), and the body to send them."""
+        attempts = self.config.placement.max_attempts
+        run = body if isinstance(body, wire.AgentRunRequest) else None
+        whole = session is not None or run is not None  # filtered or reordered below
+        candidates = self.placement.rank(
+            body.model, allowed, limit, None if whole else attempts, tier
+        )
+        if run is not None:
+            candidates = with_tools(candidates, run.tools)
+            body = capped(run, candidates)
+        return body, self.affinity.order(session, candidates)[:attempts]
 
     async def _hold(
         self,
@@ -253,14 +281,16 @@ class Gateway:
         body: wire.InferenceRequest,
         candidates: list[Candidate],
     ) -> Response | StreamResponse:
-        stream = (
-            isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and body.stream
-        )
+        stream = not isinstance(body, wire.EmbeddingRequest) and body.stream
         upstream_body = wire.upstream_body(body)
         headers: Headers = [
             (b"x-request-id", ex.request_id.encode()),
             (DEADLINE_POINT_HEADER, str(int(ex.timeout_s * 1000)).encode()),
         ]
+        if isinstance(body, wire.AgentRunRequest):
+            rails = ex.principal.guardrails
+            guard = ToolGuard(rails.tool_injection, rails.injection_threshold)
+            headers.append((TOOL_GUARD_HEADER, guard.header()))
         ex.dispatched_ns = time.monotonic_ns()
         ours = ex.timeout_s < self.config.request_timeout_s  # the client's deadline, not the point
         hedge = ex.tier in self.config.dispatch.hedge_tiers
@@ -282,6 +312,7 @@ class Gateway:
         if ex.slot is not None and ex.slot != point.name:
             self.answers.free_slot(ex, ok=False)  # the point given the slot failed the request
         ex.point, ex.busy_mark, ex.tried = point, answer.busy_mark, answer.tried
+        self.affinity.remember(ex.session, point.name)
         self.metrics.placed(_reason(len(candidates), answer.tried))
         self.placements.append(
             (
@@ -303,9 +334,7 @@ class Gateway:
             max(ex.remaining_s(), 0), self.answers.expire, ex, response
         )
         ex.cancel_deadline = timer.cancel
-        include_usage = isinstance(body, wire.ChatCompletionRequest | wire.CompletionRequest) and (
-            body.include_usage
-        )
+        include_usage = not isinstance(body, wire.EmbeddingRequest) and body.include_usage
         return self.answers.stream(ex, response, include_usage)
 
     def _child(self, parent: Any, name: str, attributes: dict[str, Any] | None = None) -> Any:

@@ -106,17 +106,27 @@ class Fabric:
 
     def audit_record(self, request_id: str, timeout_s: float = 5.0) -> AuditRecord:
         """A request's audit record, once the writer has stored it."""
+        return self.audit_records(request_id, 1, timeout_s)[0]
+
+    def audit_records(
+        self, request_id: str, count: int, timeout_s: float = 5.0
+    ) -> list[AuditRecord]:
+        """The first `count` audit records of a request (an agent run has one per step and
+        one for the run), in log order, once the writer has stored them."""
         deadline = time.monotonic() + timeout_s
         while True:
+            found: list[AuditRecord] = []
             tables = self.running.db.open_audit()
             try:
                 for log in tables.logs():
                     for row in tables.records_from(log, 0):
                         if row.request_id == request_id:
-                            return decode(row.record)
+                            found.append(decode(row.record))
             finally:
                 tables.close()
-            assert time.monotonic() < deadline, f"no audit record of {request_id}"
+            if len(found) >= count:
+                return found[:count]
+            assert time.monotonic() < deadline, f"{len(found)} audit records of {request_id}"
             time.sleep(0.02)
 
     def close(self) -> None:

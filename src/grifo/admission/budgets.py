@@ -167,9 +167,10 @@ class Budgets:
                 card = point.models.get(body.model)
                 context = card.context_length if card is not None and card.context_length else 0
                 completion = limit or context or wire.MAX_TOKENS_LIMIT
-            cost = cost_micros(
-                point.price(body.model), point.usd_per_hour_micros, prompt, completion, busy_ns
-            )
+            price, hourly = point.price(body.model), point.usd_per_hour_micros
+            cost = cost_micros(price, hourly, prompt, completion, busy_ns)
+            if isinstance(body, wire.AgentRunRequest):  # its tokens may be prompt or completion
+                cost = max(cost, cost_micros(price, hourly, completion, 0, busy_ns))
             worst_micros = max(worst_micros, cost)
             worst_tokens = max(worst_tokens, prompt + completion)
         return Amount(worst_micros, worst_tokens)
@@ -183,6 +184,8 @@ def prompt_bound(body: wire.InferenceRequest) -> int:
         return _TEMPLATE_TOKENS + sum(
             len(m.text().encode()) + _PER_MESSAGE_TOKENS for m in body.messages
         )
+    if isinstance(body, wire.AgentRunRequest):
+        return 0  # its `max_tokens` bounds prompt and completion tokens of every step
     return len(body.prompt_text().encode()) + _PER_MESSAGE_TOKENS
 
 

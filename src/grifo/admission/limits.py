@@ -8,8 +8,8 @@ from grifo.wire import requests as wire
 
 
 def check_token_limit(body: wire.InferenceRequest, point: PointState) -> None:
-    if isinstance(body, wire.EmbeddingRequest):
-        return
+    if isinstance(body, wire.EmbeddingRequest | wire.AgentRunRequest):
+        return  # a run's token limit spans many steps, each within the context
     card = point.models.get(body.model)
     limit = body.token_limit()
     if card is not None and limit is not None and 0 < card.context_length < limit:

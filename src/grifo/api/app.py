@@ -34,7 +34,9 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
-_INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_INFERENCE = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/grifo/agent-runs"}
+)
 _GET = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 OPENAPI = resources.files("grifo.api").joinpath("openapi.json").read_bytes()  # the API, described
 

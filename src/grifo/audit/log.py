@@ -100,9 +100,11 @@ class AuditLog:
         usage: tuple[int, int],
         status: str,
         cost: int,
+        output: bytes | None = None,
     ) -> AuditRecord:
         """The record of a request (see `record.py` for the fields); `point` is where it ran or
-        was sent, None when it was refused before reaching one."""
+        was sent, None when it was refused before reaching one. `output` (default the
+        request's answer) is what `output_hmac` proves: an agent step's event."""
         tenant = ex.principal.tenant
         key = self._keys.get(tenant)
         if key is None:
@@ -128,7 +130,7 @@ class AuditLog:
             completion_tokens=usage[1],
             cost_micros=cost,
             input_hmac=content_hmac(key, ex.body),
-            output_hmac="" if ex.answer is None else content_hmac(key, ex.answer),
+            output_hmac=_hmac_of(key, ex.answer if output is None else output),
             policy=self._policy,
             point_receipt=ex.point_receipt,
             data_class=ex.data_class,
@@ -202,3 +204,7 @@ def _head(open_tables: Callable[[], AuditTables], name: str) -> tuple[CompactRan
         return tree, prev
     finally:
         tables.close()
+
+
+def _hmac_of(key: bytes, content: bytes | None) -> str:
+    return "" if content is None else content_hmac(key, content)

@@ -62,6 +62,62 @@ class PointTlsConfig(Base, kw_only=True, frozen=True):
     key_file: str | None = None
 
 
+JsonSchema = dict[str, object]
+
+
+class VectorToolConfig(Base, kw_only=True, frozen=True):
+    """Search over documents that live only at this site (an index made by `grifo index`)."""
+
+    name: Name = "search_documents"
+    description: str = "Search the documents held at this site; returns the closest passages."
+    index: str
+    """The index file (SQLite with sqlite-vec) `grifo index <folder> <index>` writes."""
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
+    max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
+
+
+class HttpToolConfig(Base, kw_only=True, frozen=True):
+    """An HTTP API the model may call. Egress goes only to this URL's host; a host that
+    resolves to a private, loopback, link-local or metadata address is refused unless
+    `private: true` lists it as intended."""
+
+    name: Name
+    description: str
+    url: str
+    """http(s)://host[:port]/path; GET sends the arguments as the query, POST as a JSON body."""
+    method: Literal["GET", "POST"] = "POST"
+    parameters: JsonSchema = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    """JSON Schema of the arguments object."""
+    headers: dict[str, str] = {}
+    private: bool = False
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
+
+
+class McpServerConfig(Base, kw_only=True, frozen=True):
+    """An MCP server whose tools the model may call (`<name>.<tool>`): started over stdio
+    (`command`) or reached over streamable HTTP (`url`)."""
+
+    name: Name
+    command: list[str] | None = None
+    env: dict[str, str] = {}
+    url: str | None = None
+    tools: list[str] | None = None
+    """Only these of the server's tools (None: all it lists)."""
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
+    max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
+
+
+class ToolsConfig(Base, kw_only=True, frozen=True):
+    """The tools agent runs placed on this point may call (see README, Agents)."""
+
+    vector: list[VectorToolConfig] = []
+    http: list[HttpToolConfig] = []
+    mcp: list[McpServerConfig] = []
+
+
 class PointConfig(Base, kw_only=True, frozen=True):
     name: Name
     site: str
@@ -74,6 +130,7 @@ class PointConfig(Base, kw_only=True, frozen=True):
     prices: Prices = Prices()
     tls: TlsConfig | None = None
     """The point's listener over TLS (a point grifo starts is then reached at https://)."""
+    tools: ToolsConfig = ToolsConfig()
 
 
 class BudgetConfig(Base, kw_only=True, frozen=True):
@@ -110,6 +167,9 @@ class GuardrailsConfig(Base, kw_only=True, frozen=True):
     """Prompt-injection heuristics on user and tool messages: ignore, report the score
     (`x-grifo-injection-score`), or refuse at `injection_threshold` (400 `prompt_injection`)."""
     injection_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    tool_injection: Literal["flag", "block"] = "block"
+    """Tool outputs in agent runs (third-party text): report the injection score, or also
+    withhold an output scoring at `injection_threshold` from the model."""
 
 
 class TenantConfig(Base, kw_only=True, frozen=True):
@@ -163,6 +223,9 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     (vLLM, llama.cpp's server report it), the whole of it when the cache is full."""
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
     """How many compliant points a request may be tried on before the first byte."""
+    affinity_slack_ms: Annotated[float, msgspec.Meta(ge=0)] = 500.0
+    """A session (`x-grifo-session-id`, an agent run's `session_id`) stays on its point while
+    that point scores at most this much worse than the best (see placement/affinity.py)."""
 
 
 class EjectionConfig(Base, kw_only=True, frozen=True):

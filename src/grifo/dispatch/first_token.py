@@ -30,6 +30,7 @@ class _Choice(msgspec.Struct):
 class _Chunk(msgspec.Struct):
     choices: list[_Choice] = []
     error: object | None = None
+    type: str | None = None  # agent-run events
 
 
 _decoder = msgspec.json.Decoder(_Chunk)
@@ -37,7 +38,8 @@ _decoder = msgspec.json.Decoder(_Chunk)
 
 def is_token(event: bytes) -> bool:
     """Whether an SSE event carries output or ends the stream; comments, role-only and empty
-    chunks do not. Anything not understood counts: it is passed on at once."""
+    chunks, and an agent run's `run.started`, do not. Anything not understood counts: it is
+    passed on at once."""
     if event.startswith(b":"):
         return False
     if not event.startswith(b"data:"):
@@ -46,6 +48,8 @@ def is_token(event: bytes) -> bool:
     if payload == b"[DONE]":
         return True
     chunk = _chunk(payload)
+    if chunk is not None and chunk.type == "run.started":
+        return False  # an agent run is committed at its first model step
     if chunk is None or chunk.error is not None or not chunk.choices:
         return True
     return any(_output(c) or c.finish_reason is not None for c in chunk.choices)

@@ -23,6 +23,7 @@ class Guardrails:
     pii: str = "allow"  # allow | redact | block
     injection: str = "allow"  # allow | flag | block
     injection_threshold: float = 0.5
+    tool_injection: str = "block"  # flag | block: agent runs' tool outputs
 
     @property
     def active(self) -> bool:
@@ -72,12 +73,16 @@ def check(body: wire.InferenceRequest, rails: Guardrails) -> tuple[wire.Inferenc
 def _untrusted(body: wire.InferenceRequest) -> list[str]:
     if isinstance(body, wire.ChatCompletionRequest):
         return [m.text() for m in body.messages if m.role in ("user", "tool")]
+    if isinstance(body, wire.AgentRunRequest):
+        return [m.text() for m in body.messages() if m.role in ("user", "tool")]
     return _all_texts(body)
 
 
 def _all_texts(body: wire.InferenceRequest) -> list[str]:
     if isinstance(body, wire.ChatCompletionRequest):
         return [m.text() for m in body.messages]
+    if isinstance(body, wire.AgentRunRequest):
+        return [body.instructions, *(m.text() for m in body.messages())]
     if isinstance(body, wire.CompletionRequest):
         prompt = body.prompt
         return [prompt] if isinstance(prompt, str) else list(prompt)

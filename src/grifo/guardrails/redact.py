@@ -26,6 +26,19 @@ def redact_request(body: wire.InferenceRequest) -> tuple[wire.InferenceRequest, 
             msgspec.structs.replace(m, content=_content(m.content, clean)) for m in body.messages
         ]
         return msgspec.structs.replace(body, messages=messages), found
+    if isinstance(body, wire.AgentRunRequest):
+        given_input = body.input
+        cleaned_input: str | list[wire.Message] = (
+            clean(given_input)
+            if isinstance(given_input, str)
+            else [
+                msgspec.structs.replace(m, content=_content(m.content, clean)) for m in given_input
+            ]
+        )
+        agent = msgspec.structs.replace(
+            body, instructions=clean(body.instructions), input=cleaned_input
+        )
+        return agent, found
     if isinstance(body, wire.CompletionRequest):
         prompt = body.prompt
         cleaned = clean(prompt) if isinstance(prompt, str) else [clean(p) for p in prompt]

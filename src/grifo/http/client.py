@@ -220,7 +220,22 @@ def _expire(head: asyncio.Future[UpstreamResponse]) -> None:
 
 
 class ConnectionPool:
-    """Keep-alive connections to one origin (`host:port`)."""
+    """Keep-alive connections to one origin (`host:port`).
+
+    By default connections go to `host` (resolved by the loop), the `Host` header is
+    `host:port` and, with `tls`, the server's certificate must match `host`. Three keywords
+    split these apart, for a caller that has already resolved and vetted the address itself
+    (the agent's HTTP tool pins the address its egress check approved, against DNS rebinding):
+
+    - `connect_host`: the address (or name) connections are opened to, instead of `host`;
+    - `server_hostname`: the TLS server name (SNI) the certificate is verified against,
+      instead of `host` (only with `tls`);
+    - `host_header`: the `Host` header's value, instead of `host:port` (ASCII, no line breaks).
+
+    They are fixed here, once: requests do no extra work for them. A connection that cannot be
+    opened raises PointUnavailableError chained (`raise ... from`) to the OSError, TimeoutError
+    or ssl.SSLError that stopped it; one dropped after the request was sent has no such cause.
+    """
 
     def __init__(
         self,
@@ -230,14 +245,23 @@ class ConnectionPool:
         max_idle: int = 256,
         connect_timeout_s: float = 2.0,
         tls: ssl.SSLContext | None = None,
+        connect_host: str | None = None,
+        server_hostname: str | None = None,
+        host_header: str | None = None,
     ) -> None:
+        if server_hostname is not None and tls is None:
+            raise ValueError("server_hostname is for TLS: give tls too")
+        if host_header is not None and any(c in host_header for c in "\r\n\0"):
+            raise ValueError("host_header must not hold a line break")
         self.host = host
         self.port = port
-        self._host_header = f"{host}:{port}".encode("ascii")
+        self._host_header = (host_header or f"{host}:{port}").encode("ascii")
         self._idle: deque[_Connection] = deque()
         self._max_idle = max_idle
         self._connect_timeout_s = connect_timeout_s
-        self._tls = tls  # https: the server's certificate must match `host`
+        self._tls = tls  # https: the server's certificate must match `server_hostname`
+        self._connect_host = connect_host or host
+        self._server_hostname = (server_hostname or host) if tls is not None else None
         self._all: set[_Connection] = set()
 
     async def request(
@@ -292,10 +316,10 @@ class ConnectionPool:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: _Connection(self),
-                    self.host,
+                    self._connect_host,
                     self.port,
                     ssl=self._tls,
-                    server_hostname=self.host if self._tls is not None else None,
+                    server_hostname=self._server_hostname,
                 ),
                 timeout=self._connect_timeout_s,
             )

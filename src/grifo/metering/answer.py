@@ -18,12 +18,14 @@ from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
+from grifo.metering.steps import record_whole_run, step_recorder
 from grifo.metering.usage import Usage, usage_of
 from grifo.store.ledger import LedgerWriter
 from grifo.store.records import Amount, LedgerEntry
 from grifo.telemetry.metrics import GatewayMetrics
 from grifo.telemetry.spans import metered
 from grifo.topology import PointState
+from grifo.wire.requests import AGENT_RUNS_PATH
 
 
 class Answering:
@@ -58,6 +60,8 @@ class Answering:
             output_tokens = usage.completion_tokens
             ex.answer = payload
             ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
+            if ex.endpoint == AGENT_RUNS_PATH:
+                record_whole_run(payload, step_recorder(self.audit, self.metrics, ex, ex.point))
             cost = self.meter(ex, usage, "ok", "point")
         else:
             self.leave_point(ex)
@@ -106,6 +110,8 @@ class Answering:
             return self.meter(ex, usage, status, source)
 
         relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
+        if ex.endpoint == AGENT_RUNS_PATH:
+            relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()

@@ -18,7 +18,8 @@ from grifo.audit.signing import RECEIPT_COMMENT
 from grifo.dispatch.first_token import carries_output
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
 from grifo.http.client import UpstreamResponse
-from grifo.metering.usage import SseSplitter, Usage, usage_of
+from grifo.metering.steps import is_step
+from grifo.metering.usage import SseSplitter, Usage, run_usage_of, usage_of
 
 Meter = Callable[[Usage, str, str], int]  # (usage, status, source) -> cost micro-USD
 
@@ -45,10 +46,13 @@ class StreamRelay:
         self.first_event_ns: int | None = None
         self.point_receipt = ""  # the point's signed receipt, when it sends one
         self.broken = False  # the point failed after the stream was committed
+        self.run_usage: Usage | None = None  # an agent run's tokens up to its last step
+        self.on_step: Callable[[bytes], None] | None = None  # an agent run's step events
 
     def usage_so_far(self) -> Usage:
-        """The point's usage if it came; else the prompt and the content events seen."""
-        return self.usage or Usage(self.prompt_tokens, self.events)
+        """The point's usage if it came; else an agent run's usage up to its last step; else
+        the prompt and the content events seen."""
+        return self.usage or self.run_usage or Usage(self.prompt_tokens, self.events)
 
     async def body(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
@@ -80,6 +84,10 @@ class StreamRelay:
             return event
         if b'"usage"' in event:
             return self._usage_event(event)
+        if self.on_step is not None and is_step(event):
+            payload = event[5:].strip()
+            self.on_step(payload)
+            self.run_usage = run_usage_of(payload) or self.run_usage
         if carries_output(event):  # role-only and finish chunks are not tokens
             self.events += 1
         return event

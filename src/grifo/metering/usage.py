@@ -16,7 +16,12 @@ class _WithUsage(msgspec.Struct):
     usage: _Usage | None = None
 
 
+class _WithRunUsage(msgspec.Struct):
+    run_usage: _Usage | None = None
+
+
 _decoder = msgspec.json.Decoder(_WithUsage)
+_run_decoder = msgspec.json.Decoder(_WithRunUsage)
 _MAX_TOKENS = 10**9
 
 
@@ -35,6 +40,17 @@ def usage_of(body: bytes) -> Usage | None:
     if parsed.usage is None:
         return None
     return Usage(_clamp(parsed.usage.prompt_tokens), _clamp(parsed.usage.completion_tokens))
+
+
+def run_usage_of(body: bytes) -> Usage | None:
+    """An agent run's usage so far, from one of its step events (`run_usage`)."""
+    try:
+        parsed = _run_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if parsed.run_usage is None:
+        return None
+    return Usage(_clamp(parsed.run_usage.prompt_tokens), _clamp(parsed.run_usage.completion_tokens))
 
 
 def _clamp(n: int) -> int:

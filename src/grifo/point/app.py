@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 from prometheus_client import generate_latest
 
+from grifo.agent.tools.base import Tool
 from grifo.audit.signing import RECEIPT_COMMENT, RECEIPT_HEADER, Receipt, Signer, public_b64
 from grifo.errors import (
     GrifoError,
@@ -24,12 +25,14 @@ from grifo.errors import (
     NotFoundError,
 )
 from grifo.http.message import Request, Response, StreamResponse
+from grifo.point.agent_runs import AgentRuns
 from grifo.point.engines.base import Generation, Generator, SamplingParams
 from grifo.point.metrics import PointMetrics
 from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob, Kind, Payload
 from grifo.telemetry.tracing import Tracing
 from grifo.wire import responses
 from grifo.wire.requests import (
+    AGENT_RUNS_PATH,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -58,9 +61,12 @@ class PointApp:
         runner: EngineRunner,
         signer: Signer | None = None,
         tracing: Tracing | None = None,
+        tools: Mapping[str, Tool] | None = None,
     ) -> None:
         self.identity = identity
         self.runner = runner
+        self.agent_runs = AgentRuns(runner, tools or {})
+        self.closers: list[Callable[[], Awaitable[None]]] = []  # run when the point stops
         self.signer = signer
         self.tracing = tracing  # an engine span per generation, under the gateway's attempt
         self.metrics = PointMetrics()
@@ -72,6 +78,7 @@ class PointApp:
             "/v1/chat/completions": ("POST", self.chat),
             "/v1/completions": ("POST", self.completions),
             "/v1/embeddings": ("POST", self.embeddings),
+            AGENT_RUNS_PATH: ("POST", self.agent_runs.handle),
             "/v1/models": ("GET", self.models),
             "/health": ("GET", self.health),
             "/load": ("GET", self.load),
@@ -117,6 +124,7 @@ class PointApp:
             "jurisdiction": ident.jurisdiction,
             "tier": ident.tier,
             "models": self.model_cards(),
+            "tools": sorted(self.agent_runs.tools) if self.runner.generator is not None else None,
         }
         if self.signer is not None:
             body["public_key"] = public_b64(self.signer.public_key)

@@ -39,6 +39,7 @@ class ProxyPointApp(PointApp):
         self._routes["/v1/completions"] = ("POST", self._forward_completion)
         self._routes["/v1/embeddings"] = ("POST", self._forward_embeddings)
         self._routes["/load"] = ("GET", self._upstream_load)
+        del self._routes[wire.AGENT_RUNS_PATH]  # runs need grammar-constrained steps
         self._in_flight = 0
 
     async def refresh_models(self) -> None:

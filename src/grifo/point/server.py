@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from grifo.agent.tools.catalogue import Catalogue
 from grifo.audit.signing import Signer, load_or_create
 from grifo.config.load import parse_point_url
 from grifo.config.model import EngineConfig, PointConfig
@@ -72,11 +73,20 @@ async def build_app(point: PointConfig, signer: Signer | None = None) -> PointAp
         assert engine.upstream_url is not None
         target = parse_point_url(engine.upstream_url)
         assert target is not None
-        app = ProxyPointApp(identity, ConnectionPool(*target))
-        await app.refresh_models()
-        return app
+        proxy = ProxyPointApp(identity, ConnectionPool(*target))
+        await proxy.refresh_models()
+        return proxy
     generator, embedder = await asyncio.to_thread(build_engines, engine)
-    return PointApp(identity, EngineRunner(generator, embedder), signer, for_point(point.name))
+    catalogue = await Catalogue.open(point.tools, embedder)
+    app = PointApp(
+        identity,
+        EngineRunner(generator, embedder),
+        signer,
+        for_point(point.name),
+        tools=catalogue.tools,
+    )
+    app.closers.append(catalogue.aclose)
+    return app
 
 
 async def serve_point(
@@ -106,6 +116,8 @@ async def serve_point(
     if watch is not None:
         watch.cancel()
     await server.close(grace_s=10.0)
+    for close in app.closers:
+        await close()
     app.runner.close()
 
 

@@ -41,7 +41,10 @@ def build_keyring(
     priorities = {t.name: PRIORITIES[t.priority] for t in config.tenants}
     rails = {
         t.name: Guardrails(
-            t.guardrails.pii, t.guardrails.injection, t.guardrails.injection_threshold
+            t.guardrails.pii,
+            t.guardrails.injection,
+            t.guardrails.injection_threshold,
+            t.guardrails.tool_injection,
         )
         for t in config.tenants
     }

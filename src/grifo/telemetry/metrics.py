@@ -8,6 +8,7 @@ _OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/v1/grifo/agent-runs": "invoke_agent",
 }
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -84,6 +85,12 @@ class GatewayMetrics:
             "Requests placed, by why their point: best_score (of several compliant candidates), "
             "only_compliant, retried (earlier points failed), hedged (a copy raced)",
             ["reason"],
+            registry=r,
+        )
+        self.agent_steps = Counter(
+            "grifo_agent_steps",
+            "Steps of agent runs, by point and kind: model, tool (a result), tool_error",
+            ["point", "kind"],
             registry=r,
         )
         self.denials = Counter(

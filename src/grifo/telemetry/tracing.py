@@ -27,6 +27,7 @@ _OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
     "/v1/embeddings": "embeddings",
+    "/v1/grifo/agent-runs": "invoke_agent",
 }
 
 

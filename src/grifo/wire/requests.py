@@ -111,12 +111,57 @@ class EmbeddingRequest(_Strict, kw_only=True):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-InferenceRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
-T = TypeVar("T", ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+AGENT_RUNS_PATH = "/v1/grifo/agent-runs"
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
+SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+
+
+class AgentLimits(_Strict, kw_only=True):
+    max_steps: Annotated[int, msgspec.Meta(ge=1, le=64)] = 8
+    """Model steps (each a tool call or the final answer)."""
+    max_tokens: MaxTokens = 16_384
+    """Prompt plus completion tokens over every step of the run."""
+    max_step_tokens: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 256
+    """Completion tokens of one model step."""
+    max_cost_usd: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+    """Token price of the whole run at most this (the gateway caps `max_tokens` to it)."""
+
+
+class AgentRunRequest(_Strict, kw_only=True):
+    """`POST /v1/grifo/agent-runs`: a whole tool-using loop run at one point (README, Agents)."""
+
+    model: ModelName
+    input: Text | Annotated[list[Message], msgspec.Meta(min_length=1, max_length=4096)]
+    instructions: Text = ""
+    tools: Annotated[list[ToolName], msgspec.Meta(max_length=64)] = []
+    tool_choice: Literal["auto", "required", "none"] = "auto"
+    """required: every step but the last calls a tool; the last step always answers."""
+    limits: AgentLimits = msgspec.field(default_factory=AgentLimits)
+    session_id: SessionId | None = None
+    """Runs and chats of one session stick to the point that served it while it is healthy."""
+    temperature: Temperature | None = None
+    seed: Seed | None = None
+    stream: bool = True
+
+    def messages(self) -> list[Message]:
+        if isinstance(self.input, str):
+            return [Message(role="user", content=self.input)]
+        return list(self.input)
+
+    def token_limit(self) -> int:
+        return self.limits.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return True
+
+
+InferenceRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | AgentRunRequest
+T = TypeVar("T", ChatCompletionRequest, CompletionRequest, EmbeddingRequest, AgentRunRequest)
 
 _DECODERS: dict[type, msgspec.json.Decoder[InferenceRequest]] = {
     kind: msgspec.json.Decoder(kind)
-    for kind in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+    for kind in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, AgentRunRequest)
 }
 _PATH = re.compile(r"at `\$\.?([A-Za-z_][A-Za-z0-9_]*)")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
@@ -184,11 +229,13 @@ def encode(request: InferenceRequest) -> bytes:
 
 
 def decode_for(path: str, body: bytes) -> InferenceRequest:
-    """Decode the body of a request to one of the three inference routes."""
+    """Decode the body of a request to one of the inference routes."""
     if path == "/v1/chat/completions":
         return decode(ChatCompletionRequest, body)
     if path == "/v1/completions":
         return decode(CompletionRequest, body)
+    if path == AGENT_RUNS_PATH:
+        return decode(AgentRunRequest, body)
     return decode(EmbeddingRequest, body)
 
 

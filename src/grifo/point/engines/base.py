@@ -39,6 +39,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    json_schema: str | None = None
+    """Constrain the output to one JSON value of this schema (JSON text); agent steps use it."""
 
 
 @dataclass(slots=True)

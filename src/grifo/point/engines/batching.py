@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import queue
 import random
 import threading
@@ -189,6 +190,7 @@ class BatchedLlamaGenerator:
                 param="messages" if request.kind == "chat" else "prompt",
             )
         params = request.params
+        sampler = self._sampler(params)  # may refuse the request: before a slot is taken
         generation = Generation(prompt_tokens=len(prompt), pieces=iter(()))
         seq = _Sequence(
             slot=self._free.pop(),
@@ -196,7 +198,7 @@ class BatchedLlamaGenerator:
             generation=generation,
             prompt=prompt,
             limit=min(params.max_tokens, room),
-            sampler=self._sampler(params),
+            sampler=sampler,
             hold=StopHold(params.stop),
         )
         self._active.append(seq)
@@ -217,6 +219,8 @@ class BatchedLlamaGenerator:
 
     def _sampler(self, params: SamplingParams) -> Any:
         sampler = self._internals.LlamaSampler()
+        if params.json_schema is not None:  # first: the others choose among allowed tokens
+            sampler.add_grammar(self._model, _grammar(params.json_schema))
         if params.temperature <= 0:
             sampler.add_greedy()
             return sampler
@@ -312,3 +316,14 @@ class BatchedLlamaGenerator:
         if token < 0:
             return ""
         return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar(json_schema: str) -> Any:
+    """llama.cpp's grammar for a JSON Schema (converted once per schema)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+    except Exception as exc:  # the converter rejects schema features it does not support
+        raise InvalidRequestError(f"the output schema is not supported: {exc}") from None

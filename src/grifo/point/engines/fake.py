@@ -2,15 +2,20 @@
 
 The fake generator answers with the words of the last message, in order, cycled up to
 `max_tokens` (stopping after one pass when they fit); one word is one token, optionally slowed.
+Asked for JSON of a schema, it writes the schema's first alternative with every string set to
+the last message (so an agent step calls the first tool with the user's words, and a final
+answer repeats the last tool result).
 The fake embedder hashes words into a small vector.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from grifo.point.engines.base import EmbeddingResult, Generation, SamplingParams
 
@@ -28,6 +33,9 @@ class FakeGenerator:
 
     def start_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams) -> Generation:
         words = messages[-1]["content"].split() or ["ok"]
+        if params.json_schema is not None:
+            text = json.dumps(instance(json.loads(params.json_schema), " ".join(words)))
+            words = text.split(" ")
         return self._start(self.count_chat_tokens(messages), words, params)
 
     def start_completion(self, prompt: str, params: SamplingParams) -> Generation:
@@ -52,6 +60,25 @@ class FakeGenerator:
             if i + 1 == len(words) and limit > len(words):
                 gen.finish_reason = "stop"
                 return
+
+
+def instance(schema: Any, text: str) -> Any:
+    """A value of `schema` (the subset agent steps use): first alternatives, required
+    properties, `text` for strings."""
+    if not isinstance(schema, dict):
+        return None
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return instance(schema[key][0], text)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: instance(props.get(k, {}), text) for k in schema.get("required", [])}
+    return {"string": text, "integer": 0, "number": 0, "boolean": False, "array": []}.get(kind)
 
 
 class FakeEmbedder:

@@ -1,0 +1,70 @@
+"""A point's tools, built from its `tools:` configuration and open for the point's lifetime.
+
+Libraries are imported only for the kinds of tool configured: a point without MCP servers
+never loads the MCP SDK.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from grifo.agent.tools.base import Tool
+from grifo.config.model import ToolsConfig
+from grifo.point.engines.base import Embedder
+
+if TYPE_CHECKING:
+    from grifo.agent.tools.mcp_tool import McpServer
+
+
+class Catalogue:
+    def __init__(self) -> None:
+        self.tools: dict[str, Tool] = {}
+        self._servers: list[McpServer] = []
+
+    @classmethod
+    async def open(cls, config: ToolsConfig, embedder: Embedder | None) -> Catalogue:
+        """Every configured tool, ready; MCP servers started. Raises ValueError for a
+        configuration that cannot work (a duplicate name, a bad URL, a missing tool)."""
+        catalogue = cls()
+        try:
+            await catalogue._open(config, embedder)
+        except BaseException:
+            await catalogue.aclose()
+            raise
+        return catalogue
+
+    async def _open(self, config: ToolsConfig, embedder: Embedder | None) -> None:
+        if config.vector:
+            from grifo.agent.tools.vectors import VectorSearchTool
+
+            if embedder is None:
+                from grifo.point.engines.minilm import MiniLMEmbedder
+
+                embedder = MiniLMEmbedder()
+            for vector in config.vector:
+                self._add(VectorSearchTool(vector, embedder))
+        if config.http:
+            from grifo.agent.tools.http_tool import HttpTool
+
+            for http in config.http:
+                self._add(HttpTool(http))
+        if config.mcp:
+            from grifo.agent.tools.mcp_tool import McpServer
+
+            for server_config in config.mcp:
+                server = McpServer(server_config)
+                self._servers.append(server)
+                await server.start()
+                for tool in server.tools:
+                    self._add(tool)
+
+    def _add(self, tool: Tool) -> None:
+        name = tool.spec.name
+        if name in self.tools:
+            raise ValueError(f"two tools are named {name!r}; tool names must be unique")
+        self.tools[name] = tool
+
+    async def aclose(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.aclose()

@@ -1,0 +1,224 @@
+"""Agent runs through the gateway (`POST /v1/grifo/agent-runs`): placed whole on one point,
+streamed back as events, metered once and audited; session affinity and the cost cap."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from grifo.config.model import PlacementConfig, PointConfig
+from grifo.placement.affinity import Affinity, session_key
+from grifo.placement.runs import capped, with_tools
+from grifo.placement.scoring import Candidate
+from grifo.topology import build_point_state
+from grifo.wire.requests import AgentLimits, AgentRunRequest
+from tests.support.fabric import CHAT, Fabric
+
+PATH = "/v1/grifo/agent-runs"
+
+
+@dataclass
+class Reply:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def post(
+    fabric: Fabric, tenant: str, body: dict[str, Any], path: str = PATH, **headers: str
+) -> Reply:
+    headers["authorization"] = f"Bearer {fabric.keys[tenant]}"
+    headers["content-type"] = "application/json"
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(fabric.url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            got = response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as exc:
+        got = exc.code, dict(exc.headers.items()), exc.read()
+    lower = {k.lower(): v for k, v in got[1].items()}
+    return Reply(got[0], lower, got[2].decode())
+
+
+def events_of(response: Reply) -> list[dict[str, Any]]:
+    out = []
+    for block in response.text.split("\n\n"):
+        if block.startswith("data: {"):
+            out.append(json.loads(block[6:]))
+    return out
+
+
+def test_a_streamed_run_is_placed_in_its_jurisdiction_and_metered_once(fabric: Fabric) -> None:
+    body = {"model": CHAT, "input": "hola desde lima", "tool_choice": "none"}
+    response = post(fabric, "demo-latam", body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-grifo-point"] == "lima-edge"  # demo-latam: PE or BR only
+    events = events_of(response)
+    assert [e["type"] for e in events] == ["run.started", "model.step", "run.completed"]
+    final = events[-1]
+    assert final["status"] == "completed"
+    assert final["output"] == "hola desde lima"
+    assert "data: [DONE]\n\n: x-grifo-attestation " in response.text  # signed where it ran
+    entry = fabric.ledger(response.headers["x-request-id"])[response.headers["x-request-id"]]
+    assert entry.endpoint == PATH
+    assert entry.point == "lima-edge"
+    assert entry.status == "ok"
+    assert entry.prompt_tokens == final["usage"]["prompt_tokens"] > 0
+    assert entry.completion_tokens == final["usage"]["completion_tokens"] > 0
+    assert final["usage"]["cost_micros"] == entry.cost_micros > 0
+
+
+def test_a_whole_run_answers_one_json_object(fabric: Fabric) -> None:
+    body = {"model": CHAT, "input": "one two", "tool_choice": "none", "stream": False}
+    response = post(fabric, "demo-eu", body)
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["object"] == "agent.run"
+    assert run["status"] == "completed"
+    assert [e["type"] for e in run["events"]] == ["run.started", "model.step"]
+    assert response.headers["x-grifo-jurisdiction"] == "DE"
+    entry = fabric.ledger(response.headers["x-request-id"])[response.headers["x-request-id"]]
+    assert entry.cost_micros == int(response.headers["x-grifo-cost-micros"]) > 0
+    assert entry.completion_tokens == run["usage"]["completion_tokens"]
+
+
+def test_a_tool_no_allowed_point_offers_is_refused_before_dispatch(fabric: Fabric) -> None:
+    body = {"model": CHAT, "input": "x", "tools": ["search_documents"]}
+    response = post(fabric, "demo-global", body)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "no_compliant_point"
+    assert "search_documents" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": CHAT}, "input"),
+        ({"model": CHAT, "input": "x", "tools": ["../etc"]}, "tools"),
+        ({"model": CHAT, "input": "x", "limits": {"max_steps": 0}}, "limits"),
+        ({"model": CHAT, "input": "x", "tool_choice": "always"}, "tool_choice"),
+        ({"model": CHAT, "input": "x", "session_id": "a b"}, "session_id"),
+        ({"model": CHAT, "input": "x", "shell": True}, "shell"),
+    ],
+)
+def test_bad_runs_get_400_naming_the_parameter(
+    fabric: Fabric, body: dict[str, Any], param: str
+) -> None:
+    response = post(fabric, "demo-global", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_bad_session_header_is_400(fabric: Fabric) -> None:
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    headers = {"x-grifo-session-id": "no spaces allowed"}
+    response = post(fabric, "demo-global", body, "/v1/chat/completions", **headers)
+    assert response.status_code == 400
+    assert "session" in response.json()["error"]["message"]
+
+
+# -- placement pieces, on point states without processes ---------------------------------------
+def _point(name: str, tools: frozenset[str] | None, usd_in: float = 0.0) -> Any:
+    config = PointConfig(
+        name=name,
+        site=name,
+        region="r",
+        jurisdiction="PE",
+        tier="edge",
+        prices={"default": {"input_usd_per_1m": usd_in, "output_usd_per_1m": usd_in / 2}},  # type: ignore[arg-type]
+    )
+    import msgspec
+
+    config = msgspec.convert(msgspec.to_builtins(config), PointConfig)
+    point = build_point_state(config, "http://127.0.0.1:1")
+    point.tools = tools
+    return point
+
+
+def test_runs_go_only_where_every_tool_is() -> None:
+    a = Candidate(_point("a", frozenset({"search"})), 1.0)
+    b = Candidate(_point("b", frozenset({"search", "weather"})), 2.0)
+    c = Candidate(_point("c", None), 0.5)  # runs no agent runs (a proxy point)
+    assert with_tools([c, a, b], ["search"]) == [a, b]
+    assert with_tools([c, a, b], ["search", "weather"]) == [b]
+    assert with_tools([c, a, b], []) == [a, b]
+
+
+def test_the_cost_cap_lowers_the_token_budget_at_the_dearest_candidate() -> None:
+    cheap = Candidate(_point("cheap", frozenset(), usd_in=1.0), 1.0)
+    dear = Candidate(_point("dear", frozenset(), usd_in=4.0), 2.0)
+    body = AgentRunRequest(model="m", input="x", limits=AgentLimits(max_cost_usd=0.001))
+    # 0.001 USD at 4 USD per million tokens buys 250 tokens
+    assert capped(body, [cheap, dear]).limits.max_tokens == 250
+    assert capped(body, [cheap]).limits.max_tokens == 1000
+    free = Candidate(_point("free", frozenset()), 1.0)
+    assert capped(body, [free]).limits.max_tokens == 16_384
+    uncapped = AgentRunRequest(model="m", input="x")
+    assert capped(uncapped, [dear]) is uncapped
+
+
+def test_affinity_keeps_a_session_on_its_point_until_load_outweighs_it() -> None:
+    now = [0.0]
+    affinity = Affinity(PlacementConfig().affinity_slack_ms, ttl_s=60, clock=lambda: now[0])
+    a, b = _point("a", frozenset()), _point("b", frozenset())
+    key = session_key("t1", "s1", None)
+    assert affinity.order(key, [Candidate(a, 10), Candidate(b, 20)])[0].point is a  # unknown
+    affinity.remember(key, "b")
+    ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 400)])
+    assert [c.point.name for c in ranked] == ["b", "a"]
+    assert affinity.kept == 1
+    ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 900)])  # b is too loaded
+    assert [c.point.name for c in ranked] == ["a", "b"]
+    assert affinity.moved == 1
+    assert affinity.order(key, [Candidate(a, 10)])[0].point is a  # b is not a candidate
+    other_tenant = session_key("t2", "s1", None)
+    assert affinity.order(other_tenant, [Candidate(a, 10), Candidate(b, 20)])[0].point is a
+    now[0] = 61.0  # expired
+    assert affinity.order(key, [Candidate(a, 10), Candidate(b, 20)])[0].point is a
+    assert len(affinity) == 0
+
+
+def test_affinity_forgets_the_oldest_sessions_past_its_capacity() -> None:
+    affinity = Affinity(500, capacity=2)
+    for s in ("s1", "s2", "s3"):
+        affinity.remember(session_key("t", s, None), "p")
+    assert len(affinity) == 2
+    assert session_key("t", None, b"abc:1") == "t\x00abc:1"
+    assert session_key("t", None, None) is None
+
+
+def test_a_session_header_sticks_chats_to_the_point_that_served_it(fabric: Fabric) -> None:
+    client = fabric.client("demo-global")
+
+    def chat(**headers: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+            extra_headers=headers,
+        )
+        return str(raw.headers["x-grifo-point"])
+
+    assert chat() == "lima-edge"  # the best point for this tenant
+    assert chat(**{"x-grifo-tier": "regional", "x-grifo-session-id": "conv-42"}) == (
+        "frankfurt-regional"
+    )
+    # Later turns name no tier: the session's point scores about 200 ms worse than Lima,
+    # within the slack, so it stays; Virginia (its GPU hour weighs about 750 ms) would not.
+    turns = {chat(**{"x-grifo-session-id": "conv-42"}) for _ in range(4)}
+    assert turns == {"frankfurt-regional"}
+    assert chat(**{"x-grifo-tier": "central", "x-grifo-session-id": "conv-44"}) == (
+        "virginia-central"
+    )
+    assert chat(**{"x-grifo-session-id": "conv-44"}) == "lima-edge"
+    assert chat(**{"x-grifo-session-id": "conv-43"}) == "lima-edge"
