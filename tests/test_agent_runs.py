@@ -222,3 +222,52 @@ def test_a_session_header_sticks_chats_to_the_point_that_served_it(fabric: Fabri
     )
     assert chat(**{"x-grifo-session-id": "conv-44"}) == "lima-edge"
     assert chat(**{"x-grifo-session-id": "conv-43"}) == "lima-edge"
+
+
+def test_prefix_keys_name_a_long_shared_opening() -> None:
+    from grifo.placement.affinity import prefix_key
+    from grifo.wire.requests import ChatCompletionRequest, CompletionRequest, Message
+
+    system = "You are the plant's assistant. " * 40  # about 1,200 characters
+
+    def chat(*texts: str, model: str = "m") -> ChatCompletionRequest:
+        roles = ["system", "user", "assistant", "user"]
+        messages = [Message(role=r, content=t) for r, t in zip(roles, texts, strict=False)]
+        return ChatCompletionRequest(model=model, messages=messages)  # type: ignore[arg-type]
+
+    turn1 = prefix_key("t", chat(system, "hello"), 1024)
+    assert turn1 is not None
+    assert prefix_key("t", chat(system, "hello", "hi!", "and now?"), 1024) == turn1
+    assert prefix_key("t", chat(system, "other user"), 1024) == turn1  # one long opening
+    assert prefix_key("t", chat(system[:600], "x" * 600), 1024) != turn1
+    assert prefix_key("t", chat(system[:600], "x" * 600), 1024) is not None
+    assert prefix_key("u", chat(system, "hello"), 1024) != turn1  # per tenant
+    assert prefix_key("t", chat(system, "hello", model="n"), 1024) != turn1
+    assert prefix_key("t", chat("short", "hello"), 1024) is None
+    assert prefix_key("t", chat(system, "hello"), 0) is None  # off
+    completion = CompletionRequest(model="m", prompt=system + "tail")
+    assert prefix_key("t", completion, 1024) == prefix_key(
+        "t", CompletionRequest(model="m", prompt=system + "tail"), 1024
+    )
+    run = AgentRunRequest(model="m", input="hello", instructions=system)
+    assert prefix_key("t", run, 1024) == prefix_key("t", run, 1024) is not None
+
+
+def test_chats_opening_with_one_long_prompt_follow_its_point(fabric: Fabric) -> None:
+    client = fabric.client("demo-global")
+    plant = "You answer questions about the Lima water plant. " * 30
+    grid = "You answer questions about the Frankfurt power grid. " * 30
+
+    def chat(system: str, question: str, **headers: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=2,
+            extra_headers=headers,
+        )
+        return str(raw.headers["x-grifo-point"])
+
+    assert chat(plant, "level?", **{"x-grifo-tier": "regional"}) == "frankfurt-regional"
+    # the same opening goes where its prefix is cached; another opening to the best point
+    assert chat(plant, "pressure?") == "frankfurt-regional"
+    assert chat(grid, "load?") == "lima-edge"

@@ -198,3 +198,33 @@ def test_a_build_with_amx_kernels_loads_weights_unrepacked(info: bytes, repacked
     from grifo.point.engines.llama import model_params
 
     assert model_params(_FakeLlamaApi(info)).use_extra_bufts is repacked
+
+
+def test_a_shared_prefix_is_reused_and_answers_do_not_change(model: Path) -> None:
+    """Turns of one conversation: each prompt extends the last. With the prefix cache the
+    engine computes only the new tokens, and greedy answers equal those computed afresh."""
+    base = " ".join(TINY_WORDS * 2)  # one token a word, after the BOS token
+    turns = [base, base + " the quick brown fox", base + " the quick brown fox jumps over"]
+    turns.append(" ".join(TINY_WORDS[5:20]))  # unrelated: nothing to reuse
+    turns.append(turns[2] + " the lazy dog")  # the conversation goes on
+    params = SamplingParams(max_tokens=6, temperature=0)
+    answers: dict[bool, list[str]] = {}
+    reused: dict[bool, list[int]] = {}
+    for cache in (False, True):
+        gen = BatchedLlamaGenerator(
+            model, "tiny", context_length=256, slots=2, batch_tokens=64, prefix_cache=cache
+        )
+        try:
+            sinks = [run_all(gen, [t], params)[0] for t in turns]
+        finally:
+            gen.close()
+        answers[cache] = [s.wait() for s in sinks]
+        reused[cache] = [s.generation.cached_tokens for s in sinks if s.generation is not None]
+    assert answers[True] == answers[False]
+    assert reused[False] == [0, 0, 0, 0, 0]
+    first = reused[True]
+    assert first[0] == 0
+    assert first[1] >= 2 * len(TINY_WORDS)  # the whole shared base
+    assert first[2] > first[1]  # the second turn's prompt is cached too
+    assert first[3] == 0  # it takes the other slot, keeping the conversation's
+    assert first[4] > first[2]

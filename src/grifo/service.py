@@ -43,7 +43,7 @@ from grifo.guardrails.redact import redact_request
 from grifo.http.message import Headers, Request, Response, StreamResponse
 from grifo.metering.answer import Answering, deadline_message
 from grifo.placement.affinity import HEADER as SESSION_HEADER
-from grifo.placement.affinity import Affinity, session_key
+from grifo.placement.affinity import Affinity, prefix_key, session_key
 from grifo.placement.jurisdiction import TIER_HEADER, request_policy, requested_tier
 from grifo.placement.runs import capped, with_tools
 from grifo.placement.scoring import Candidate, PlacementIndex
@@ -181,7 +181,7 @@ class Gateway:
             principal.tenant,
             None if run is None else run.session_id,
             request.headers.get(SESSION_HEADER),
-        )
+        ) or prefix_key(principal.tenant, body, self.config.placement.prefix_affinity_chars)
         root = CURRENT.get()
         placing = None if root is None else self._child(root, "placement")
         try:

@@ -183,7 +183,10 @@ class AgentRun:
             "step": self.steps,
             "output": text,
             "finish_reason": generation.finish_reason,
-            "step_usage": Usage(generation.prompt_tokens, generation.completion_tokens).as_dict(),
+            "step_usage": {
+                **Usage(generation.prompt_tokens, generation.completion_tokens).as_dict(),
+                "cached_tokens": generation.cached_tokens,
+            },
             "run_usage": self.usage.as_dict(),
         }
         return text, generation, event

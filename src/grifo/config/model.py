@@ -37,6 +37,9 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     quantization: Literal["as-is", "q4_0", "q8_0"] = "as-is"
     """llama_cpp: convert the model once (cached in $GRIFO_CACHE_DIR or ~/.cache/grifo)."""
+    prefix_cache: bool = True
+    """llama_cpp: a request reuses the KV cache of a finished one sharing its prompt's prefix
+    (a conversation's earlier turns, an agent's steps, a common system prompt)."""
     context_length: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
     embeddings: Literal["minilm", "fake", "none"] = "minilm"
     upstream_url: str | None = None
@@ -228,6 +231,9 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     that point scores at most this much worse than the best (see placement/affinity.py)."""
 
 
+    prefix_affinity_chars: Annotated[int, msgspec.Meta(ge=0)] = 1024
+    """Requests without a session whose text (messages in order, or the prompt) opens with the
+    same this many characters are a session keyed by that opening (0: off)."""
 class EjectionConfig(Base, kw_only=True, frozen=True):
     """Passive outlier detection (Envoy's defaults): after `consecutive_failures` failed answers
     in a row a point is taken out for base_s × times ejected, at most max_s."""

@@ -1,7 +1,10 @@
-"""Session affinity combined with load.
+"""Session and prefix affinity combined with load.
 
 A session's requests (agent runs, multi-turn chats) prefer the point that served it last, so
-the engine's prompt cache for that conversation stays warm. Affinity alone collapses under
+the engine's prompt cache for that conversation stays warm. Requests without a session whose
+text opens with the same `prefix_affinity_chars` characters (the turns of one conversation,
+many users of one long system prompt, documents with a common head) are a session of their
+own, keyed by a hash of that opening. Affinity alone collapses under
 load: every turn of a busy session would queue at one point. So the rule is: the session's
 point goes first while it is a compliant, healthy candidate whose score is at most
 `affinity_slack_ms` worse than the best candidate's (by default two queued requests); past that,
@@ -10,6 +13,7 @@ placement picks by score and the session moves to the new point.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import OrderedDict
@@ -17,9 +21,35 @@ from collections.abc import Callable
 
 from grifo.errors import InvalidRequestError
 from grifo.placement.scoring import Candidate
+from grifo.wire import requests as wire
 
 HEADER = b"x-grifo-session-id"
 _VALID = re.compile(rb"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def prefix_key(tenant: str, body: wire.InferenceRequest, min_chars: int) -> str | None:
+    """A key for requests whose text opens with the same `min_chars` characters, or None
+    (shorter, or embeddings)."""
+    if min_chars <= 0 or isinstance(body, wire.EmbeddingRequest):
+        return None
+    if isinstance(body, wire.CompletionRequest):
+        head = body.prompt_text()[:min_chars]
+    else:
+        if isinstance(body, wire.ChatCompletionRequest):
+            texts = [m.text() for m in body.messages]
+        else:
+            texts = [body.instructions, *(m.text() for m in body.messages())]
+        parts, size = [], 0
+        for text in texts:  # only as much text as the key needs
+            parts.append(text)
+            size += len(text) + 1
+            if size >= min_chars:
+                break
+        head = "\x1e".join(parts)[:min_chars]
+    if len(head) < min_chars:
+        return None
+    digest = hashlib.blake2b(f"{body.model}\x1f{head}".encode(), digest_size=16).hexdigest()
+    return f"{tenant}\x00prefix:{digest}"
 
 
 def session_key(tenant: str, body_session: str | None, header: bytes | None) -> str | None:

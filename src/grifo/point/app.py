@@ -170,7 +170,7 @@ class PointApp:
             if receipt := self._receipt_comment(request, chat.model, generation):
                 yield receipt
             if chat.include_usage:
-                yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
+                yield frames.usage_chunk(*_totals(generation)[1:])
             yield responses.DONE
 
         return self._stream(job, generation, body(), timer)
@@ -198,7 +198,7 @@ class PointApp:
             if receipt := self._receipt_comment(request, comp.model, generation):
                 yield receipt
             if comp.include_usage:
-                yield frames.usage_chunk(generation.prompt_tokens, generation.completion_tokens)
+                yield frames.usage_chunk(*_totals(generation)[1:])
             yield responses.DONE
 
         return self._stream(job, generation, body(), timer)
@@ -367,5 +367,6 @@ def _params(
     )
 
 
-def _totals(generation: Generation) -> tuple[str, int, int]:
-    return generation.finish_reason, generation.prompt_tokens, generation.completion_tokens
+def _totals(generation: Generation) -> tuple[str, int, int, int]:
+    g = generation
+    return g.finish_reason, g.prompt_tokens, g.completion_tokens, g.cached_tokens

@@ -51,6 +51,7 @@ def build_engines(
             context_length=engine.context_length,
             threads=engine.threads,
             slots=engine.parallel,
+            prefix_cache=engine.prefix_cache,
         )
     embedder: Embedder | None = None
     if engine.embeddings == "minilm":

@@ -18,12 +18,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached` prompt tokens came from the engine's prefix cache."""
+    body: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -38,7 +42,9 @@ class ChatFrames:
         self.model = model
         self.created = int(time.time())
 
-    def complete(self, text: str, finish: str, prompt: int, completion: int) -> bytes:
+    def complete(
+        self, text: str, finish: str, prompt: int, completion: int, cached: int = 0
+    ) -> bytes:
         return _encode(
             {
                 "id": self.id,
@@ -53,7 +59,7 @@ class ChatFrames:
                         "logprobs": None,
                     }
                 ],
-                "usage": usage(prompt, completion),
+                "usage": usage(prompt, completion, cached),
             }
         )
 
@@ -68,7 +74,7 @@ class ChatFrames:
             }
         )
 
-    def usage_chunk(self, prompt: int, completion: int) -> bytes:
+    def usage_chunk(self, prompt: int, completion: int, cached: int = 0) -> bytes:
         return sse(
             {
                 "id": self.id,
@@ -76,7 +82,7 @@ class ChatFrames:
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": usage(prompt, completion),
+                "usage": usage(prompt, completion, cached),
             }
         )
 
@@ -99,16 +105,18 @@ class CompletionFrames:
             **extra,
         }
 
-    def complete(self, text: str, finish: str, prompt: int, completion: int) -> bytes:
+    def complete(
+        self, text: str, finish: str, prompt: int, completion: int, cached: int = 0
+    ) -> bytes:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return _encode(self._body([choice], usage=usage(prompt, completion)))
+        return _encode(self._body([choice], usage=usage(prompt, completion, cached)))
 
     def chunk(self, text: str, finish: str | None = None) -> bytes:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return sse(self._body([choice]))
 
-    def usage_chunk(self, prompt: int, completion: int) -> bytes:
-        return sse(self._body([], usage=usage(prompt, completion)))
+    def usage_chunk(self, prompt: int, completion: int, cached: int = 0) -> bytes:
+        return sse(self._body([], usage=usage(prompt, completion, cached)))
 
 
 def embeddings(model: str, vectors: list[list[float]], prompt_tokens: int, fmt: str) -> bytes:

@@ -56,6 +56,7 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str = "length"
     cancelled: bool = field(default=False)
+    cached_tokens: int = 0  # prompt tokens taken from the engine's cache, not computed
 
 
 class Generator(Protocol):

@@ -4,6 +4,11 @@ One engine thread owns the model, the context (one KV-cache stream per slot) and
 step puts the next token of every decoding sequence into the batch first, then fills the rest
 with prompt chunks of newly admitted sequences, so a long prompt never stalls running streams.
 New requests join between steps; finished or cancelled ones leave and free their slot.
+
+A slot keeps what its last sequence left in the KV cache. A new request takes the free slot
+whose cached tokens share the longest prefix with its prompt and prefills only the rest: the
+turns of a conversation, an agent's steps and requests with the same long system prompt reuse
+their prefix instead of computing it again (`prefix_cache=False` turns this off).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class _Sequence:
     prefilled: int = 0
     next_token: int = -1
     batch_index: int = -1
+    generated: list[int] = field(default_factory=list)
+    decoded: int = 0  # generated tokens fed back into the KV cache
 
     @property
     def decoding(self) -> bool:
@@ -79,6 +86,7 @@ class BatchedLlamaGenerator:
         threads: int = 1,
         slots: int = 4,
         batch_tokens: int = 512,
+        prefix_cache: bool = True,
     ) -> None:
         from llama_cpp import _internals as internals
         from llama_cpp import llama_cpp as capi
@@ -116,6 +124,11 @@ class BatchedLlamaGenerator:
         )
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._free = list(range(slots))
+        self._prefix_cache = prefix_cache
+        self._cached: list[list[int]] = [[] for _ in range(slots)]  # tokens in each slot's KV
+        self._last_used = [0] * slots
+        self._uses = 0
+        self.reused_tokens = 0  # prompt tokens taken from the cache instead of computed
         self._active: list[_Sequence] = []
         self._thread = threading.Thread(target=self._run, name="grifo-batch", daemon=True)
         self._thread.start()
@@ -191,18 +204,41 @@ class BatchedLlamaGenerator:
             )
         params = request.params
         sampler = self._sampler(params)  # may refuse the request: before a slot is taken
-        generation = Generation(prompt_tokens=len(prompt), pieces=iter(()))
+        slot, keep = self._take_slot(prompt)
+        generation = Generation(prompt_tokens=len(prompt), pieces=iter(()), cached_tokens=keep)
         seq = _Sequence(
-            slot=self._free.pop(),
+            slot=slot,
             request=request,
             generation=generation,
             prompt=prompt,
             limit=min(params.max_tokens, room),
             sampler=sampler,
             hold=StopHold(params.stop),
+            prefilled=keep,
         )
         self._active.append(seq)
         request.sink.started(generation)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot sharing the longest cached prefix with `prompt` (at least
+        `_MIN_REUSE` tokens: a few common tokens, like the BOS, are not worth evicting another
+        conversation for), else the least recently used one, with its cache cut to that
+        prefix; and how many tokens it keeps (never the whole prompt: the last token is
+        computed again for its logits)."""
+        best, common = self._free[0], -1
+        for slot in self._free:
+            shared = _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0
+            shared = shared if shared >= _MIN_REUSE else 0
+            if shared > common or (
+                shared == common and self._last_used[slot] < self._last_used[best]
+            ):
+                best, common = slot, shared
+        keep = min(common, len(prompt) - 1)
+        self._capi.llama_memory_seq_rm(self._ctx.memory, best, keep, -1)
+        self._cached[best] = []
+        self._free.remove(best)
+        self.reused_tokens += keep
+        return best, keep
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
         if self._formatter is None:
@@ -256,6 +292,7 @@ class BatchedLlamaGenerator:
                 pos = len(seq.prompt) + seq.generation.completion_tokens - 1
                 self._put(batch, n, seq.next_token, pos, seq.slot, True)
                 seq.batch_index = n
+                seq.decoded += 1  # if this decode fails, every sequence ends with its cache
                 n += 1
         for seq in self._active:
             if seq.decoding or n >= self._batch_tokens:
@@ -287,6 +324,7 @@ class BatchedLlamaGenerator:
             self._finish(seq, "stop")
             return
         seq.generation.completion_tokens += 1
+        seq.generated.append(token)
         text, stopped = seq.hold.push(seq.decoder.decode(self._model.detokenize([token])))
         if text:
             seq.request.sink.piece(text)
@@ -305,7 +343,13 @@ class BatchedLlamaGenerator:
             if tail:
                 seq.request.sink.piece(tail)
         seq.generation.finish_reason = reason
-        self._capi.llama_memory_seq_rm(self._ctx.memory, seq.slot, -1, -1)
+        if error is None and self._prefix_cache:  # the slot's KV holds exactly these tokens
+            self._cached[seq.slot] = seq.prompt[: seq.prefilled] + seq.generated[: seq.decoded]
+        else:
+            self._capi.llama_memory_seq_rm(self._ctx.memory, seq.slot, -1, -1)
+            self._cached[seq.slot] = []
+        self._uses += 1
+        self._last_used[seq.slot] = self._uses
         with contextlib.suppress(Exception):
             seq.sampler.close()
         self._active.remove(seq)
@@ -316,6 +360,22 @@ class BatchedLlamaGenerator:
         if token < 0:
             return ""
         return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
+
+
+_MIN_REUSE = 16
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists (binary search over C-speed slice
+    comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @functools.lru_cache(maxsize=64)
