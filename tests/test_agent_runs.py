@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from grifo.config.model import PlacementConfig, PointConfig
+from grifo.errors import NoCompliantPointError
 from grifo.placement.affinity import Affinity, session_key
-from grifo.placement.runs import capped, with_tools
+from grifo.placement.runs import capped, tool_jurisdictions, with_tools
 from grifo.placement.scoring import Candidate
 from grifo.topology import build_point_state
 from grifo.wire.requests import AgentLimits, AgentRunRequest
@@ -128,7 +129,7 @@ def test_a_bad_session_header_is_400(fabric: Fabric) -> None:
 
 
 # -- placement pieces, on point states without processes ---------------------------------------
-def _point(name: str, tools: frozenset[str] | None, usd_in: float = 0.0) -> Any:
+def _point(name: str, tools: dict[str, str] | None, usd_in: float = 0.0) -> Any:
     config = PointConfig(
         name=name,
         site=name,
@@ -145,23 +146,32 @@ def _point(name: str, tools: frozenset[str] | None, usd_in: float = 0.0) -> Any:
     return point
 
 
-def test_runs_go_only_where_every_tool_is() -> None:
-    a = Candidate(_point("a", frozenset({"search"})), 1.0)
-    b = Candidate(_point("b", frozenset({"search", "weather"})), 2.0)
+def test_runs_go_only_where_every_tool_is_and_processes_in_the_allowed_set() -> None:
+    a = Candidate(_point("a", {"search": "PE"}), 1.0)
+    b = Candidate(_point("b", {"search": "PE", "weather": "PE"}), 2.0)
     c = Candidate(_point("c", None), 0.5)  # runs no agent runs (a proxy point)
-    assert with_tools([c, a, b], ["search"]) == [a, b]
-    assert with_tools([c, a, b], ["search", "weather"]) == [b]
-    assert with_tools([c, a, b], []) == [a, b]
+    d = Candidate(_point("d", {"search": "PE", "weather": "US"}), 0.1)  # calls an API abroad
+    assert with_tools([c, a, b], ["search"], None) == [a, b]
+    assert with_tools([c, a, b], ["search", "weather"], None) == [b]
+    assert with_tools([c, a, b], [], None) == [a, b]
+    pe = frozenset({"PE"})
+    assert with_tools([d, a, b], ["weather"], pe) == [b]
+    assert with_tools([d, a, b], ["search"], pe) == [d, a, b]
+    assert with_tools([d, b], ["weather"], frozenset({"PE", "US"})) == [d, b]
+    with pytest.raises(NoCompliantPointError):
+        with_tools([d], ["weather"], pe)
+    assert tool_jurisdictions([d, b], ["weather"]) == {"US", "PE"}
+    assert tool_jurisdictions([d, b], ["search"]) == {"PE"}
 
 
 def test_the_cost_cap_lowers_the_token_budget_at_the_dearest_candidate() -> None:
-    cheap = Candidate(_point("cheap", frozenset(), usd_in=1.0), 1.0)
-    dear = Candidate(_point("dear", frozenset(), usd_in=4.0), 2.0)
+    cheap = Candidate(_point("cheap", {}, usd_in=1.0), 1.0)
+    dear = Candidate(_point("dear", {}, usd_in=4.0), 2.0)
     body = AgentRunRequest(model="m", input="x", limits=AgentLimits(max_cost_usd=0.001))
     # 0.001 USD at 4 USD per million tokens buys 250 tokens
     assert capped(body, [cheap, dear]).limits.max_tokens == 250
     assert capped(body, [cheap]).limits.max_tokens == 1000
-    free = Candidate(_point("free", frozenset()), 1.0)
+    free = Candidate(_point("free", {}), 1.0)
     assert capped(body, [free]).limits.max_tokens == 16_384
     uncapped = AgentRunRequest(model="m", input="x")
     assert capped(uncapped, [dear]) is uncapped
@@ -170,7 +180,7 @@ def test_the_cost_cap_lowers_the_token_budget_at_the_dearest_candidate() -> None
 def test_affinity_keeps_a_session_on_its_point_until_load_outweighs_it() -> None:
     now = [0.0]
     affinity = Affinity(PlacementConfig().affinity_slack_ms, ttl_s=60, clock=lambda: now[0])
-    a, b = _point("a", frozenset()), _point("b", frozenset())
+    a, b = _point("a", {}), _point("b", {})
     key = session_key("t1", "s1", None)
     assert affinity.order(key, [Candidate(a, 10), Candidate(b, 20)])[0].point is a  # unknown
     affinity.remember(key, "b")

@@ -39,7 +39,10 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
 gateway: {{demo_keys: true, health_interval_s: 0.2}}
 points:
   - {{name: lima-edge, site: lima, region: sa-west, jurisdiction: PE, tier: edge, rtt_ms: 4,
-     engine: {engine}, tools: {{vector: [{{index: "{lima}"}}]}},
+     engine: {engine},
+     tools: {{vector: [{{index: "{lima}"}}],
+             http: [{{name: us_forecast, description: Forecast from a US provider.,
+                     url: "http://127.0.0.1:9/forecast", private: true, jurisdiction: US}}]}},
      prices: {{usd_per_hour: 0.04, default: {{input_usd_per_1m: 20, output_usd_per_1m: 40}}}}}}
   - {{name: frankfurt-regional, site: frankfurt, region: eu-central, jurisdiction: DE,
      tier: regional, rtt_ms: 110, engine: {engine},
@@ -125,6 +128,16 @@ def test_a_run_needing_a_tool_its_allowed_sites_lack_goes_nowhere(sites: Fabric)
     response = post(sites, "demo-global", body, **{"x-grifo-tier": "central"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_compliant_point"
+
+
+def test_a_tool_processing_abroad_is_only_for_runs_allowed_there(sites: Fabric) -> None:
+    body = {"model": CHAT, "input": "x", "tools": ["us_forecast"], "tool_choice": "none"}
+    refused = post(sites, "demo-latam", body)  # PE and BR only: the tool sends data to the US
+    assert refused.status_code == 503
+    assert "allowed jurisdictions" in refused.json()["error"]["message"]
+    allowed = post(sites, "demo-global", body)
+    assert allowed.status_code == 200
+    assert allowed.headers["x-grifo-point"] == "lima-edge"  # the only point offering it
 
 
 def test_a_point_refuses_a_tool_it_does_not_offer(sites: Fabric) -> None:

@@ -45,7 +45,7 @@ from grifo.metering.answer import Answering, deadline_message
 from grifo.placement.affinity import HEADER as SESSION_HEADER
 from grifo.placement.affinity import Affinity, prefix_key, session_key
 from grifo.placement.jurisdiction import TIER_HEADER, request_policy, requested_tier
-from grifo.placement.runs import capped, with_tools
+from grifo.placement.runs import capped, tool_jurisdictions, with_tools
 from grifo.placement.scoring import Candidate, PlacementIndex
 from grifo.security.keys import KeyRing, Principal
 from grifo.store.ledger import LedgerWriter
@@ -203,8 +203,9 @@ class Gateway:
         ex.span = root
         ex.tier = tier or "any"
         ex.session = session
-        if any(c.point.jurisdiction in only_redacted for c in candidates) and not ex.redacted:
-            # A candidate may see this class only redacted: every attempt gets the redacted text.
+        if _places(body, candidates) & only_redacted and not ex.redacted:
+            # A candidate (or a run's tool) may see this class only redacted: every attempt
+            # gets the redacted text.
             body, found = redact_request(body)
             ex.redacted = ",".join(f"{k}:{n}" for k, n in sorted(found.items())) or "none"
         default_s = min(principal.timeout_s or math.inf, self.config.request_timeout_s)
@@ -244,7 +245,7 @@ class Gateway:
             body.model, allowed, limit, None if whole else attempts, tier
         )
         if run is not None:
-            candidates = with_tools(candidates, run.tools)
+            candidates = with_tools(candidates, run.tools, allowed)
             body = capped(run, candidates)
         return body, self.affinity.order(session, candidates)[:attempts]
 
@@ -344,6 +345,14 @@ class Gateway:
     # -- models -----------------------------------------------------------------------------------
     def ready(self) -> bool:
         return all(p.healthy for p in self.points)
+
+
+def _places(body: wire.InferenceRequest, candidates: list[Candidate]) -> set[str]:
+    """Where the request's content may be processed: its candidates, and a run's tools."""
+    places = {c.point.jurisdiction for c in candidates}
+    if isinstance(body, wire.AgentRunRequest):
+        places |= tool_jurisdictions(candidates, body.tools)
+    return places
 
 
 def _reason(candidates: int, tried: list[tuple[PointState, str]]) -> str:

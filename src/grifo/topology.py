@@ -62,7 +62,7 @@ class PointState:
     ejected_until: float = 0.0  # monotonic seconds
     probation: bool = False  # back from an ejection: one failure sends it out again
     public_key: str | None = None  # the key the point signs receipts with (from /health)
-    tools: frozenset[str] | None = None  # agent-run tools it offers (None: it runs no runs)
+    tools: dict[str, str] | None = None  # agent-run tools: their jurisdiction (None: no runs)
     tls: bool = False  # reached at https://
     answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
     first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams

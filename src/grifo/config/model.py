@@ -96,6 +96,9 @@ class HttpToolConfig(Base, kw_only=True, frozen=True):
     headers: dict[str, str] = {}
     private: bool = False
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    jurisdiction: str | None = None
+    """Where the API processes what it is sent (default: the point's own jurisdiction). A run
+    may call it only if this is in the run's allowed set."""
     max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
 
 
@@ -111,6 +114,8 @@ class McpServerConfig(Base, kw_only=True, frozen=True):
     """Only these of the server's tools (None: all it lists)."""
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
     max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
+    jurisdiction: str | None = None
+    """Where the server processes what it is sent (default: the point's own jurisdiction)."""
 
 
 class ToolsConfig(Base, kw_only=True, frozen=True):
@@ -229,13 +234,13 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     affinity_slack_ms: Annotated[float, msgspec.Meta(ge=0)] = 500.0
     """A session (`x-grifo-session-id`, an agent run's `session_id`) stays on its point while
     that point scores at most this much worse than the best (see placement/affinity.py)."""
-
-
     prefix_affinity_chars: Annotated[int, msgspec.Meta(ge=0)] = 1024
     """Requests without a session whose text (messages in order, or the prompt) opens with the
     same this many characters are a session keyed by that opening (0: off)."""
 class EjectionConfig(Base, kw_only=True, frozen=True):
     """Passive outlier detection (Envoy's defaults): after `consecutive_failures` failed answers
+
+
     in a row a point is taken out for base_s × times ejected, at most max_s."""
 
     consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5

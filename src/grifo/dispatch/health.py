@@ -24,7 +24,7 @@ class _Health(msgspec.Struct):
     jurisdiction: str
     models: list[ModelCard] = []
     public_key: str | None = None
-    tools: list[str] | None = None  # None: the point does not run agent runs
+    tools: dict[str, str] | None = None  # tool: its jurisdiction; None: runs no agent runs
 
 
 class _Load(msgspec.Struct):
@@ -57,7 +57,7 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
         return
     point.set_models({m.id: m for m in info.models})
     point.public_key = info.public_key
-    point.tools = None if info.tools is None else frozenset(info.tools)
+    point.tools = info.tools
     point.queued, point.point_in_flight = load.queued, load.in_flight
     point.tokens_per_s = load.tokens_per_s
     point.cache_usage = min(max(load.cache_usage, 0.0), 1.0)

@@ -10,17 +10,36 @@ from grifo.placement.scoring import Candidate
 from grifo.wire import requests as wire
 
 
-def with_tools(candidates: list[Candidate], tools: list[str]) -> list[Candidate]:
-    """The candidates that run agent runs and offer all of `tools`, in order."""
-    wanted = frozenset(tools)
-    fit = [c for c in candidates if c.point.tools is not None and wanted <= c.point.tools]
+def with_tools(
+    candidates: list[Candidate], tools: list[str], allowed: frozenset[str] | None
+) -> list[Candidate]:
+    """The candidates that run agent runs and offer all of `tools`, each processing in the
+    `allowed` set (a tool calling an API abroad is processing abroad), in order."""
+    fit = [c for c in candidates if _offers(c.point.tools, tools, allowed)]
     if not fit:
-        which = ", ".join(sorted(wanted)) or "no tools"
+        which = ", ".join(sorted(set(tools))) or "no tools"
         raise NoCompliantPointError(
-            f"no available point in the allowed jurisdictions runs agent runs with {which}; "
-            "the run was not sent anywhere"
+            f"no available point in the allowed jurisdictions runs agent runs with {which} "
+            "processed in the allowed jurisdictions; the run was not sent anywhere"
         )
     return fit
+
+
+def _offers(
+    offered: dict[str, str] | None, tools: list[str], allowed: frozenset[str] | None
+) -> bool:
+    if offered is None:
+        return False
+    for tool in tools:
+        where = offered.get(tool)
+        if where is None or (allowed is not None and where not in allowed):
+            return False
+    return True
+
+
+def tool_jurisdictions(candidates: list[Candidate], tools: list[str]) -> set[str]:
+    """Where the run's tools process data, at any of the candidates."""
+    return {c.point.tools[t] for c in candidates if c.point.tools is not None for t in tools}
 
 
 def capped(body: wire.AgentRunRequest, candidates: list[Candidate]) -> wire.AgentRunRequest:

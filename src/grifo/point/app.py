@@ -62,10 +62,13 @@ class PointApp:
         signer: Signer | None = None,
         tracing: Tracing | None = None,
         tools: Mapping[str, Tool] | None = None,
+        tool_jurisdictions: Mapping[str, str] | None = None,
     ) -> None:
         self.identity = identity
         self.runner = runner
         self.agent_runs = AgentRuns(runner, tools or {})
+        where = tool_jurisdictions or {}
+        self.tool_jurisdictions = {t: where.get(t, identity.jurisdiction) for t in tools or {}}
         self.closers: list[Callable[[], Awaitable[None]]] = []  # run when the point stops
         self.signer = signer
         self.tracing = tracing  # an engine span per generation, under the gateway's attempt
@@ -124,7 +127,7 @@ class PointApp:
             "jurisdiction": ident.jurisdiction,
             "tier": ident.tier,
             "models": self.model_cards(),
-            "tools": sorted(self.agent_runs.tools) if self.runner.generator is not None else None,
+            "tools": self.tool_jurisdictions if self.runner.generator is not None else None,
         }
         if self.signer is not None:
             body["public_key"] = public_b64(self.signer.public_key)

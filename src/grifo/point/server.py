@@ -78,13 +78,14 @@ async def build_app(point: PointConfig, signer: Signer | None = None) -> PointAp
         await proxy.refresh_models()
         return proxy
     generator, embedder = await asyncio.to_thread(build_engines, engine)
-    catalogue = await Catalogue.open(point.tools, embedder)
+    catalogue = await Catalogue.open(point.tools, embedder, point.jurisdiction)
     app = PointApp(
         identity,
         EngineRunner(generator, embedder),
         signer,
         for_point(point.name),
         tools=catalogue.tools,
+        tool_jurisdictions=catalogue.jurisdictions,
     )
     app.closers.append(catalogue.aclose)
     return app

@@ -17,15 +17,20 @@ if TYPE_CHECKING:
 
 
 class Catalogue:
-    def __init__(self) -> None:
+    def __init__(self, home: str) -> None:
+        self.home = home
         self.tools: dict[str, Tool] = {}
+        self.jurisdictions: dict[str, str] = {}  # where each tool processes what it is sent
         self._servers: list[McpServer] = []
 
     @classmethod
-    async def open(cls, config: ToolsConfig, embedder: Embedder | None) -> Catalogue:
-        """Every configured tool, ready; MCP servers started. Raises ValueError for a
+    async def open(
+        cls, config: ToolsConfig, embedder: Embedder | None, home: str = ""
+    ) -> Catalogue:
+        """Every configured tool, ready; MCP servers started. `home` is the point's
+        jurisdiction, where its own tools (vector search) run. Raises ValueError for a
         configuration that cannot work (a duplicate name, a bad URL, a missing tool)."""
-        catalogue = cls()
+        catalogue = cls(home)
         try:
             await catalogue._open(config, embedder)
         except BaseException:
@@ -42,12 +47,12 @@ class Catalogue:
 
                 embedder = MiniLMEmbedder()
             for vector in config.vector:
-                self._add(VectorSearchTool(vector, embedder))
+                self._add(VectorSearchTool(vector, embedder), self.home)
         if config.http:
             from grifo.agent.tools.http_tool import HttpTool
 
             for http in config.http:
-                self._add(HttpTool(http))
+                self._add(HttpTool(http), http.jurisdiction or self.home)
         if config.mcp:
             from grifo.agent.tools.mcp_tool import McpServer
 
@@ -56,13 +61,14 @@ class Catalogue:
                 self._servers.append(server)
                 await server.start()
                 for tool in server.tools:
-                    self._add(tool)
+                    self._add(tool, server_config.jurisdiction or self.home)
 
-    def _add(self, tool: Tool) -> None:
+    def _add(self, tool: Tool, jurisdiction: str) -> None:
         name = tool.spec.name
         if name in self.tools:
             raise ValueError(f"two tools are named {name!r}; tool names must be unique")
         self.tools[name] = tool
+        self.jurisdictions[name] = jurisdiction
 
     async def aclose(self) -> None:
         servers, self._servers = self._servers, []
