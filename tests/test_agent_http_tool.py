@@ -518,3 +518,44 @@ def test_an_invalid_schema_is_refused_at_construction() -> None:
 def test_the_spec_comes_from_the_configuration() -> None:
     spec = tool("https://api.example/").spec
     assert (spec.name, spec.description, dict(spec.parameters)) == ("weather", "Weather.", SCHEMA)
+
+
+def test_calls_reuse_their_connection_and_close_it_with_the_tool(run: Runner) -> None:
+    """A run's tool calls pay one TCP handshake, not one each (across a WAN, each costs a
+    round trip); closing the tool closes its connections."""
+    connections = 0
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:  # keep-alive: one request after another on this connection
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(x.split(b":")[1]) for x in head.split(b"\r\n")
+                     if x.lower().startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            closed.set()
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        weather = tool(f"http://127.0.0.1:{port}/api", private=True)
+        try:
+            for _ in range(5):
+                assert (await weather.call({"city": "Lima"})).text == "ok"
+            assert connections == 1
+            await weather.aclose()
+            await asyncio.wait_for(closed.wait(), 5)
+        finally:
+            server.close()
+
+    run(main())

@@ -76,6 +76,7 @@ def test_a_streamed_run_is_placed_in_its_jurisdiction_and_metered_once(fabric: F
     assert entry.prompt_tokens == final["usage"]["prompt_tokens"] > 0
     assert entry.completion_tokens == final["usage"]["completion_tokens"] > 0
     assert final["usage"]["cost_micros"] == entry.cost_micros > 0
+    assert "x-grifo-cost-micros" not in response.headers  # known at the end: in the usage
 
 
 def test_a_whole_run_answers_one_json_object(fabric: Fabric) -> None:
@@ -89,6 +90,7 @@ def test_a_whole_run_answers_one_json_object(fabric: Fabric) -> None:
     assert response.headers["x-grifo-jurisdiction"] == "DE"
     entry = fabric.ledger(response.headers["x-request-id"])[response.headers["x-request-id"]]
     assert entry.cost_micros == int(response.headers["x-grifo-cost-micros"]) > 0
+    assert run["usage"]["cost_micros"] == entry.cost_micros
     assert entry.completion_tokens == run["usage"]["completion_tokens"]
 
 

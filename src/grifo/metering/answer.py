@@ -19,7 +19,7 @@ from grifo.http.message import Headers, Response, StreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
 from grifo.metering.steps import record_whole_run, step_recorder
-from grifo.metering.usage import Usage, usage_of
+from grifo.metering.usage import Usage, usage_of, with_cost
 from grifo.store.ledger import LedgerWriter
 from grifo.store.records import Amount, LedgerEntry
 from grifo.telemetry.metrics import GatewayMetrics
@@ -63,6 +63,8 @@ class Answering:
             if ex.endpoint == AGENT_RUNS_PATH:
                 record_whole_run(payload, step_recorder(self.audit, self.metrics, ex, ex.point))
             cost = self.meter(ex, usage, "ok", "point")
+            if ex.endpoint == AGENT_RUNS_PATH:  # as a streamed run's usage event says it
+                payload = with_cost(payload, cost)
         else:
             self.leave_point(ex)
             self.release(ex)  # the point refused the request: nothing to bill
@@ -132,6 +134,8 @@ class Answering:
 
         head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
         headers = _point_headers(point, head_cost)
+        if ex.endpoint == AGENT_RUNS_PATH:  # a run's cost is known at its end only: usage event
+            headers.pop()
         _request_headers(ex, headers)
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
@@ -233,6 +237,7 @@ class Answering:
 
 
 def _point_headers(point: PointState, cost: int) -> Headers:
+    """Where it ran, and (last) what it cost."""
     return [
         (b"x-grifo-point", point.name.encode()),
         (b"x-grifo-jurisdiction", point.jurisdiction.encode()),

@@ -12,14 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-import msgspec
-
 from grifo.audit.signing import RECEIPT_COMMENT
 from grifo.dispatch.first_token import carries_output
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
 from grifo.http.client import UpstreamResponse
 from grifo.metering.steps import is_step
-from grifo.metering.usage import SseSplitter, Usage, run_usage_of, usage_of
+from grifo.metering.usage import SseSplitter, Usage, run_usage_of, usage_of, with_cost
 
 Meter = Callable[[Usage, str, str], int]  # (usage, status, source) -> cost micro-USD
 
@@ -101,7 +99,4 @@ class StreamRelay:
         self.cost = self._meter(usage, "ok", "point")
         if not self._include_usage:
             return b""  # the client did not ask for the usage chunk; we asked for it to meter
-        chunk = msgspec.json.decode(payload)
-        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
-            chunk["usage"]["cost_micros"] = self.cost
-        return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        return b"data: " + with_cost(payload, self.cost) + b"\n\n"

@@ -84,3 +84,15 @@ class SseSplitter:
     def rest(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+def with_cost(body: bytes, cost_micros: int) -> bytes:
+    """A JSON body with `cost_micros` added to its `usage` object (unchanged without one)."""
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("usage"), dict):
+        return body
+    parsed["usage"]["cost_micros"] = cost_micros
+    return msgspec.json.encode(parsed)

@@ -74,3 +74,7 @@ class Catalogue:
         servers, self._servers = self._servers, []
         for server in servers:
             await server.aclose()
+        for tool in self.tools.values():
+            close = getattr(tool, "aclose", None)  # tools holding connections
+            if close is not None:
+                await close()

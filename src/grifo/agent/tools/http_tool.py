@@ -42,6 +42,9 @@ _EXCERPT_CHARS = 200
 _TRUNCATED = "\n[truncated]"
 
 
+_IDLE_CONNECTIONS = 4
+
+
 class HttpTool:
     """A `Tool` calling the HTTP API of one `HttpToolConfig`.
 
@@ -97,6 +100,7 @@ class HttpTool:
             ) from exc
         self._validator = validator_class(config.parameters)
         self._spec = ToolSpec(config.name, config.description, config.parameters)
+        self._pools: dict[str, ConnectionPool] = {}  # by checked address
 
     @property
     def spec(self) -> ToolSpec:
@@ -143,31 +147,48 @@ class HttpTool:
             headers.append((b"content-type", b"application/json"))
         if b"accept" not in names:
             headers.append((b"accept", b"application/json, text/*;q=0.9, */*;q=0.5"))
+        await self._forget_except(addresses)
         failure = ""
         for address in addresses:  # in the resolver's order; the next one if it is not reached
-            pool = ConnectionPool(
-                self._host, self._port, max_idle=0, connect_timeout_s=config.timeout_s,
-                tls=self._tls, connect_host=address, host_header=self._host_header,
-            )  # fmt: skip
+            pool = self._pool(address)
             try:
-                try:
-                    response = await pool.request(
-                        config.method, target, headers=headers, body=body,
-                        head_timeout_s=config.timeout_s,
-                    )  # fmt: skip
-                except GrifoError as exc:
-                    cause = exc.__cause__  # the pool chains one only if it could not connect
-                    if isinstance(exc, PointUnavailableError) and isinstance(
-                        cause, OSError | TimeoutError
-                    ):
-                        if isinstance(cause, ssl.SSLError):
-                            failure = f": TLS failed ({cause.reason or 'handshake'})"
-                        continue
-                    raise ToolError(f"{config.name}: no answer from {self._host}") from exc
-                return await self._result(response)
-            finally:
-                await pool.close()
+                response = await pool.request(
+                    config.method, target, headers=headers, body=body,
+                    head_timeout_s=config.timeout_s,
+                )  # fmt: skip
+            except GrifoError as exc:
+                cause = exc.__cause__  # the pool chains one only if it could not connect
+                if isinstance(exc, PointUnavailableError) and isinstance(
+                    cause, OSError | TimeoutError
+                ):
+                    if isinstance(cause, ssl.SSLError):
+                        failure = f": TLS failed ({cause.reason or 'handshake'})"
+                    continue
+                raise ToolError(f"{config.name}: no answer from {self._host}") from exc
+            return await self._result(response)
         raise ToolError(f"cannot connect to {self._host}:{self._port}{failure}")
+
+    def _pool(self, address: str) -> ConnectionPool:
+        """Connections to one checked address, kept open between calls: a run's tool calls
+        do not pay a new TCP (and TLS) handshake each."""
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = self._pools[address] = ConnectionPool(
+                self._host, self._port, max_idle=_IDLE_CONNECTIONS,
+                connect_timeout_s=self._config.timeout_s, tls=self._tls, connect_host=address,
+                host_header=self._host_header,
+            )  # fmt: skip
+        return pool
+
+    async def _forget_except(self, addresses: list[str]) -> None:
+        """Close the connections to addresses the host no longer resolves to."""
+        for address in [a for a in self._pools if a not in addresses]:
+            await self._pools.pop(address).close()
+
+    async def aclose(self) -> None:
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.close()
 
     async def _result(self, response: UpstreamResponse) -> ToolResult:
         name, status = self._config.name, response.status
