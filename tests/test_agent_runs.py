@@ -283,3 +283,36 @@ def test_chats_opening_with_one_long_prompt_follow_its_point(fabric: Fabric) -> 
     # the same opening goes where its prefix is cached; another opening to the best point
     assert chat(plant, "pressure?") == "frankfurt-regional"
     assert chat(grid, "load?") == "lima-edge"
+
+
+def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit() -> None:
+    """A point's limit learns from time per output token; an agent run's time includes its
+    tool calls, so it must not count (a chat's does)."""
+    import asyncio
+    import time
+
+    from grifo.admission.shedding import Admission
+    from grifo.config.model import AdmissionConfig, GatewayConfig
+    from grifo.exchange import Exchange
+    from grifo.metering.answer import Answering
+    from grifo.security.keys import Principal
+    from grifo.telemetry.metrics import GatewayMetrics
+
+    def learned(endpoint: str) -> float | None:
+        point = _point("a", {})
+        point.healthy = True
+        admission = Admission(AdmissionConfig(initial_limit=8), [point])
+        answering = Answering(GatewayConfig(), None, GatewayMetrics(), None, None, None, admission)  # type: ignore[arg-type]
+
+        async def go() -> None:
+            for _ in range(30):
+                await admission.enter("t", 1, [Candidate(point, 1.0)], 1.0)
+                ex = Exchange("r", endpoint, 0, Principal("t", "k", None), "m")
+                ex.slot, ex.dispatched_ns = "a", time.monotonic_ns() - 2_000_000_000
+                answering.free_slot(ex, ok=True, completion_tokens=10)
+
+        asyncio.run(go())
+        return admission.limits["a"].recent_s
+
+    assert learned(PATH) is None  # 2 s for 10 tokens: tool time, not the point's speed
+    assert learned("/v1/chat/completions") is not None

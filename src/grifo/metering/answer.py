@@ -27,6 +27,10 @@ from grifo.telemetry.spans import metered
 from grifo.topology import PointState
 from grifo.wire.requests import AGENT_RUNS_PATH
 
+# Endpoints whose time per output token is the point's own speed (an agent run's includes
+# its tools' time, an embedding has no output tokens).
+_LEARNS_FROM = frozenset({"/v1/chat/completions", "/v1/completions"})
+
 
 class Answering:
     def __init__(
@@ -210,7 +214,7 @@ class Answering:
         slot, ex.slot = ex.slot, None
         elapsed_s = (time.monotonic_ns() - ex.dispatched_ns) / 1e9
         sample = None
-        if ok and completion_tokens is not None and not ex.endpoint.endswith("embeddings"):
+        if ok and completion_tokens is not None and ex.endpoint in _LEARNS_FROM:
             sample = elapsed_s / (completion_tokens + 1)
             self.admission.observe_time(elapsed_s)
         self.admission.leave(slot, sample_s=sample, ok=ok)
