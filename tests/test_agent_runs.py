@@ -316,3 +316,48 @@ def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit(
 
     assert learned(PATH) is None  # 2 s for 10 tokens: tool time, not the point's speed
     assert learned("/v1/chat/completions") is not None
+
+
+def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
+    """A step whose tool is named `usage` (or whose text mentions it) is still a step, and
+    only the run's last event is metered."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from grifo.metering.relay import StreamRelay
+    from grifo.metering.usage import Usage
+
+    events = [
+        {"type": "model.step", "step": 1, "output": '{"tool": "usage"}',
+         "step_usage": {"prompt_tokens": 5, "completion_tokens": 2},
+         "run_usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+        {"type": "tool.call", "step": 1, "tool": "usage", "arguments": {}},
+        {"type": "tool.result", "step": 1, "tool": "usage", "output": '"usage": 1',
+         "sources": ["usage"]},
+        {"type": "run.completed", "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+    ]  # fmt: skip
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+    class Upstream:
+        headers: dict[bytes, bytes] = {}
+
+        async def iter_body(self) -> AsyncIterator[bytes]:
+            yield body
+
+    metered: list[Usage] = []
+    steps: list[bytes] = []
+
+    def meter(usage: Usage, status: str, source: str) -> int:
+        metered.append(usage)
+        return 7
+
+    relay = StreamRelay(Upstream(), True, meter, lambda ok: None)  # type: ignore[arg-type]
+    relay.on_step = steps.append
+
+    async def drain() -> bytes:
+        return b"".join([chunk async for chunk in relay.body()])
+
+    out = asyncio.run(drain())
+    assert [json.loads(s)["type"] for s in steps] == ["model.step", "tool.result"]
+    assert metered == [Usage(5, 2)]
+    assert b'"cost_micros":7' in out

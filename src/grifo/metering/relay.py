@@ -80,12 +80,12 @@ class StreamRelay:
             return event
         if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
             return event
-        if b'"usage"' in event:
-            return self._usage_event(event)
-        if self.on_step is not None and is_step(event):
+        if self.on_step is not None and is_step(event):  # whatever text the step holds
             payload = event[5:].strip()
             self.on_step(payload)
             self.run_usage = run_usage_of(payload) or self.run_usage
+        if b'"usage"' in event:
+            return self._usage_event(event)  # passes events without a top-level usage on
         if carries_output(event):  # role-only and finish chunks are not tokens
             self.events += 1
         return event
