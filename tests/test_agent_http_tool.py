@@ -18,10 +18,10 @@ import pytest
 import uvloop
 
 from grifo.agent.tools.base import EgressRefusedError, ToolArgumentsError, ToolError
-from grifo.agent.tools.egress import egress_refusal, resolve_allowed
 from grifo.agent.tools.http_tool import HttpTool
 from grifo.config.model import HttpToolConfig
 from grifo.security.certs import init_ca, issue
+from grifo.security.egress import egress_refusal, resolve_allowed
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 SECRET = "sk-live-7f3a9c2e1b"

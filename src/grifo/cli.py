@@ -19,6 +19,7 @@ from grifo.config.load import ConfigError, default_config, load_config
 from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
 from grifo.errors import StoreUnavailableError
 from grifo.planner import cli as plan_cli
+from grifo.registry import cli as registry_cli
 from grifo.security.certs import add_parser as add_certs_parser
 from grifo.security.certs import run as run_certs
 from grifo.security.keys_cli import add_parser as add_keys_parser
@@ -109,6 +110,19 @@ def _parser() -> argparse.ArgumentParser:
         help="Ed25519 key the point signs receipts with (created once; default "
         "$GRIFO_STATE_DIR/points/<name>.pem, .grifo when unset)",
     )
+    point.add_argument(
+        "--register",
+        action="append",
+        metavar="GATEWAY_URL",
+        help="join this gateway (repeat for several): register, heartbeat, deregister on drain",
+    )
+    point.add_argument(
+        "--join-token-env",
+        default="GRIFO_JOIN_TOKEN",
+        help="the variable holding the join token (default GRIFO_JOIN_TOKEN)",
+    )
+    point.add_argument("--advertise-url", help="where gateways reach this point (default: --host)")
+    point.add_argument("--register-ca-file", help="CA to verify https:// gateways with")
     point.add_argument("--point-json", help=argparse.SUPPRESS)
     point.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
@@ -150,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     index_cli.add_parser(sub)
     fabric_cli.add_parsers(sub)
     plan_cli.add_parser(sub)
+    registry_cli.add_parser(sub)
 
     policy = sub.add_parser(
         "policy",
@@ -179,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "points": fabric_cli.run_points,
         "tenants": fabric_cli.run_tenants,
         "plan": plan_cli.run,
+        "join-token": registry_cli.run,
         "policy": _policy,
         "check-config": _check_config,
     }
@@ -284,8 +300,13 @@ def _point(args: argparse.Namespace) -> int:
     point = _point_config(args)
     state_dir = Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
     key_file = args.key_file or state_dir / "points" / f"{point.name}.pem"
+    join = None
+    if args.register:
+        from grifo.point.join import settings_from_args
+
+        join = settings_from_args(args)
     try:
-        _run(serve_point(point, args.host, args.port, args.parent_pid, key_file))
+        _run(serve_point(point, args.host, args.port, args.parent_pid, key_file, join))
     except KeyboardInterrupt:
         pass
     return 0

@@ -26,12 +26,14 @@ from grifo.api.dashboard import dashboard_state
 from grifo.audit.log import AuditLog
 from grifo.audit.setup import open_audit_log
 from grifo.config.model import GrifoConfig
-from grifo.dispatch.forward import PointPools
 from grifo.dispatch.health import HealthPoller
 from grifo.dispatch.outliers import eject_slow_points
+from grifo.dispatch.pools import PointPools
 from grifo.http.message import Request, Response
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.jurisdictions import merge_blocs
+from grifo.registry.api import RegistryApi
+from grifo.registry.roster import Roster, build_roster
 from grifo.security.keys import KeyRing
 from grifo.security.provision import KEY_REFRESH_S, build_keyring, refresh_keys
 from grifo.security.tls import client_context, server_context
@@ -64,6 +66,7 @@ class Running:
     demo_keys: dict[str, str] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     internal: HttpServer | None = None  # workers only: serves this process's own /metrics
+    roster: Roster | None = None  # points that joined, when `gateway.registry` is configured
 
     async def stop(self, grace_s: float = 10.0) -> None:
         for task in self.tasks:
@@ -74,6 +77,8 @@ class Running:
             self.gateway.peers.unregister()
             await self.internal.close(0.5)
         await self.poller.stop()
+        if self.roster is not None:
+            await self.roster.close()
         await stop_points(self.local_points)
         await self.gateway.pools.close()
         if self.gateway.budgets is not None:
@@ -123,7 +128,7 @@ async def start(
     urls = dict(point_urls or {}) | {lp.config.name: lp.url for lp in local}
     points: list[PointState] = [build_point_state(p, p.url or urls[p.name]) for p in config.points]
     tls_to_points = None
-    if any(p.tls for p in points):
+    if any(p.tls for p in points) or config.gateway.registry is not None:
         tls_to_points = client_context(config.gateway.point_tls)
     pools = PointPools(points, tls=tls_to_points)
     gateway = Gateway(
@@ -145,26 +150,33 @@ async def start(
 
     def after_round() -> None:
         if judge is not None:
-            eject_slow_points(points, judge.limits, config.gateway.ejection)
+            eject_slow_points(gateway.points, judge.limits, config.gateway.ejection)
 
-    poller = HealthPoller(pools, points, config.gateway.health_interval_s, after_round)
+    # gateway.points, not points: registered points join and leave that list (registry/)
+    poller = HealthPoller(pools, gateway.points, config.gateway.health_interval_s, after_round)
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    roster = None
+    if config.gateway.registry is not None:
+        roster = build_roster(gateway, pools, db, config)
+        tasks.append(loop.create_task(roster.run()))
     await _wait_ready(poller, gateway, local, ready_timeout_s)
     poller.start()
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S))]
+    tasks.append(loop.create_task(refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S)))
     if audit is not None:
         settings = config.gateway.audit
         tasks.append(
             loop.create_task(checkpoints(audit, settings.checkpoint_s, db, settings.retention_days))
         )
+    registry = None if roster is None else RegistryApi(roster)
     server = HttpServer(
-        GatewayApp(gateway, admin_api(config, keys, db, gateway)).handle,
+        GatewayApp(gateway, admin_api(config, keys, db, gateway), registry).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     listen_tls = None if config.gateway.tls is None else server_context(config.gateway.tls)
     bound = await server.start(host, port, reuse_port=reuse_port, tls=listen_tls)
     internal = await _own_metrics(gateway, state_dir) if reuse_port else None
-    return Running(gateway, server, poller, db, bound, local, demo, tasks, internal)
+    return Running(gateway, server, poller, db, bound, local, demo, tasks, internal, roster)
 
 
 async def _own_metrics(gateway: Gateway, state_dir: Path) -> HttpServer:

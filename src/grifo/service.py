@@ -344,7 +344,7 @@ class Gateway:
 
     # -- models -----------------------------------------------------------------------------------
     def ready(self) -> bool:
-        return all(p.healthy for p in self.points)
+        return all(p.healthy for p in self.points if p.source == "static")  # not registered ones
 
 
 def _places(body: wire.InferenceRequest, candidates: list[Candidate]) -> set[str]:

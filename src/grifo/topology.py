@@ -64,6 +64,8 @@ class PointState:
     public_key: str | None = None  # the key the point signs receipts with (from /health)
     tools: dict[str, str] | None = None  # agent-run tools: their jurisdiction (None: no runs)
     tls: bool = False  # reached at https://
+    source: str = "static"  # or "registered": it joined through the registry (registry/)
+    heartbeat_ms: int | None = None  # a registered point's last heartbeat (the store's clock)
     answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
     first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams
 

@@ -125,8 +125,8 @@ class Admission:
         `max_wait_ms`) when all are at their limit; raises OverloadedError when shed."""
         if not self.waiting:
             for i, candidate in enumerate(candidates):
-                limit = self.limits[candidate.point.name]
-                if limit.free():
+                limit = self.limits.get(candidate.point.name)  # None: it left the fabric
+                if limit is not None and limit.free():
                     limit.in_flight += 1
                     return _first(candidates, i)
         waiter = _Waiter(
@@ -209,9 +209,24 @@ class Admission:
 
     def _free_point(self, names: tuple[str, ...]) -> PointState | None:
         for name in names:
-            if self.limits[name].free() and self._points[name].healthy:
+            limit = self.limits.get(name)  # None: it left the fabric
+            if limit is not None and limit.free() and self._points[name].healthy:
                 return self._points[name]
         return None
+
+    def add_point(self, point: PointState) -> None:
+        """A point joined (registry/roster.py); one that was here before keeps its limit."""
+        self._points[point.name] = point
+        self.limits.setdefault(point.name, GradientLimit(self.config))
+
+    def forget(self, name: str) -> bool:
+        """Drop a point that left, once no request holds a slot there (False: not yet)."""
+        limit = self.limits.get(name)
+        if limit is not None and limit.in_flight > 0:
+            return False
+        self.limits.pop(name, None)
+        self._points.pop(name, None)
+        return True
 
     def _remove(self, waiter: _Waiter) -> None:
         tenants = self._queues[waiter.priority]

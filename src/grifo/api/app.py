@@ -18,6 +18,8 @@ from grifo.api.dashboard import asset, is_asset
 from grifo.api.models import list_models
 from grifo.errors import GrifoError, MethodNotAllowedError, NotFoundError
 from grifo.http.message import Request, Response, StreamResponse
+from grifo.registry.api import PREFIX as REGISTRY_PREFIX
+from grifo.registry.api import RegistryApi
 from grifo.service import Gateway
 from grifo.telemetry.logs import REQUEST_ID
 from grifo.telemetry.peers import merge
@@ -42,9 +44,12 @@ OPENAPI = resources.files("grifo.api").joinpath("openapi.json").read_bytes()  # 
 
 
 class GatewayApp:
-    def __init__(self, gateway: Gateway, admin: AdminApi | None = None) -> None:
+    def __init__(
+        self, gateway: Gateway, admin: AdminApi | None = None, registry: RegistryApi | None = None
+    ) -> None:
         self.gateway = gateway
         self.admin = admin
+        self.registry = registry  # points joining and leaving, when configured
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         request_id = new_request_id()
@@ -86,6 +91,10 @@ class GatewayApp:
             return asset(path)
         if (path in ADMIN_ROUTES or path.startswith("/admin/keys/")) and self.admin is not None:
             return await self.admin.handle(request)  # it checks the method of each route
+        if self.registry is not None and (
+            path == REGISTRY_PREFIX or path.startswith(REGISTRY_PREFIX + "/")
+        ):
+            return await self.registry.handle(request)  # join tokens, not API keys
         raise NotFoundError(f"no route {request.method} {path}")
 
     def _get(self, request: Request) -> Response:

@@ -55,11 +55,14 @@ def run_points(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
-    print(f"{'point':<22}{'where':<8}{'tier':<10}{'state':<9}{'in flight':>10}{'limit':>7}  reason")
+    print(
+        f"{'point':<22}{'where':<8}{'tier':<10}{'source':<12}{'state':<9}{'in flight':>10}"
+        f"{'limit':>7}  reason"
+    )
     for p in body["data"]:
         print(
-            f"{p['name']:<22}{p['jurisdiction']:<8}{p['tier']:<10}{p['state']:<9}"
-            f"{p['in_flight']:>10}{p['concurrency_limit'] or '-':>7}  {p['reason']}"
+            f"{p['name']:<22}{p['jurisdiction']:<8}{p['tier']:<10}{p.get('source', ''):<12}"
+            f"{p['state']:<9}{p['in_flight']:>10}{p['concurrency_limit'] or '-':>7}  {p['reason']}"
         )
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from decimal import Decimal
@@ -62,7 +63,7 @@ def check(config: GrifoConfig) -> list[str]:
     problems += _duplicates("tenants", [t.name for t in config.tenants])
     problems += _duplicates("keys", [k.id for k in config.keys])
     for i, point in enumerate(config.points):
-        problems += _check_point(f"$.points[{i}]", point)
+        problems += point_problems(f"$.points[{i}]", point)
     tenants = {t.name for t in config.tenants}
     owners = [(f"$.tenants[{i}]", t.budget) for i, t in enumerate(config.tenants)]
     owners += [(f"$.keys[{i}]", k.budget) for i, k in enumerate(config.keys)]
@@ -86,9 +87,35 @@ def check(config: GrifoConfig) -> list[str]:
             problems.append(f"{where}: give exactly one of `sha256` or `env`")
         elif key.env is not None and not os.environ.get(key.env):
             problems.append(f"{where}.env: environment variable {key.env} is not set")
-    if not config.points:
-        problems.append("$.points: at least one point is required")
+    if not config.points and config.gateway.registry is None:
+        problems.append("$.points: at least one point is required (or a `gateway.registry`)")
     problems += _check_store(config)
+    problems += _check_registry(config, blocs)
+    return problems
+
+
+def _check_registry(config: GrifoConfig, blocs: Mapping[str, frozenset[str]]) -> list[str]:
+    registry = config.gateway.registry
+    if registry is None:
+        return []
+    where = "$.gateway.registry"
+    problems = _duplicates("gateway.registry.tokens", [t.id for t in registry.tokens])
+    if registry.expire_after_s <= registry.heartbeat_s:
+        problems.append(f"{where}.expire_after_s: must be longer than heartbeat_s")
+    for i, token in enumerate(registry.tokens):
+        at = f"{where}.tokens[{i}]"
+        if (token.sha256 is None) == (token.env is None):
+            problems.append(f"{at}: give exactly one of `sha256` or `env`")
+        elif token.env is not None and not os.environ.get(token.env):
+            problems.append(f"{at}.env: environment variable {token.env} is not set")
+        try:
+            expand(token.jurisdictions, blocs)
+        except UnknownJurisdictionError as exc:
+            problems.append(f"{at}.jurisdictions: {exc}")
+        try:
+            re.compile(token.name_pattern)
+        except re.error as exc:
+            problems.append(f"{at}.name_pattern: not a regular expression ({exc})")
     return problems
 
 
@@ -150,7 +177,8 @@ def _duplicates(section: str, names: list[str]) -> list[str]:
     ]
 
 
-def _check_point(where: str, point: PointConfig) -> list[str]:
+def point_problems(where: str, point: PointConfig) -> list[str]:
+    """What is wrong with a point (from the config, or a registration), each naming its field."""
     problems: list[str] = []
     if point.jurisdiction not in COUNTRIES:
         problems.append(

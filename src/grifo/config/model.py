@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from grifo.config.registry import RegistryConfig
+
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Usd = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
 Tier = Literal["edge", "regional", "central"]
@@ -94,11 +96,11 @@ class HttpToolConfig(Base, kw_only=True, frozen=True):
     )
     """JSON Schema of the arguments object."""
     headers: dict[str, str] = {}
-    private: bool = False
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     jurisdiction: str | None = None
     """Where the API processes what it is sent (default: the point's own jurisdiction). A run
     may call it only if this is in the run's allowed set."""
+    private: bool = False
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
 
 
@@ -112,10 +114,10 @@ class McpServerConfig(Base, kw_only=True, frozen=True):
     url: str | None = None
     tools: list[str] | None = None
     """Only these of the server's tools (None: all it lists)."""
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
-    max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
     jurisdiction: str | None = None
     """Where the server processes what it is sent (default: the point's own jurisdiction)."""
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 30.0
+    max_result_chars: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 4000
 
 
 class ToolsConfig(Base, kw_only=True, frozen=True):
@@ -237,10 +239,10 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     prefix_affinity_chars: Annotated[int, msgspec.Meta(ge=0)] = 1024
     """Requests without a session whose text (messages in order, or the prompt) opens with the
     same this many characters are a session keyed by that opening (0: off)."""
+
+
 class EjectionConfig(Base, kw_only=True, frozen=True):
     """Passive outlier detection (Envoy's defaults): after `consecutive_failures` failed answers
-
-
     in a row a point is taken out for base_s × times ejected, at most max_s."""
 
     consecutive_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
@@ -379,6 +381,8 @@ class GatewayConfig(Base, kw_only=True, frozen=True):
     point_tls: PointTlsConfig | None = None
     store: StoreConfig = StoreConfig()
     audit: AuditConfig = AuditConfig()
+    registry: RegistryConfig | None = None
+    """Points that register themselves with join tokens (see README, Points join and leave)."""
 
 
 class GrifoConfig(Base, kw_only=True, frozen=True):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,41 +26,18 @@ from grifo.errors import (
     PointTimeoutError,
     PointUnavailableError,
 )
-from grifo.http.client import ConnectionPool, UpstreamResponse
+from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers
 from grifo.placement.scoring import Candidate
 from grifo.telemetry.tracing import Tracing
 from grifo.topology import PointState
 
 from .first_token import await_first_token
+from .pools import PointPools as PointPools  # where it was, for its importers
 
 log = logging.getLogger("grifo.dispatch")
 
 _FINAL, _BUDGETED, _FREE = 0, 1, 2  # may the request move on after this attempt, and how
-
-
-class PointPools:
-    """One keep-alive connection pool per point."""
-
-    def __init__(
-        self,
-        points: Sequence[PointState],
-        connect_timeout_s: float = 2.0,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self._pools = {
-            p.name: ConnectionPool(
-                p.host, p.port, connect_timeout_s=connect_timeout_s, tls=tls if p.tls else None
-            )
-            for p in points
-        }
-
-    def __getitem__(self, name: str) -> ConnectionPool:
-        return self._pools[name]
-
-    async def close(self) -> None:
-        for pool in self._pools.values():
-            await pool.close()
 
 
 class RetryBudget:

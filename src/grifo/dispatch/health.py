@@ -13,7 +13,7 @@ import msgspec
 from grifo.errors import GrifoError
 from grifo.topology import ModelCard, PointState
 
-from .forward import PointPools
+from .pools import PointPools
 
 log = logging.getLogger("grifo.health")
 
@@ -36,8 +36,8 @@ class _Load(msgspec.Struct):
 
 async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2.0) -> None:
     """Refresh one point's state; any failure marks it down with the reason."""
-    pool = pools[point.name]
     try:
+        pool = pools[point.name]  # a point that left since the round began: down, harmlessly
         health = await pool.request("GET", "/health", head_timeout_s=timeout_s)
         body = await asyncio.wait_for(health.read(), timeout_s)
         if health.status != 200:

@@ -57,6 +57,11 @@ class PlacementIndex:
         self._epoch = -1
         self._lists: dict[str, dict[str, list[_Entry]]] = {}
 
+    def set_points(self, points: Sequence[PointState]) -> None:
+        """Points joined or left (registry/roster.py): rank these from now on."""
+        self._points = list(points)
+        self._epoch = -1
+
     def _index(self) -> dict[str, dict[str, list[_Entry]]]:
         epoch = models_epoch()
         if epoch != self._epoch:

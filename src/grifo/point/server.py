@@ -20,6 +20,7 @@ from grifo.http.client import ConnectionPool
 from grifo.http.server import HttpServer
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.engines.base import Embedder, Generator
+from grifo.point.join import JoinSettings, Membership
 from grifo.point.runner import BatchGenerator, EngineRunner
 from grifo.security.tls import server_context
 from grifo.telemetry.tracing import for_point
@@ -97,6 +98,7 @@ async def serve_point(
     port: int,
     parent_pid: int | None,
     key_file: Path | None = None,
+    join: JoinSettings | None = None,
 ) -> None:
     stop = asyncio.Event()  # handlers first: a SIGTERM right after start-up must stop us cleanly
     loop = asyncio.get_running_loop()
@@ -114,9 +116,17 @@ async def serve_point(
     )
     sys.stdout.flush()
     watch = loop.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+    membership = None
+    if join is not None:  # register with the gateways now that we listen
+        scheme = "https" if point.tls is not None else "http"
+        url = join.advertise_url or f"{scheme}://{host}:{bound}"
+        membership = Membership(join, point, url, app)
+        membership.start()
     await stop.wait()
     if watch is not None:
         watch.cancel()
+    if membership is not None:
+        await membership.leave()  # deregister; serve on until the gateways have seen it
     await server.close(grace_s=10.0)
     for close in app.closers:
         await close()

@@ -24,6 +24,7 @@ from psycopg import sql
 from grifo.errors import StoreUnavailableError
 from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
 from grifo.store.records import TOTAL_COLUMNS, Amount, LedgerEntry, StoredKey, StoredOutcome
+from grifo.store.registry_sql import POSTGRES_NOW, REGISTRY_SCHEMA, RegistryTables
 
 log = logging.getLogger("grifo.postgres")
 T = TypeVar("T")
@@ -76,6 +77,7 @@ ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
 """,
     AUDIT_SCHEMA,
     KEYS_EXPIRY_SCHEMA,
+    REGISTRY_SCHEMA,
 )
 
 _INSERT_LEDGER = (
@@ -147,6 +149,13 @@ class PostgresDB:
 
     def open_audit(self) -> AuditTables:
         return AuditTables(connect(self.url, self.schema), "%s")
+
+    def open_registry(self) -> RegistryTables:
+        """The registry of points that joined, on a connection of its own (made again after
+        the database was away)."""
+        return RegistryTables(
+            lambda: connect(self.url, self.schema), "%s", POSTGRES_NOW, (psycopg.Error,)
+        )
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         """`work` on the connection, reconnecting once it is lost; fails fast while down."""

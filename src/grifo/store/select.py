@@ -11,6 +11,7 @@ from grifo.config.model import StoreConfig
 from grifo.store.audit_sql import AuditTables
 from grifo.store.ledger import LedgerSink
 from grifo.store.records import Amount, LedgerEntry, StoredKey, StoredOutcome
+from grifo.store.registry_sql import RegistryTables
 
 
 class StateStore(Protocol):
@@ -19,6 +20,8 @@ class StateStore(Protocol):
     def open_ledger(self) -> LedgerSink: ...
 
     def open_audit(self) -> AuditTables: ...
+
+    def open_registry(self) -> RegistryTables: ...
 
     def add_key(self, key: StoredKey) -> None: ...
 

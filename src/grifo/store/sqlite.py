@@ -13,6 +13,7 @@ from pathlib import Path
 
 from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
 from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredKey, StoredOutcome
+from grifo.store.registry_sql import REGISTRY_SCHEMA, SQLITE_NOW, RegistryTables
 from grifo.store.sqlite_budgets import BudgetTables
 
 # Each step runs once per database, in order, inside one transaction; PRAGMA user_version says
@@ -72,6 +73,7 @@ ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
 """,
     AUDIT_SCHEMA,
     KEYS_EXPIRY_SCHEMA,
+    REGISTRY_SCHEMA,
 )
 
 
@@ -139,6 +141,10 @@ class StateDB(BudgetTables):
     def open_audit(self) -> AuditTables:
         """A connection of its own to the audit log's tables."""
         return AuditTables(connect(self.path), "?")
+
+    def open_registry(self) -> RegistryTables:
+        """The registry of points that joined, on a connection of its own."""
+        return RegistryTables(lambda: connect(self.path), "?", SQLITE_NOW, (sqlite3.Error,))
 
     # -- keys -------------------------------------------------------------------------------------
     def add_key(self, key: StoredKey) -> None:

@@ -39,6 +39,8 @@ def point_states(gateway: Gateway) -> list[dict[str, Any]]:
                 "answer_p95_ms": _p95_ms(point.answer_s),
                 "first_token_p95_ms": _p95_ms(point.first_token_s),
                 "models": sorted(point.models),
+                "source": point.source,  # static (configured) or registered (joined)
+                "last_heartbeat_ms": point.heartbeat_ms,  # registered points only
             }
         )
     return rows

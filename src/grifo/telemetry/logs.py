@@ -2,7 +2,8 @@
 
 Both carry the id of the request being handled (set by the API for the length of a request) and
 never a stack trace: an exception is logged as its type and message, and key material is masked
-(`grf-1a2b3c4d-…`: the key id part stays for support), whatever a message holds.
+(`grf-1a2b3c4d-…`: the key id part stays for support; join tokens `gjt-…` alike), whatever a
+message holds.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 import msgspec
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("grifo_request_id", default="")
-_KEY = re.compile(r"\b(grf-[0-9a-f]{8}-)[A-Za-z0-9_\-]+")
-_BEARER = re.compile(r"(?i)\b(bearer\s+)(?!grf-)\S+")
+_KEY = re.compile(r"\b((?:grf|gjt)-[0-9a-f]{8}-)[A-Za-z0-9_\-]+")  # API keys, join tokens
+_BEARER = re.compile(r"(?i)\b(bearer\s+)(?!grf-|gjt-)\S+")
 
 
 def mask(text: str) -> str:

@@ -34,6 +34,7 @@ GAUGES: dict[str, Combine] = {
     "grifo_point_ejected": max,
     "grifo_budget_micros": max,
     "grifo_budget_exhaustion_timestamp_seconds": max,
+    "grifo_point_heartbeat_age_seconds": max,
 }  # any other gauge is summed (in flight, waiting, learned limits, spool backlog)
 
 

@@ -26,10 +26,10 @@ import jsonschema  # type: ignore[import-untyped,unused-ignore]
 from jsonschema.exceptions import best_match  # type: ignore[import-untyped,unused-ignore]
 
 from grifo.agent.tools.base import JsonObject, ToolArgumentsError, ToolError, ToolResult, ToolSpec
-from grifo.agent.tools.egress import resolve_allowed
 from grifo.config.model import HttpToolConfig
 from grifo.errors import GrifoError, PointUnavailableError
 from grifo.http.client import ConnectionPool, UpstreamResponse
+from grifo.security.egress import resolve_allowed
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FORBIDDEN_HEADERS = frozenset(

@@ -1,4 +1,5 @@
-"""Which addresses an agent's HTTP tool may connect to (the SSRF rules).
+"""Which addresses grifo may connect to on someone's word (the SSRF rules): an agent's HTTP
+tool, a point registering its URL.
 
 A tool reaches only its configured host; this module decides whether the addresses that host
 resolves to are acceptable. Non-public addresses (loopback, RFC 1918, ULA, link-local, CGNAT,
