@@ -361,3 +361,31 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
     assert [json.loads(s)["type"] for s in steps] == ["model.step", "tool.result"]
     assert metered == [Usage(5, 2)]
     assert b'"cost_micros":7' in out
+
+
+def test_a_slow_first_step_is_not_a_silent_point_and_runs_are_never_hedged(
+    tmp_path: Any,
+) -> None:
+    """`try_timeout_s` and hedging judge a point by its time to first token; an agent run's
+    first event comes after a whole model step, and its tools have effects: neither applies."""
+    from tests.support.fabric import topology_yaml
+
+    engine = "{kind: fake, embeddings: none, token_delay_ms: 40}"
+    yaml = topology_yaml(engine).replace(
+        "gateway: {demo_keys: true, health_interval_s: 0.2}",
+        "gateway: {demo_keys: true, health_interval_s: 0.2,"
+        " dispatch: {try_timeout_s: 0.2, hedge_tiers: [any, edge], hedge_initial_delay_ms: 1}}",
+    )
+    fab = Fabric.from_yaml(yaml, tmp_path)
+    try:
+        before = fab.completed("lima-edge"), fab.completed("frankfurt-regional")
+        body = {"model": CHAT, "input": "one two three four five six seven eight nine ten",
+                "tool_choice": "none"}  # fmt: skip
+        response = post(fab, "demo-global", body)  # a step of ~20 tokens: ~0.8 s
+        assert response.status_code == 200, response.text
+        assert "x-grifo-tried" not in response.headers  # no attempt was given up on
+        assert events_of(response)[-1]["status"] == "completed"
+        after = fab.completed("lima-edge"), fab.completed("frankfurt-regional")
+        assert sum(after) - sum(before) == 1  # it ran once, on one point
+    finally:
+        fab.close()

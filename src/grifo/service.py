@@ -294,8 +294,9 @@ class Gateway:
             headers.append((TOOL_GUARD_HEADER, guard.header()))
         ex.dispatched_ns = time.monotonic_ns()
         ours = ex.timeout_s < self.config.request_timeout_s  # the client's deadline, not the point
-        hedge = ex.tier in self.config.dispatch.hedge_tiers
-        plan = Plan(stream, ex.deadline, blame_timeouts=not ours, hedge=hedge)
+        run = isinstance(body, wire.AgentRunRequest)  # tools have effects: never run it twice
+        hedge = ex.tier in self.config.dispatch.hedge_tiers and not run
+        plan = Plan(stream, ex.deadline, blame_timeouts=not ours, hedge=hedge, measured=not run)
         if ex.span is not None:
             plan.span = self._child(ex.span, "dispatch", {"grifo.hedged": hedge})
         try:

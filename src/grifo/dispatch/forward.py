@@ -66,6 +66,9 @@ class Plan:
     blame_timeouts: bool = True  # False when the deadline is the client's, not the point's fault
     hedge: bool = False
     span: Any = None  # the dispatch span, when tracing is on: each attempt is its child
+    measured: bool = True
+    """False when the time to commit is not the point's alone (an agent run's first step
+    includes the model's whole step): no `try_timeout_s`, and no latency sample for hedging."""
 
 
 @dataclass(slots=True)
@@ -236,25 +239,29 @@ class Dispatcher:
             point.failed(time.monotonic(), self.ejection)
             _failed(attempt, exc, "broken", _BUDGETED)
         else:
-            response = attempt.response
-            assert response is not None
-            if response.status >= 500:
-                point.failed(time.monotonic(), self.ejection)
-                attempt.outcome, attempt.move_on = str(response.status), _BUDGETED
-            else:
-                window = point.first_token_s if attempt.payload is None else point.answer_s
-                window.add(time.monotonic() - attempt.started)
+            self._judge(attempt, plan)
         if span is not None:
             span.set_attribute("grifo.outcome", attempt.outcome)
             span.end()
         return attempt
+
+    def _judge(self, attempt: _Try, plan: Plan) -> None:
+        """An answer came: a 5xx counts against the point; a good one's time is a sample."""
+        point, response = attempt.point, attempt.response
+        assert response is not None
+        if response.status >= 500:
+            point.failed(time.monotonic(), self.ejection)
+            attempt.outcome, attempt.move_on = str(response.status), _BUDGETED
+        elif plan.measured:
+            window = point.first_token_s if attempt.payload is None else point.answer_s
+            window.add(time.monotonic() - attempt.started)
 
     async def _commit(self, attempt: _Try, request: tuple[str, bytes, Headers], plan: Plan) -> None:
         """Send, and read until the answer may be committed to the client."""
         path, body, headers = request
         point = attempt.point
         until = plan.deadline
-        if self.config.try_timeout_s is not None:
+        if self.config.try_timeout_s is not None and plan.measured:
             until = min(until, attempt.started + self.config.try_timeout_s)
         response = await self.pools[point.name].request(
             "POST", path, headers=headers, body=body, head_timeout_s=until - time.monotonic()
