@@ -53,7 +53,8 @@ points:
     jurisdiction: PE
     tier: edge
     engine: {{kind: llama_cpp, model: smollm2, threads: 1, parallel: 2, embeddings: none}}
-    prices: {{usd_per_hour: 0.04, default: {{input_usd_per_1m: 20, output_usd_per_1m: 40}}}}
+    prices: {{usd_per_hour: 0.04, default: {{input_usd_per_1m: 20, output_usd_per_1m: 40,
+                                           cached_input_usd_per_1m: 0}}}}
     tools:
       http:
         - name: get_weather
@@ -112,9 +113,22 @@ def test_the_model_calls_the_real_tool_then_answers_and_the_run_is_metered(
     assert entry.cost_micros == final["usage"]["cost_micros"] > 0
 
 
-def test_runs_are_deterministic_at_temperature_zero(fabric: Fabric) -> None:
-    outputs = [[e.get("output") for e in _run(fabric)[1][1:]] for _ in range(2)]
+def test_runs_are_deterministic_and_reuse_the_engines_prefix_cache(fabric: Fabric) -> None:
+    runs = [_run(fabric) for _ in range(2)]
+    outputs = [[e.get("output") for e in events[1:]] for _, events in runs]
     assert outputs[0] == outputs[1]
+    # Step 2 extends step 1's conversation, and run 2 opens like run 1: both reuse the
+    # engine's cache, and cached tokens are billed at the point's cached price (free here).
+    response, events = runs[1]
+    steps = [e for e in events if e["type"] == "model.step"]
+    assert all(s["step_usage"]["prompt_tokens_details"]["cached_tokens"] > 0 for s in steps)
+    usage = events[-1]["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert cached == sum(s["step_usage"]["prompt_tokens_details"]["cached_tokens"] for s in steps)
+    entry = fabric.ledger(response.headers["x-request-id"])[response.headers["x-request-id"]]
+    token_part = (usage["prompt_tokens"] - cached) * 20 + usage["completion_tokens"] * 40
+    assert entry.cost_micros >= token_part
+    assert entry.cost_micros < token_part + cached * 20  # cached tokens were not billed in full
 
 
 def test_a_token_budget_ends_the_run_cleanly_and_is_never_exceeded(fabric: Fabric) -> None:

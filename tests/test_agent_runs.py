@@ -389,3 +389,15 @@ def test_a_slow_first_step_is_not_a_silent_point_and_runs_are_never_hedged(
         assert sum(after) - sum(before) == 1  # it ran once, on one point
     finally:
         fab.close()
+
+
+def test_usage_reads_cached_prompt_tokens() -> None:
+    from grifo.metering.usage import Usage, run_usage_of, usage_of
+
+    body = b'{"usage": {"prompt_tokens": 90, "completion_tokens": 5,'
+    body += b' "prompt_tokens_details": {"cached_tokens": 64}}}'
+    assert usage_of(body) == Usage(90, 5, 64)
+    assert usage_of(b'{"usage": {"prompt_tokens": 9, "completion_tokens": 1}}') == Usage(9, 1)
+    step = b'{"run_usage": {"prompt_tokens": 9, "completion_tokens": 1,'
+    step += b' "prompt_tokens_details": {"cached_tokens": 3}}}'
+    assert run_usage_of(step) == Usage(9, 1, 3)

@@ -451,6 +451,22 @@ def test_one_million_tokens_cost_the_per_million_price() -> None:
     assert token_cost_micros(Price(20_000, 40_000), 1_000_000, 1_000_000) == 60_000
 
 
+def test_cached_prompt_tokens_cost_their_own_price() -> None:
+    """Worked example: 1M prompt tokens of which 600k came from the engine's prefix cache,
+    at 20,000 micro-USD per 1M fresh and 5,000 per 1M cached, plus 100k completion tokens at
+    40,000: 400k x 0.02 + 600k x 0.005 + 100k x 0.04 = 8,000 + 3,000 + 4,000 micro-USD."""
+    price = Price(20_000, 40_000, 5_000)
+    assert token_cost_micros(price, 1_000_000, 100_000, 600_000) == 15_000
+    assert token_cost_micros(price, 1_000_000, 100_000, 0) == 24_000
+    assert token_cost_micros(Price(20_000, 40_000), 1_000_000, 100_000, 600_000) == 24_000
+    assert token_cost_micros(price, 10, 0, 50) == 1  # never more cached than the prompt
+    config = PointConfig(
+        name="p", site="s", region="r", jurisdiction="PE", tier="edge",
+        prices=Prices(default=ModelPrice(input_usd_per_1m=0.02, cached_input_usd_per_1m=0.005)),
+    )  # fmt: skip
+    assert build_point_state(config, "http://127.0.0.1:1").default_price == Price(20_000, 0, 5_000)
+
+
 def test_token_cost_rounds_up_to_a_whole_micro() -> None:
     assert token_cost_micros(Price(20_000, 0), 1, 0) == 1
     assert token_cost_micros(Price(20_000, 0), 50, 0) == 1  # exactly 1.0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from grifo.config.load import parse_point_url, usd_to_micros
-from grifo.config.model import EjectionConfig, PointConfig
+from grifo.config.model import EjectionConfig, ModelPrice, PointConfig
 from grifo.dispatch.latency import LatencyWindow
 from grifo.metering.sharing import BusyClock
 
@@ -30,6 +30,7 @@ class Price:
 
     input_micros_per_1m: int
     output_micros_per_1m: int
+    cached_input_micros_per_1m: int | None = None  # None: the input price
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +122,12 @@ def build_point_state(config: PointConfig, url: str) -> PointState:
         raise ValueError(f"point {config.name}: bad url {url!r}")
     host, port = parsed
 
-    def price(p: object) -> Price:
+    def price(p: ModelPrice) -> Price:
+        cached = p.cached_input_usd_per_1m
         return Price(
-            usd_to_micros(getattr(p, "input_usd_per_1m")),  # noqa: B009
-            usd_to_micros(getattr(p, "output_usd_per_1m")),  # noqa: B009
+            usd_to_micros(p.input_usd_per_1m),
+            usd_to_micros(p.output_usd_per_1m),
+            None if cached is None else usd_to_micros(cached),
         )
 
     return PointState(

@@ -27,6 +27,7 @@ from grifo.agent.steps import (
 from grifo.agent.tools.base import Tool, ToolError, ToolSpec
 from grifo.guardrails import injection
 from grifo.point.engines.base import Generation, SamplingParams
+from grifo.wire import responses
 from grifo.wire.requests import AgentRunRequest
 
 Event = dict[str, Any]
@@ -67,14 +68,11 @@ class ToolGuard:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache
 
-    def as_dict(self) -> dict[str, int]:
-        total = self.prompt_tokens + self.completion_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": total,
-        }
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's usage object."""
+        return responses.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 class AgentRun:
@@ -178,15 +176,15 @@ class AgentRun:
         self.steps += 1
         self.usage.prompt_tokens += generation.prompt_tokens
         self.usage.completion_tokens += generation.completion_tokens
+        self.usage.cached_tokens += generation.cached_tokens
         event = {
             "type": "model.step",
             "step": self.steps,
             "output": text,
             "finish_reason": generation.finish_reason,
-            "step_usage": {
-                **Usage(generation.prompt_tokens, generation.completion_tokens).as_dict(),
-                "cached_tokens": generation.cached_tokens,
-            },
+            "step_usage": Usage(
+                generation.prompt_tokens, generation.completion_tokens, generation.cached_tokens
+            ).as_dict(),
             "run_usage": self.usage.as_dict(),
         }
         return text, generation, event

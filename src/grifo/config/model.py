@@ -20,6 +20,8 @@ class Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True
 class ModelPrice(Base, kw_only=True, frozen=True):
     input_usd_per_1m: Usd = 0.0
     output_usd_per_1m: Usd = 0.0
+    cached_input_usd_per_1m: Usd | None = None
+    """Prompt tokens the engine reused from its prefix cache (default: `input_usd_per_1m`)."""
 
 
 class Prices(Base, kw_only=True, frozen=True):

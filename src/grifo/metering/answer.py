@@ -157,6 +157,7 @@ class Answering:
             usage.prompt_tokens,
             usage.completion_tokens,
             busy_ns,
+            usage.cached_tokens,
         )
         self.ledger.record(
             LedgerEntry(

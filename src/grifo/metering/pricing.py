@@ -1,6 +1,7 @@
 """Cost of one request in integer micro-USD.
 
-cost = ceil((prompt × input_per_1m + completion × output_per_1m) / 10^6)
+cost = ceil(((prompt - cached) × input_per_1m + cached × cached_input_per_1m
+            + completion × output_per_1m) / 10^6)
      + ceil(usd_per_hour_micros × busy_ns / 3.6·10^12)
 
 Prices are micro-USD per million tokens; `busy_ns` is the request's share of the point's busy
@@ -20,9 +21,18 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def token_cost_micros(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
+def token_cost_micros(
+    price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> int:
+    """`cached_tokens` of the prompt came from the engine's prefix cache (their own price)."""
+    cached = min(max(cached_tokens, 0), prompt_tokens)
+    cached_rate = price.cached_input_micros_per_1m
+    if cached_rate is None:
+        cached_rate = price.input_micros_per_1m
     total = (
-        prompt_tokens * price.input_micros_per_1m + completion_tokens * price.output_micros_per_1m
+        (prompt_tokens - cached) * price.input_micros_per_1m
+        + cached * cached_rate
+        + completion_tokens * price.output_micros_per_1m
     )
     return _ceil_div(total, 1_000_000)
 
@@ -32,8 +42,12 @@ def hardware_cost_micros(usd_per_hour_micros: int, busy_ns: int) -> int:
 
 
 def cost_micros(
-    price: Price, usd_per_hour_micros: int, prompt_tokens: int, completion_tokens: int, busy_ns: int
+    price: Price,
+    usd_per_hour_micros: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    busy_ns: int,
+    cached_tokens: int = 0,
 ) -> int:
-    return token_cost_micros(price, prompt_tokens, completion_tokens) + hardware_cost_micros(
-        usd_per_hour_micros, busy_ns
-    )
+    tokens = token_cost_micros(price, prompt_tokens, completion_tokens, cached_tokens)
+    return tokens + hardware_cost_micros(usd_per_hour_micros, busy_ns)

@@ -7,9 +7,18 @@ from dataclasses import dataclass
 import msgspec
 
 
+class _Details(msgspec.Struct):
+    cached_tokens: int = 0
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: _Details | None = None
+
+    def cached(self) -> int:
+        details = self.prompt_tokens_details
+        return 0 if details is None else _clamp(details.cached_tokens)
 
 
 class _WithUsage(msgspec.Struct):
@@ -29,6 +38,7 @@ _MAX_TOKENS = 10**9
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt, reused from the engine's prefix cache
 
 
 def usage_of(body: bytes) -> Usage | None:
@@ -39,7 +49,8 @@ def usage_of(body: bytes) -> Usage | None:
         return None
     if parsed.usage is None:
         return None
-    return Usage(_clamp(parsed.usage.prompt_tokens), _clamp(parsed.usage.completion_tokens))
+    usage = parsed.usage
+    return Usage(_clamp(usage.prompt_tokens), _clamp(usage.completion_tokens), usage.cached())
 
 
 def run_usage_of(body: bytes) -> Usage | None:
@@ -50,7 +61,8 @@ def run_usage_of(body: bytes) -> Usage | None:
         return None
     if parsed.run_usage is None:
         return None
-    return Usage(_clamp(parsed.run_usage.prompt_tokens), _clamp(parsed.run_usage.completion_tokens))
+    usage = parsed.run_usage
+    return Usage(_clamp(usage.prompt_tokens), _clamp(usage.completion_tokens), usage.cached())
 
 
 def _clamp(n: int) -> int:
