@@ -1,14 +1,33 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from tests.support.fabric import Fabric, topology_yaml
 from tests.support.stores import pg_schema, redis_prefix
 
 __all__ = ["pg_schema", "redis_prefix"]  # fixtures for every test module
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test's coroutine (at most 10 s) once on asyncio's loop and once on uvloop's,
+    the loop `grifo serve` uses."""
+
+    def runner(coro: Coroutine[Any, Any, None]) -> None:
+        if request.param == "uvloop":
+            uvloop.run(asyncio.wait_for(coro, timeout=10))
+        else:
+            asyncio.run(asyncio.wait_for(coro, timeout=10))
+
+    return runner
 
 
 @pytest.fixture(scope="module")

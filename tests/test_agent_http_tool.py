@@ -10,20 +10,19 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from grifo.agent.tools.base import EgressRefusedError, ToolArgumentsError, ToolError
 from grifo.agent.tools.http_tool import HttpTool
 from grifo.config.model import HttpToolConfig
 from grifo.security.certs import init_ca, issue
 from grifo.security.egress import egress_refusal, resolve_allowed
+from tests.conftest import Runner
 
-Runner = Callable[[Coroutine[Any, Any, None]], None]
 SECRET = "sk-live-7f3a9c2e1b"
 SCHEMA = {
     "type": "object",
@@ -31,17 +30,6 @@ SCHEMA = {
     "required": ["city"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    def runner(coro: Coroutine[Any, Any, None]) -> None:
-        if request.param == "uvloop":
-            uvloop.run(asyncio.wait_for(coro, timeout=10))
-        else:
-            asyncio.run(asyncio.wait_for(coro, timeout=10))
-
-    return runner
 
 
 def ok(body: bytes, status: str = "200 OK", extra: bytes = b"") -> bytes:

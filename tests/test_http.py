@@ -10,21 +10,19 @@ import contextlib
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from grifo.errors import PointProtocolError, PointTimeoutError, PointUnavailableError
 from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.http.server import HttpServer, ServerLimits
 from grifo.security.certs import init_ca, issue
-
-Runner = Callable[[Coroutine[Any, Any, None]], None]
+from tests.conftest import Runner
 
 SMALL = ServerLimits(
     max_body_bytes=1024,
@@ -35,17 +33,6 @@ SMALL = ServerLimits(
     keepalive_timeout_s=5.0,
 )
 SECRET = "sekrit-detail-7f3a"
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    def runner(coro: Coroutine[Any, Any, None]) -> None:
-        if request.param == "uvloop":
-            uvloop.run(asyncio.wait_for(coro, timeout=10))
-        else:
-            asyncio.run(asyncio.wait_for(coro, timeout=10))
-
-    return runner
 
 
 # -- a small application ------------------------------------------------------------------------
