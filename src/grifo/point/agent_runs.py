@@ -101,15 +101,6 @@ async def _sse(run: AgentRun) -> AsyncIterator[bytes]:
                 yield responses.sse(event)
     except Exception:  # after the head is sent, errors travel in-band
         log.exception("agent run failed mid-stream")
-        yield responses.sse(
-            {
-                "error": {
-                    "message": "the agent run failed at the point",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "engine_error",
-                }
-            }
-        )
+        yield responses.engine_error("the agent run failed at the point")
         return
     yield responses.DONE

@@ -269,16 +269,7 @@ class PointApp:
                     yield frame
             except Exception:  # after the head is sent, errors travel in-band
                 log.exception("generation failed mid-stream")
-                yield responses.sse(
-                    {
-                        "error": {
-                            "message": "the engine failed",
-                            "type": "server_error",
-                            "param": None,
-                            "code": "engine_error",
-                        }
-                    }
-                )
+                yield responses.engine_error("the engine failed")
 
         async def on_close(completed: bool) -> None:
             if timer is not None:

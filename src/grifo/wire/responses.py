@@ -34,6 +34,12 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
+def engine_error(message: str) -> bytes:
+    """The in-band SSE error event of a stream whose engine failed after its head was sent."""
+    error = {"message": message, "type": "server_error", "param": None, "code": "engine_error"}
+    return sse({"error": error})
+
+
 class ChatFrames:
     """Bodies for one chat completion: whole, or as stream chunks."""
 
