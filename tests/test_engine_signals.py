@@ -1,8 +1,11 @@
-"""Engines' own load signals: vLLM's and llama.cpp's `/metrics` read by a proxy point, and
-placement moving away from the engine with the longer queue or the fuller KV cache."""
+"""Engines' own load signals: vLLM's and llama.cpp's `/metrics`, llama-server's `/slots` and
+`/props`, read by a proxy point, and placement moving away from the engine with the longer queue
+or the fuller KV cache. Where each sample comes from: tests/data/engine_metrics/SOURCES.md."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response
+from grifo.point.app import PointIdentity
+from grifo.point.llama_server import (
+    MAX_BODY,
+    ServerProps,
+    SlotSignals,
+    parse_props,
+    parse_slots,
+)
+from grifo.point.proxy import ProxyPointApp, compose_load
 from grifo.point.signals import EngineSignals, parse
 from tests.support.fabric import CHAT, Fabric
 from tests.support.threaded import ThreadedServer
@@ -37,6 +50,204 @@ def test_engine_metrics_are_read_in_each_engines_naming(
 )
 def test_anything_else_is_no_signal(text: str) -> None:
     assert parse(text) is None
+
+
+def test_metrics_without_a_cache_gauge_leave_it_unknown_and_odd_values_count_as_zero() -> None:
+    text = (
+        "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing NaN\n"
+        "# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred +Inf\n"
+    )
+    assert parse(text) == EngineSignals("llama.cpp", 0, 0, None, None)
+
+
+@pytest.mark.parametrize(
+    ("sample", "expected"),
+    [
+        # the README's two slots, both processing; no cached-token counts in that build
+        ("llama-server-slots.json", SlotSignals(2, 2, None)),
+        # 4 x 4096 context; 1024 + 2048 (idle, still cached) + 0 + 1024 tokens held
+        ("llama-server-slots-cached.json", SlotSignals(4, 2, 0.25)),
+        ("llama-server-slots-legacy.json", SlotSignals(1, 1, None)),  # `state`: 1
+    ],
+)
+def test_llama_server_slots_give_busy_slots_capacity_and_cache_use(
+    sample: str, expected: SlotSignals
+) -> None:
+    assert parse_slots((SAMPLES / sample).read_bytes()) == expected
+
+
+def test_llama_server_props_give_slots_context_and_model() -> None:
+    props = parse_props((SAMPLES / "llama-server-props.json").read_bytes())
+    assert props == ServerProps(1, 1024, "../models/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"{}",
+        b"null",
+        b'{"error": {"code": 501, "message": "This server does not support slots endpoint.",'
+        b' "type": "not_supported_error"}}',
+        b"[]",
+        b'[1, "x", null, [], {"id": 0}]',
+        b'[{"is_processing": "yes", "state": "1"}]',
+        b"[" * 100_000 + b"]" * 100_000,
+        b"[" + b'{"is_processing": false},' * (MAX_BODY // 20) + b"{}]",
+    ],
+)
+def test_anything_else_is_no_slot_signal(body: bytes) -> None:
+    assert parse_slots(body) is None
+
+
+def test_slot_fields_of_the_wrong_type_are_ignored_one_by_one() -> None:
+    slots = [
+        {"is_processing": True, "n_ctx": "4096", "n_prompt_tokens": 10},  # n_ctx: a string
+        {"is_processing": True, "n_ctx": 100, "n_prompt_tokens": True},  # a bool, not a count
+        {"is_processing": False, "n_ctx": 100, "n_prompt_tokens": 1000},  # more than n_ctx
+        {"is_processing": 1, "state": 0, "n_ctx": -5},  # `state` decides; n_ctx ignored
+        {"state": 2.5},  # neither
+    ]
+    assert parse_slots(json.dumps(slots).encode()) == SlotSignals(4, 2, 100 / 200)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"total_slots": 4}', ServerProps(4, None, None)),
+        (
+            b'{"total_slots": 0, "default_generation_settings": {"n_ctx": 8192}}',
+            ServerProps(None, 8192, None),
+        ),
+        (b'{"total_slots": true, "default_generation_settings": [], "model_path": 7}', None),
+        (b'{"total_slots": 2.0, "model_path": "m.gguf"}', ServerProps(None, None, "m.gguf")),
+        (b"[1, 2]", None),
+        (b"{", None),
+    ],
+)
+def test_props_are_read_field_by_field(body: bytes, expected: ServerProps | None) -> None:
+    assert parse_props(body) == expected
+
+
+def test_load_takes_the_best_source_there_is() -> None:
+    metrics = EngineSignals("llama.cpp", 3, 2, None, None)
+    slots = SlotSignals(4, 3, 0.5)
+    props = ServerProps(4, 4096, None)
+    assert compose_load(metrics, slots, None, 9) == {
+        "in_flight": 3,
+        "queued": 2,
+        "prefix_hit_rate": None,
+        "engine": "llama.cpp",
+        "cache_usage": 0.5,
+        "capacity": 4,
+        "sources": ["metrics", "slots"],
+    }
+    # no /metrics: busy slots are in flight, this point's requests beyond the slots queue
+    assert compose_load(None, slots, None, 6) == {
+        "in_flight": 3,
+        "queued": 2,
+        "engine": "llama.cpp",
+        "cache_usage": 0.5,
+        "capacity": 4,
+        "sources": ["slots"],
+    }
+    assert compose_load(None, None, props, 5) == {
+        "in_flight": 4,
+        "queued": 1,
+        "engine": "llama.cpp",
+        "capacity": 4,
+        "sources": ["props"],
+    }
+    unknown = {"in_flight": 2, "queued": 0, "engine": "unknown", "sources": []}
+    assert compose_load(None, None, None, 2) == unknown
+
+
+class LlamaServer:
+    """llama.cpp's `llama-server` without `--metrics`: `/slots` and `/props` from the samples,
+    each of which the test can turn off (501, as llama-server answers a disabled endpoint)."""
+
+    def __init__(self) -> None:
+        self.slots: bytes | None = (SAMPLES / "llama-server-slots-cached.json").read_bytes()
+        self.props: bytes | None = (SAMPLES / "llama-server-props.json").read_bytes()
+        self.asked: list[str] = []
+        self._server = ThreadedServer(self.handle)
+
+    async def handle(self, request: Request) -> Response:
+        self.asked.append(request.path)
+        if request.path == "/slots" and self.slots is not None:
+            return Response(200, self.slots)
+        if request.path == "/props" and self.props is not None:
+            return Response(200, self.props)
+        if request.path in ("/slots", "/metrics"):
+            error = {"code": 501, "message": "not supported", "type": "not_supported_error"}
+            return Response(501, msgspec.json.encode({"error": error}))
+        return Response(404, b'{"error": {"code": 404, "message": "File Not Found"}}')
+
+    def loads(self, times: int = 1) -> list[dict[str, object]]:
+        """`/load` of a fresh proxy point in front of this server, asked `times` times."""
+
+        async def ask() -> list[dict[str, object]]:
+            identity = PointIdentity("edge", "lima", "r", "PE", "edge")
+            point = ProxyPointApp(identity, ConnectionPool("127.0.0.1", self._server.port))
+            answers = []
+            try:
+                for _ in range(times):
+                    response = await point.handle(Request("GET", "/load", "", {}, b""))
+                    assert isinstance(response, Response)
+                    answers.append(dict(json.loads(response.body)))
+            finally:
+                await point.upstream.close()
+            return answers
+
+        return asyncio.run(ask())
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.fixture
+def llama_server() -> Iterator[LlamaServer]:
+    server = LlamaServer()
+    yield server
+    server.close()
+
+
+def test_a_proxy_point_reads_llama_servers_slots_then_props(llama_server: LlamaServer) -> None:
+    assert llama_server.loads()[0] == {
+        "in_flight": 2,
+        "queued": 0,
+        "engine": "llama.cpp",
+        "cache_usage": 0.25,
+        "capacity": 4,
+        "sources": ["slots"],
+    }
+    assert llama_server.asked == ["/metrics", "/slots"]
+    llama_server.slots = None  # --no-slots
+    assert llama_server.loads()[0] == {
+        "in_flight": 0,
+        "queued": 0,
+        "engine": "llama.cpp",
+        "capacity": 1,
+        "sources": ["props"],
+    }
+    llama_server.props = b'{"total_slots": "many"}'  # nothing usable left
+    assert llama_server.loads()[0] == {
+        "in_flight": 0,
+        "queued": 0,
+        "engine": "unknown",
+        "sources": [],
+    }
+
+
+def test_endpoints_an_upstream_lacks_are_not_asked_again_at_once(
+    llama_server: LlamaServer,
+) -> None:
+    llama_server.slots = None
+    first, second = llama_server.loads(2)
+    assert first == second
+    # /metrics and /slots answered 501 once; /props is kept a minute
+    assert llama_server.asked == ["/metrics", "/slots", "/props"]
 
 
 class Engine:

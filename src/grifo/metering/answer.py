@@ -123,7 +123,8 @@ class Answering:
             ex.cancel_deadline()
             point.gateway_in_flight -= 1
             if relay.cost is None:  # the usage event never came: bill what was produced
-                status = "client_closed" if not completed else "ok"
+                # A client may close as soon as it reads `[DONE]`, before the point's end.
+                status = "ok" if completed or relay.ended else "client_closed"
                 status = "point_failed" if relay.broken else status
                 status = "deadline_exceeded" if ex.deadline_hit else status
                 self.meter(ex, relay.usage_so_far(), status, "estimated")

@@ -46,6 +46,7 @@ class StreamRelay:
         self.broken = False  # the point failed after the stream was committed
         self.run_usage: Usage | None = None  # an agent run's tokens up to its last step
         self.on_step: Callable[[bytes], None] | None = None  # an agent run's step events
+        self.ended = False  # the point's `[DONE]` passed: the client has had the whole answer
 
     def usage_so_far(self) -> Usage:
         """The point's usage if it came; else an agent run's usage up to its last step; else
@@ -79,6 +80,7 @@ class StreamRelay:
             self.point_receipt = event[len(RECEIPT_COMMENT) :].strip().decode("latin-1")
             return event
         if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
+            self.ended = self.ended or event[5:].strip() == b"[DONE]"
             return event
         if self.on_step is not None and is_step(event):  # whatever text the step holds
             payload = event[5:].strip()

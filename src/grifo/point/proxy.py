@@ -1,21 +1,26 @@
 """A point in front of an existing OpenAI-compatible engine (vLLM, llama.cpp's server, ...).
 
 Requests are validated and re-encoded (the allow-list), then forwarded; answers pass through.
-`/load` reports the upstream engine's own queue and KV-cache use (see `signals.py`).
+`/load` reports the upstream engine's own queue and KV-cache use: from its Prometheus `/metrics`
+(vLLM, llama.cpp's `llama-server --metrics`, see `signals.py`), and from `llama-server`'s
+`/slots` and `/props` where `/metrics` is missing or has no cache gauge (`llama_server.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import msgspec
 
 from grifo.errors import GrifoError, ModelNotFoundError
-from grifo.http.client import ConnectionPool
+from grifo.http.client import ConnectionPool, UpstreamResponse
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.app import PointApp, PointIdentity
+from grifo.point.llama_server import MAX_BODY, ServerProps, SlotSignals, parse_props, parse_slots
 from grifo.point.runner import EngineRunner
-from grifo.point.signals import parse
+from grifo.point.signals import EngineSignals, parse
 from grifo.wire import requests as wire
 
 
@@ -30,6 +35,71 @@ class _ModelList(msgspec.Struct):
     data: list[_Card]
 
 
+_LOAD_BUDGET_S = 1.5  # all upstream reads of one `/load`: the health poller waits 2 s for it
+_ABSENT_RETRY_S = 30.0  # an endpoint the upstream lacks (404, 405, 501) is asked again after
+_PROPS_TTL_S = 60.0  # `/props` is static while the upstream process lives
+
+
+async def _read_bounded(response: UpstreamResponse, limit: int) -> bytes | None:
+    """The whole body, or None (and the connection dropped) once it passes `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while (chunk := await response.next_chunk()) is not None:
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    finally:
+        response.close()  # a no-op once the body is complete
+    return b"".join(chunks)
+
+
+def compose_load(
+    metrics: EngineSignals | None,
+    slots: SlotSignals | None,
+    props: ServerProps | None,
+    own_in_flight: int,
+) -> dict[str, Any]:
+    """A proxy point's `/load` from whatever the upstream told, best source first.
+
+    `/metrics` gives the queue; `/slots` the busy slots and the cache use when `/metrics` has no
+    cache gauge. Without `/metrics`, requests this point has sent beyond the engine's slots
+    (`/slots`, or `/props`'s `total_slots`) are counted as queued there. With none of them,
+    the point reports its own requests in flight and `"engine": "unknown"`.
+    """
+    capacity = slots.total if slots else (props.total_slots if props else None)
+    sources = [
+        name for name, got in (("metrics", metrics), ("slots", slots), ("props", props)) if got
+    ]
+    load: dict[str, Any]
+    if metrics is not None:
+        load = {
+            "in_flight": metrics.running,
+            "queued": metrics.waiting,
+            "prefix_hit_rate": metrics.prefix_hit_rate,
+            "engine": metrics.engine,
+        }
+        cache = metrics.cache_usage
+    elif capacity is not None:
+        load = {
+            "in_flight": slots.busy if slots else min(own_in_flight, capacity),
+            "queued": max(0, own_in_flight - capacity),
+            "engine": "llama.cpp",
+        }
+        cache = None
+    else:
+        return {"in_flight": own_in_flight, "queued": 0, "engine": "unknown", "sources": []}
+    if cache is None and slots is not None:
+        cache = slots.cache_usage
+    if cache is not None:
+        load["cache_usage"] = cache
+    if capacity is not None:
+        load["capacity"] = capacity
+    load["sources"] = sources
+    return load
+
+
 class ProxyPointApp(PointApp):
     def __init__(self, identity: PointIdentity, upstream: ConnectionPool) -> None:
         super().__init__(identity, EngineRunner(None, None))
@@ -41,6 +111,8 @@ class ProxyPointApp(PointApp):
         self._routes["/load"] = ("GET", self._upstream_load)
         del self._routes[wire.AGENT_RUNS_PATH]  # runs need grammar-constrained steps
         self._in_flight = 0
+        self._absent: dict[str, float] = {}  # path: when to ask again
+        self._props: tuple[float, ServerProps | None] = (0.0, None)  # (valid until, props)
 
     async def refresh_models(self) -> None:
         response = await self.upstream.request("GET", "/v1/models", head_timeout_s=10)
@@ -73,26 +145,45 @@ class ProxyPointApp(PointApp):
         body = wire.decode(wire.EmbeddingRequest, request.body)
         return await self._forward(request.path, body, False)
 
-    async def _upstream_load(self, request: Request) -> Response:
-        """The upstream engine's own queue and KV-cache use from its `/metrics` (vLLM,
-        llama.cpp's server), or this point's count of requests in flight if it has none."""
-        signals = None
+    async def _upstream_get(self, path: str, deadline: float) -> bytes | None:
+        """The body of the upstream's `GET path` if it answers 200 before `deadline` (monotonic)
+        within `MAX_BODY` bytes. An endpoint it lacks is left alone for `_ABSENT_RETRY_S`."""
+        now = time.monotonic()
+        if self._absent.get(path, 0.0) > now or deadline <= now:
+            return None
         try:
-            response = await self.upstream.request("GET", "/metrics", head_timeout_s=1.0)
-            text = (await asyncio.wait_for(response.read(), 1.0)).decode("utf-8", "replace")
-            signals = parse(text) if response.status == 200 else None
+            response = await self.upstream.request("GET", path, head_timeout_s=deadline - now)
+            body = await asyncio.wait_for(
+                _read_bounded(response, MAX_BODY), max(deadline - time.monotonic(), 0.01)
+            )
         except (GrifoError, TimeoutError):
-            signals = None
-        if signals is None:
-            load = {"in_flight": self._in_flight, "queued": 0, "engine": "unknown"}
-        else:
-            load = {
-                "in_flight": signals.running,
-                "queued": signals.waiting,
-                "cache_usage": signals.cache_usage,
-                "prefix_hit_rate": signals.prefix_hit_rate,
-                "engine": signals.engine,
-            }
+            return None
+        if response.status in (404, 405, 501):
+            self._absent[path] = time.monotonic() + _ABSENT_RETRY_S
+        return body if response.status == 200 else None
+
+    async def _server_props(self, deadline: float) -> ServerProps | None:
+        until, props = self._props
+        if time.monotonic() < until:
+            return props
+        body = await self._upstream_get("/props", deadline)
+        props = parse_props(body) if body is not None else None
+        if props is not None:
+            self._props = (time.monotonic() + _PROPS_TTL_S, props)
+        return props
+
+    async def _upstream_load(self, request: Request) -> Response:
+        """The upstream engine's own queue and KV-cache use (see `compose_load`)."""
+        deadline = time.monotonic() + _LOAD_BUDGET_S
+        text = await self._upstream_get("/metrics", deadline)
+        metrics = parse(text.decode("utf-8", "replace")) if text is not None else None
+        slots = props = None
+        if metrics is None or (metrics.engine == "llama.cpp" and metrics.cache_usage is None):
+            body = await self._upstream_get("/slots", deadline)
+            slots = parse_slots(body) if body is not None else None
+        if metrics is None and slots is None:
+            props = await self._server_props(deadline)
+        load = compose_load(metrics, slots, props, self._in_flight)
         return Response(200, msgspec.json.encode(load))
 
     async def _forward(

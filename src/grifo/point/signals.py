@@ -4,12 +4,14 @@ vLLM: `vllm:num_requests_running`, `vllm:num_requests_waiting`, KV-cache usage a
 `vllm:kv_cache_usage_perc` (the older `vllm:gpu_cache_usage_perc` too, 0..1), and prefix-cache
 hits (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` counters, or the older
 `vllm:gpu_prefix_cache_hit_rate`). llama.cpp's server: `llamacpp:requests_processing`,
-`llamacpp:requests_deferred`, `llamacpp:kv_cache_usage_ratio`. Samples of several models or
-engines are summed (the cache usage is their maximum).
+`llamacpp:requests_deferred`, `llamacpp:kv_cache_usage_ratio` (gone from recent builds: the
+cache usage is then None, and a proxy point estimates it from `/slots`, see `llama_server.py`).
+Samples of several models or engines are summed (the cache usage is their maximum).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,7 +26,7 @@ class EngineSignals:
     engine: str  # "vllm" or "llama.cpp"
     running: int
     waiting: int
-    cache_usage: float  # 0..1
+    cache_usage: float | None  # 0..1; None: the exposition has no cache gauge
     prefix_hit_rate: float | None
 
 
@@ -45,9 +47,9 @@ def parse(text: str) -> EngineSignals | None:
     engine = engine or ("llama.cpp" if any(k.startswith("llamacpp:") for k in sums) else None)
     if engine is None:
         return None
-    running = sum(int(sums.get(n, 0)) for n in _RUNNING)
-    waiting = sum(int(sums.get(n, 0)) for n in _WAITING)
-    cache = max((peaks[n] for n in _CACHE if n in peaks), default=0.0)
+    running = sum(_count(sums.get(n, 0.0)) for n in _RUNNING)
+    waiting = sum(_count(sums.get(n, 0.0)) for n in _WAITING)
+    cache = max((peaks[n] for n in _CACHE if n in peaks), default=None)
     hits, queries = (
         sums.get("vllm:prefix_cache_hits_total"),
         sums.get("vllm:prefix_cache_queries_total"),
@@ -55,4 +57,10 @@ def parse(text: str) -> EngineSignals | None:
     rate = peaks.get("vllm:gpu_prefix_cache_hit_rate")
     if hits is not None and queries:
         rate = hits / queries
-    return EngineSignals(engine, running, waiting, min(max(cache, 0.0), 1.0), rate)
+    usage = None if cache is None or math.isnan(cache) else min(max(cache, 0.0), 1.0)
+    return EngineSignals(engine, running, waiting, usage, rate)
+
+
+def _count(value: float) -> int:
+    """A gauge as a count: NaN, infinite or negative values count as 0."""
+    return int(value) if math.isfinite(value) and value > 0 else 0
