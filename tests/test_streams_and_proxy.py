@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from grifo.audit.signing import public_from_b64, verify_receipt
 from tests.support.fabric import CHAT, EMBED, Fabric, topology_yaml
 
 WORDS = " ".join(f"w{i}" for i in range(200))
@@ -153,5 +154,24 @@ def test_proxy_point_serves_an_existing_engine(upstream_engine: str, tmp_path: P
         assert chunks[-1].usage is not None
         emb = client.embeddings.create(model=EMBED, input="x y")
         assert emb.usage.prompt_tokens == 2
+        # The proxy point signs what it processed, whole or streamed: the audit record holds
+        # its receipt, verified with the key the point published, naming it and its tokens.
+        with client.chat.completions.with_streaming_response.create(
+            model=CHAT,
+            messages=[{"role": "user", "content": "signed stream"}],
+            stream=True,
+        ) as streamed:
+            stream_id = streamed.headers["x-request-id"]
+            list(streamed.iter_lines())
+        whole_id = raw.headers["x-request-id"]
+        point = next(p for p in fab.running.gateway.points if p.name == "sao-paulo-edge")
+        assert point.public_key is not None
+        for request_id, completion in ((whole_id, 3), (stream_id, 2)):
+            record = fab.audit_record(request_id)
+            receipt = verify_receipt(record.point_receipt, public_from_b64(point.public_key))
+            assert (receipt.request_id, receipt.point, receipt.jurisdiction) == (
+                request_id, "sao-paulo-edge", "BR"
+            )  # fmt: skip
+            assert receipt.completion_tokens == completion == record.completion_tokens
     finally:
         fab.close()

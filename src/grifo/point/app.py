@@ -207,6 +207,11 @@ class PointApp:
         return self._stream(job, generation, body(), timer)
 
     def _receipt(self, request: Request, model: str, generation: Generation) -> bytes | None:
+        return self.receipt(request, model, generation.prompt_tokens, generation.completion_tokens)
+
+    def receipt(
+        self, request: Request, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> bytes | None:
         """This point's signed statement that it processed the request (see `Receipt`)."""
         if self.signer is None:
             return None
@@ -216,8 +221,8 @@ class PointApp:
                 point=self.identity.name,
                 jurisdiction=self.identity.jurisdiction,
                 model=model,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 ts_ms=int(time.time() * 1000),
             )
         ).encode()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 
+from grifo.audit.signing import RECEIPT_COMMENT, RECEIPT_HEADER, Signer
 from grifo.errors import GrifoError, ModelNotFoundError
 from grifo.http.client import ConnectionPool, UpstreamResponse
 from grifo.http.message import Request, Response, StreamResponse
+from grifo.metering.usage import SseSplitter, usage_of
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.llama_server import MAX_BODY, ServerProps, SlotSignals, parse_props, parse_slots
 from grifo.point.runner import EngineRunner
@@ -101,8 +104,10 @@ def compose_load(
 
 
 class ProxyPointApp(PointApp):
-    def __init__(self, identity: PointIdentity, upstream: ConnectionPool) -> None:
-        super().__init__(identity, EngineRunner(None, None))
+    def __init__(
+        self, identity: PointIdentity, upstream: ConnectionPool, signer: Signer | None = None
+    ) -> None:
+        super().__init__(identity, EngineRunner(None, None), signer)
         self.upstream = upstream
         self.upstream_models: dict[str, _Card] = {}
         self._routes["/v1/chat/completions"] = ("POST", self._forward_chat)
@@ -135,15 +140,15 @@ class ProxyPointApp(PointApp):
 
     async def _forward_chat(self, request: Request) -> Response | StreamResponse:
         body = wire.decode(wire.ChatCompletionRequest, request.body)
-        return await self._forward(request.path, body, body.stream)
+        return await self._forward(request, body, body.stream)
 
     async def _forward_completion(self, request: Request) -> Response | StreamResponse:
         body = wire.decode(wire.CompletionRequest, request.body)
-        return await self._forward(request.path, body, body.stream)
+        return await self._forward(request, body, body.stream)
 
     async def _forward_embeddings(self, request: Request) -> Response | StreamResponse:
         body = wire.decode(wire.EmbeddingRequest, request.body)
-        return await self._forward(request.path, body, False)
+        return await self._forward(request, body, False)
 
     async def _upstream_get(self, path: str, deadline: float) -> bytes | None:
         """The body of the upstream's `GET path` if it answers 200 before `deadline` (monotonic)
@@ -187,18 +192,59 @@ class ProxyPointApp(PointApp):
         return Response(200, msgspec.json.encode(load))
 
     async def _forward(
-        self, path: str, body: wire.InferenceRequest, stream: bool
+        self, request: Request, body: wire.InferenceRequest, stream: bool
     ) -> Response | StreamResponse:
+        """The upstream's answer, with this point's signed receipt of the tokens it reported
+        (a header, or for a stream an SSE comment just before its usage chunk)."""
         if body.model not in self.upstream_models:
             raise ModelNotFoundError(f"the model {body.model!r} is not served here", param="model")
         headers = [(b"content-type", b"application/json")]
         self._in_flight += 1
+        streaming = False
         try:
             response = await self.upstream.request(
-                "POST", path, headers=headers, body=wire.encode(body), head_timeout_s=300
+                "POST", request.path, headers=headers, body=wire.encode(body), head_timeout_s=300
             )
             if not stream or response.status != 200:
-                return Response(response.status, await response.read())
+                payload = await response.read()
+                receipt = self._receipt_of(request, body.model, payload, response.status)
+                extra = [] if receipt is None else [(RECEIPT_HEADER, receipt)]
+                return Response(response.status, payload, headers=extra)
+            streaming = True
         finally:
-            self._in_flight -= 1
-        return StreamResponse(200, response.iter_body())
+            if not streaming:
+                self._in_flight -= 1
+
+        async def on_close(completed: bool) -> None:
+            self._in_flight -= 1  # a stream is in flight until it ends
+
+        return StreamResponse(200, self._signed(request, body.model, response), on_close=on_close)
+
+    def _receipt_of(
+        self, request: Request, model: str, payload: bytes, status: int
+    ) -> bytes | None:
+        usage = usage_of(payload) if status == 200 else None
+        if usage is None:
+            return None
+        return self.receipt(request, model, usage.prompt_tokens, usage.completion_tokens)
+
+    async def _signed(
+        self, request: Request, model: str, response: UpstreamResponse
+    ) -> AsyncIterator[bytes]:
+        if self.signer is None:
+            async for data in response.iter_body():
+                yield data
+            return
+        splitter = SseSplitter()
+        async for data in response.iter_body():
+            out = []
+            for event in splitter.feed(data):
+                if b'"usage"' in event and (receipt := self._receipt_of(
+                    request, model, event[5:].strip(), 200
+                )):  # fmt: skip
+                    out.append(RECEIPT_COMMENT + receipt + b"\n\n")
+                out.append(event)
+            if out:
+                yield b"".join(out)
+        if rest := splitter.rest():
+            yield rest

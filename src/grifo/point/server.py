@@ -75,7 +75,7 @@ async def build_app(point: PointConfig, signer: Signer | None = None) -> PointAp
         assert engine.upstream_url is not None
         target = parse_point_url(engine.upstream_url)
         assert target is not None
-        proxy = ProxyPointApp(identity, ConnectionPool(*target))
+        proxy = ProxyPointApp(identity, ConnectionPool(*target), signer)
         await proxy.refresh_models()
         return proxy
     generator, embedder = await asyncio.to_thread(build_engines, engine)
