@@ -249,6 +249,17 @@ def test_a_stream_ends_with_its_attestation(fabric: Fabric) -> None:
     assert claims.request_id == response.headers["x-request-id"]
     assert claims.point == response.headers["x-grifo-point"]
     assert claims.jurisdiction in {"PE", "BR"}
+    record = fabric.audit_record(claims.request_id)
+    assert record.received_ms <= record.first_token_ms <= record.done_ms  # when output began
+
+
+def test_a_whole_answer_has_no_first_token_time(fabric: Fabric) -> None:
+    raw = fabric.client("demo-latam").chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "a b"}], max_tokens=2
+    )
+    record = fabric.audit_record(raw.headers["x-request-id"])
+    assert record.first_token_ms == 0
+    assert b"first_token_ms" not in canonical(record)  # old records keep their form
 
 
 def _point_keys(state: Path) -> dict[str, Ed25519PublicKey]:

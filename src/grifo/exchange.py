@@ -49,6 +49,7 @@ class Exchange:
     verdict: Verdict | None = None  # the tenant's guardrails' findings, when it has any
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
     session: str | None = None  # tenant and session id, for session affinity
+    first_token_ns: int = 0  # monotonic: a stream's first output passed the gateway
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

@@ -110,12 +110,13 @@ class AuditLog:
         if key is None:
             key = self._keys[tenant] = tenant_key(self._master, tenant)
         now_ns = time.time_ns()
+        wall = now_ns - time.monotonic_ns()  # add to a monotonic time for the wall-clock time
         record = AuditRecord(
             log=self.name,
             seq=self._range.size,
             prev_hash=self._prev,
             request_id=ex.request_id,
-            received_ms=(now_ns - (time.monotonic_ns() - ex.received_ns)) // 1_000_000,
+            received_ms=(wall + ex.received_ns) // 1_000_000,
             done_ms=now_ns // 1_000_000,
             tenant=tenant,
             key_id=ex.principal.key_id,
@@ -136,6 +137,7 @@ class AuditLog:
             data_class=ex.data_class,
             redacted=ex.redacted,
             tried=[f"{p.name}:{p.jurisdiction}:{outcome}" for p, outcome in ex.tried or ()],
+            first_token_ms=(wall + ex.first_token_ns) // 1_000_000 if ex.first_token_ns else 0,
         )
         row = AuditRow.of(record)
         self._prev = row.entry_hash

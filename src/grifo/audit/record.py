@@ -7,7 +7,9 @@ log's Merkle tree (`merkle.py`). Field list and what each serves (EU AI Act Art.
 for risk identification, post-market monitoring and the deployer's monitoring of operation):
 
 - log, seq, prev_hash: completeness and order (no gaps, no reordering);
-- request_id, received_ms, done_ms: the event and its start and end time;
+- request_id, received_ms, done_ms: the event and its start and end time; first_token_ms:
+  when a stream's (or an agent run's) first output passed the gateway (absent for whole
+  answers, whose output arrives at once);
 - tenant, key_id (never the key): who used the system;
 - endpoint, model: what was used;
 - point, site, jurisdiction, allowed, data_class, redacted: where processing happened, where
@@ -66,6 +68,7 @@ class AuditRecord(
     data_class: str = ""
     redacted: str = ""
     tried: list[str] = []
+    first_token_ms: int = 0
 
 
 _encoder = msgspec.json.Encoder()

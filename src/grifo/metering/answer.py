@@ -113,6 +113,7 @@ class Answering:
 
         def meter(usage: Usage, status: str, source: str) -> int:
             ex.point_receipt = relay.point_receipt  # the point sends it before its usage
+            ex.first_token_ns = relay.first_output_ns or 0
             return self.meter(ex, usage, status, source)
 
         relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
@@ -127,6 +128,7 @@ class Answering:
                 status = "ok" if completed or relay.ended else "client_closed"
                 status = "point_failed" if relay.broken else status
                 status = "deadline_exceeded" if ex.deadline_hit else status
+                ex.first_token_ns = relay.first_output_ns or 0
                 self.meter(ex, relay.usage_so_far(), status, "estimated")
             latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
             first = relay.first_event_ns

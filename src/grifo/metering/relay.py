@@ -42,6 +42,7 @@ class StreamRelay:
         self.usage: Usage | None = None
         self.cost: int | None = None
         self.first_event_ns: int | None = None
+        self.first_output_ns: int | None = None  # the first token, or an agent run's first step
         self.point_receipt = ""  # the point's signed receipt, when it sends one
         self.broken = False  # the point failed after the stream was committed
         self.run_usage: Usage | None = None  # an agent run's tokens up to its last step
@@ -83,6 +84,8 @@ class StreamRelay:
             self.ended = self.ended or event[5:].strip() == b"[DONE]"
             return event
         if self.on_step is not None and is_step(event):  # whatever text the step holds
+            if self.first_output_ns is None:
+                self.first_output_ns = time.monotonic_ns()
             payload = event[5:].strip()
             self.on_step(payload)
             self.run_usage = run_usage_of(payload) or self.run_usage
@@ -90,6 +93,8 @@ class StreamRelay:
             return self._usage_event(event)  # passes events without a top-level usage on
         if carries_output(event):  # role-only and finish chunks are not tokens
             self.events += 1
+            if self.first_output_ns is None:
+                self.first_output_ns = time.monotonic_ns()
         return event
 
     def _usage_event(self, event: bytes) -> bytes:
