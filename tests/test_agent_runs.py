@@ -189,9 +189,13 @@ def test_affinity_keeps_a_session_on_its_point_until_load_outweighs_it() -> None
     ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 400)])
     assert [c.point.name for c in ranked] == ["b", "a"]
     assert affinity.kept == 1
+    b.queued = 1  # b's engine is full: a waiting request would overwrite the session's cache
+    ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 400)])
+    assert [c.point.name for c in ranked] == ["a", "b"]
+    b.queued = 0
     ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 900)])  # b is too loaded
     assert [c.point.name for c in ranked] == ["a", "b"]
-    assert affinity.moved == 1
+    assert affinity.moved == 2
     assert affinity.order(key, [Candidate(a, 10)])[0].point is a  # b is not a candidate
     other_tenant = session_key("t2", "s1", None)
     assert affinity.order(other_tenant, [Candidate(a, 10), Candidate(b, 20)])[0].point is a
@@ -250,9 +254,12 @@ def test_prefix_keys_name_a_long_shared_opening() -> None:
     turn1 = prefix_key("t", chat(system, "hello"), 1024)
     assert turn1 is not None
     assert prefix_key("t", chat(system, "hello", "hi!", "and now?"), 1024) == turn1
-    assert prefix_key("t", chat(system, "other user"), 1024) == turn1  # one long opening
-    assert prefix_key("t", chat(system[:600], "x" * 600), 1024) != turn1
-    assert prefix_key("t", chat(system[:600], "x" * 600), 1024) is not None
+    # Another conversation under the same system prompt is another session: they spread.
+    assert prefix_key("t", chat(system, "other user"), 1024) not in (turn1, None)
+    long_user = prefix_key("t", chat(system[:800], "x" * 300), 1024)
+    assert long_user is not None  # 800 + the first 256 characters of the user message
+    assert prefix_key("t", chat(system[:800], "x" * 300 + "different tail"), 1024) == long_user
+    assert prefix_key("t", chat(system[:700], "x" * 300), 1024) is None  # 956 < 1,024
     assert prefix_key("u", chat(system, "hello"), 1024) != turn1  # per tenant
     assert prefix_key("t", chat(system, "hello", model="n"), 1024) != turn1
     assert prefix_key("t", chat("short", "hello"), 1024) is None
@@ -270,18 +277,22 @@ def test_chats_opening_with_one_long_prompt_follow_its_point(fabric: Fabric) -> 
     plant = "You answer questions about the Lima water plant. " * 30
     grid = "You answer questions about the Frankfurt power grid. " * 30
 
-    def chat(system: str, question: str, **headers: str) -> str:
+    def chat(system: str, *turns: str, **headers: str) -> str:
+        roles = ["user", "assistant"] * 2
+        messages = [{"role": "system", "content": system}]
+        messages += [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)]
         raw = client.chat.completions.with_raw_response.create(
             model=CHAT,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            messages=messages,  # type: ignore[arg-type]
             max_tokens=2,
             extra_headers=headers,
         )
         return str(raw.headers["x-grifo-point"])
 
     assert chat(plant, "level?", **{"x-grifo-tier": "regional"}) == "frankfurt-regional"
-    # the same opening goes where its prefix is cached; another opening to the best point
-    assert chat(plant, "pressure?") == "frankfurt-regional"
+    # this conversation's later turns go where its prefix is cached; others to the best point
+    assert chat(plant, "level?", "71 percent.", "and yesterday?") == "frankfurt-regional"
+    assert chat(plant, "pressure?") == "lima-edge"
     assert chat(grid, "load?") == "lima-edge"
 
 
@@ -337,6 +348,7 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
         {"type": "run.completed", "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
     ]  # fmt: skip
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    body += b"data: [DONE]\n\ndata: [DONE]\n\n"  # a second one must not count again
 
     class Upstream:
         headers: dict[bytes, bytes] = {}
@@ -353,6 +365,8 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
 
     relay = StreamRelay(Upstream(), True, meter, lambda ok: None)  # type: ignore[arg-type]
     relay.on_step = steps.append
+    ends: list[bool] = []
+    relay.on_end = lambda: ends.append(True)  # the point's in-flight count drops here
 
     async def drain() -> bytes:
         return b"".join([chunk async for chunk in relay.body()])
@@ -361,6 +375,8 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
     assert [json.loads(s)["type"] for s in steps] == ["model.step", "tool.result"]
     assert metered == [Usage(5, 2)]
     assert b'"cost_micros":7' in out
+    assert ends == [True]
+    assert relay.ended
 
 
 def test_a_slow_first_step_is_not_a_silent_point_and_runs_are_never_hedged(

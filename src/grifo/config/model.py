@@ -239,8 +239,9 @@ class PlacementConfig(Base, kw_only=True, frozen=True):
     """A session (`x-grifo-session-id`, an agent run's `session_id`) stays on its point while
     that point scores at most this much worse than the best (see placement/affinity.py)."""
     prefix_affinity_chars: Annotated[int, msgspec.Meta(ge=0)] = 1024
-    """Requests without a session whose text (messages in order, or the prompt) opens with the
-    same this many characters are a session keyed by that opening (0: off)."""
+    """A chat without a session whose opening (system and developer messages, and the start
+    of the first user message) is at least this long is a session keyed by that opening;
+    a completion by its prompt's first this many characters (0: off)."""
 
 
 class EjectionConfig(Base, kw_only=True, frozen=True):

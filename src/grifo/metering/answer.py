@@ -119,10 +119,21 @@ class Answering:
         relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
         if ex.endpoint == AGENT_RUNS_PATH:
             relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
+        left = False
+
+        def leave() -> None:
+            """Off the point's in-flight count (once): at its `[DONE]`, since a client may send
+            its next request as soon as it reads it, or when the stream closes otherwise."""
+            nonlocal left
+            if not left:
+                left = True
+                point.gateway_in_flight -= 1
+
+        relay.on_end = leave
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()
-            point.gateway_in_flight -= 1
+            leave()
             if relay.cost is None:  # the usage event never came: bill what was produced
                 # A client may close as soon as it reads `[DONE]`, before the point's end.
                 status = "ok" if completed or relay.ended else "client_closed"

@@ -48,6 +48,7 @@ class StreamRelay:
         self.run_usage: Usage | None = None  # an agent run's tokens up to its last step
         self.on_step: Callable[[bytes], None] | None = None  # an agent run's step events
         self.ended = False  # the point's `[DONE]` passed: the client has had the whole answer
+        self.on_end: Callable[[], None] = lambda: None  # called once, when `[DONE]` passes
 
     def usage_so_far(self) -> Usage:
         """The point's usage if it came; else an agent run's usage up to its last step; else
@@ -81,7 +82,9 @@ class StreamRelay:
             self.point_receipt = event[len(RECEIPT_COMMENT) :].strip().decode("latin-1")
             return event
         if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
-            self.ended = self.ended or event[5:].strip() == b"[DONE]"
+            if not self.ended and event[5:].strip() == b"[DONE]":
+                self.ended = True
+                self.on_end()
             return event
         if self.on_step is not None and is_step(event):  # whatever text the step holds
             if self.first_output_ns is None:

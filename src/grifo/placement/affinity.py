@@ -1,14 +1,16 @@
 """Session and prefix affinity combined with load.
 
 A session's requests (agent runs, multi-turn chats) prefer the point that served it last, so
-the engine's prompt cache for that conversation stays warm. Requests without a session whose
-text opens with the same `prefix_affinity_chars` characters (the turns of one conversation,
-many users of one long system prompt, documents with a common head) are a session of their
-own, keyed by a hash of that opening. Affinity alone collapses under
+the engine's prompt cache for that conversation stays warm. Chats without a session are a
+session of their own when their opening — instructions and the start of the first user
+message — is at least `prefix_affinity_chars` long: the turns of one conversation share it
+(completions: the prompt's first `prefix_affinity_chars` characters). Affinity alone collapses under
 load: every turn of a busy session would queue at one point. So the rule is: the session's
 point goes first while it is a compliant, healthy candidate whose score is at most
 `affinity_slack_ms` worse than the best candidate's (by default two queued requests); past that,
-placement picks by score and the session moves to the new point.
+placement picks by score and the session moves to the new point. A point with requests
+queued moves its sessions too: the request already waiting takes the next free slot, writing
+over the session's cached prefix before the session's request would run.
 """
 
 from __future__ import annotations
@@ -24,28 +26,38 @@ from grifo.placement.scoring import Candidate
 from grifo.wire import requests as wire
 
 HEADER = b"x-grifo-session-id"
+_INSTRUCTIONS_CHARS = 8192  # of a prefix key's system and developer messages
+_USER_CHARS = 256  # of its first user message
 _VALID = re.compile(rb"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 def prefix_key(tenant: str, body: wire.InferenceRequest, min_chars: int) -> str | None:
-    """A key for requests whose text opens with the same `min_chars` characters, or None
-    (shorter, or embeddings)."""
+    """A key for one conversation's requests: its instructions (system and developer
+    messages, up to `_INSTRUCTIONS_CHARS`) and the opening of its first user message, when
+    they are at least `min_chars` long; for a completion, its prompt's first `min_chars`
+    characters. None for shorter ones and embeddings.
+
+    The first user message is part of the key so that many conversations under one long
+    system prompt spread over points instead of all following one key."""
     if min_chars <= 0 or isinstance(body, wire.EmbeddingRequest):
         return None
     if isinstance(body, wire.CompletionRequest):
         head = body.prompt_text()[:min_chars]
     else:
         if isinstance(body, wire.ChatCompletionRequest):
-            texts = [m.text() for m in body.messages]
+            messages = body.messages
         else:
-            texts = [body.instructions, *(m.text() for m in body.messages())]
+            messages = [wire.Message(role="system", content=body.instructions), *body.messages()]
         parts, size = [], 0
-        for text in texts:  # only as much text as the key needs
-            parts.append(text)
-            size += len(text) + 1
-            if size >= min_chars:
+        for message in messages:
+            text = message.text()
+            if message.role in ("system", "developer"):
+                parts.append(text[: _INSTRUCTIONS_CHARS - size])
+                size += len(parts[-1])
+            else:  # the first user message (or whatever else comes first) ends the opening
+                parts.append(text[:_USER_CHARS])
                 break
-        head = "\x1e".join(parts)[:min_chars]
+        head = "\x1e".join(parts)
     if len(head) < min_chars:
         return None
     digest = hashlib.blake2b(f"{body.model}\x1f{head}".encode(), digest_size=16).hexdigest()
@@ -97,7 +109,9 @@ class Affinity:
         best = candidates[0].score_ms
         for i, candidate in enumerate(candidates):
             if candidate.point.name == name:
-                if candidate.score_ms - best <= self.slack_ms:
+                # A point with requests queued has no free slot: its cache would be written
+                # over by the request already waiting before this one ran.
+                if candidate.score_ms - best <= self.slack_ms and not candidate.point.queued:
                     self.kept += 1
                     return [candidate, *candidates[:i], *candidates[i + 1 :]]
                 break
