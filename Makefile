@@ -37,7 +37,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36  # the pin in pyproject.toml
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[engine,llama-server,stores,tracing,plan,agents,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[engine,llama-server,stores,tracing,plan,agents,ray,dev]'
 	if $(BIN)/python -c $(HAS_AMX) 2>/dev/null; then \
 	  $(BIN)/python -m pip cache remove llama_cpp_python || true; \
 	  $(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_CPP); fi

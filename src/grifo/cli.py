@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     point.add_argument("--threads", type=int, default=1)
     point.add_argument("--upstream-url", help="for --engine proxy: http://host:port")
     point.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the engine on Ray Serve (grifo[ray]): local (default), auto, ray://head:10001",
+    )
+    point.add_argument("--ray-replicas", metavar="MIN:MAX", help="replicas Serve scales between")
+    point.add_argument(
         "--key-file",
         type=Path,
         help="Ed25519 key the point signs receipts with (created once; default "
@@ -298,6 +306,10 @@ def _point(args: argparse.Namespace) -> int:
     from grifo.point.server import serve_point
 
     point = _point_config(args)
+    if args.ray is not None or args.ray_replicas:
+        from grifo.point.ray_serve import with_ray
+
+        point = with_ray(point, args.ray, args.ray_replicas)
     state_dir = Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
     key_file = args.key_file or state_dir / "points" / f"{point.name}.pem"
     join = None

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from grifo.config.ray import RayConfig
 from grifo.config.registry import RegistryConfig
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -49,6 +50,7 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     upstream_url: str | None = None
     token_delay_ms: Annotated[float, msgspec.Meta(ge=0, le=10_000)] = 0.0
     """fake engine only: time per generated token, to exercise streaming and cancellation."""
+    ray: RayConfig | None = None  # the engine on Ray Serve; the point keeps its HTTP surface
 
 
 class TlsConfig(Base, kw_only=True, frozen=True):

@@ -69,6 +69,10 @@ def build_engines(
 async def build_app(point: PointConfig, signer: Signer | None = None) -> PointApp:
     identity = PointIdentity(point.name, point.site, point.region, point.jurisdiction, point.tier)
     engine = point.engine or EngineConfig(kind="fake")
+    if engine.ray is not None:  # the engine runs as a Ray Serve application (grifo[ray])
+        from grifo.point.ray_serve import build_ray_app
+
+        return await build_ray_app(point, signer)
     if engine.kind == "proxy":
         from grifo.point.proxy import ProxyPointApp
 
