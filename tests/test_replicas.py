@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -31,6 +32,7 @@ from tests.support.stores import POSTGRES_URL, REDIS_URL
 LIMIT_MICROS = 100_000
 EACH_MICROS = 8 * 1000
 REQUESTS = 120
+LIMITED_PER_MIN = 20
 
 
 def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
@@ -48,9 +50,13 @@ def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str],
 @pytest.fixture
 def replicas(
     tmp_path: Path, pg_schema: str, redis_prefix: str
-) -> Iterator[tuple[list[int], tuple[str, str], str, str]]:
-    key, other = generate_key(), generate_key()
-    env = os.environ | {"GRIFO_TEST_KEY": key, "GRIFO_TEST_OTHER_KEY": other}
+) -> Iterator[tuple[list[int], tuple[str, str, str], str, str]]:
+    key, other, limited = generate_key(), generate_key(), generate_key()
+    env = os.environ | {
+        "GRIFO_TEST_KEY": key,
+        "GRIFO_TEST_OTHER_KEY": other,
+        "GRIFO_TEST_LIMITED_KEY": limited,
+    }
     point_yaml = tmp_path / "point.yaml"
     point_yaml.write_text(
         "points:\n  - {name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,\n"
@@ -77,9 +83,11 @@ points:
 tenants:
   - {{name: acme, budget: {{usd: {LIMIT_MICROS / 1e6}, period: day, mode: strict}}}}
   - {{name: other}}
+  - {{name: limited, limits: {{requests_per_min: {LIMITED_PER_MIN}}}}}
 keys:
   - {{id: acme-1, tenant: acme, env: GRIFO_TEST_KEY}}
   - {{id: other-1, tenant: other, env: GRIFO_TEST_OTHER_KEY}}
+  - {{id: limited-1, tenant: limited, env: GRIFO_TEST_LIMITED_KEY}}
 """
         )
         ports = []
@@ -90,7 +98,7 @@ keys:
             match = re.search(r":(\d+)/v1", banner)
             assert match, "a gateway did not start"
             ports.append(int(match.group(1)))
-        yield ports, (key, other), pg_schema, redis_prefix
+        yield ports, (key, other, limited), pg_schema, redis_prefix
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -122,9 +130,9 @@ def _chat(port: int, key: str, idempotency_key: str | None = None) -> tuple[int,
 
 
 def test_three_gateways_share_one_budget_and_one_ledger(
-    replicas: tuple[list[int], tuple[str, str], str, str],
+    replicas: tuple[list[int], tuple[str, str, str], str, str],
 ) -> None:
-    ports, (key, other), schema, prefix = replicas
+    ports, (key, other, limited), schema, prefix = replicas
     results: list[tuple[int, dict[str, str]]] = []
     lock = threading.Lock()
 
@@ -173,3 +181,12 @@ def test_three_gateways_share_one_budget_and_one_ledger(
     again_status, again = _chat(ports[1], other, idempotency_key="same-request")
     assert (status, again_status, again.get("idempotent-replayed")) == (200, 200, "true")
     assert again["x-request-id"] == first["x-request-id"]
+
+    # One rate limit across the replicas: a tenant allowed 20 requests a minute, asked 45
+    # times across the three gateways at once, is served 20 (plus what refills meanwhile).
+    started = time.monotonic()
+    with ThreadPoolExecutor(15) as pool:
+        limited_statuses = list(pool.map(lambda i: _chat(ports[i % 3], limited)[0], range(45)))
+    refilled = int((time.monotonic() - started) * LIMITED_PER_MIN / 60) + 1
+    assert set(limited_statuses) <= {200, 429}
+    assert LIMITED_PER_MIN <= limited_statuses.count(200) <= LIMITED_PER_MIN + refilled
