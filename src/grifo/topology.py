@@ -56,6 +56,7 @@ class PointState:
     tokens_per_s: float = 0.0
     cache_usage: float = 0.0  # the engine's KV cache in use, 0..1, when it says
     gateway_in_flight: int = 0
+    closing_streams: int = 0  # past their `[DONE]` (out of `gateway_in_flight`), not yet closed
     answered: int = 0  # requests metered here by this gateway process
     busy: BusyClock = field(default_factory=BusyClock)
     failures: int = 0  # consecutive failed answers

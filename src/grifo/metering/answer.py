@@ -119,21 +119,24 @@ class Answering:
         relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
         if ex.endpoint == AGENT_RUNS_PATH:
             relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
-        left = False
+        done_early = False
 
-        def leave() -> None:
-            """Off the point's in-flight count (once): at its `[DONE]`, since a client may send
-            its next request as soon as it reads it, or when the stream closes otherwise."""
-            nonlocal left
-            if not left:
-                left = True
-                point.gateway_in_flight -= 1
+        def at_done() -> None:
+            """Off the point's in-flight count at `[DONE]` (a client may send its next request
+            as soon as it reads it); its connection is in use until the stream closes."""
+            nonlocal done_early
+            done_early = True
+            point.gateway_in_flight -= 1
+            point.closing_streams += 1
 
-        relay.on_end = leave
+        relay.on_end = at_done
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()
-            leave()
+            if done_early:
+                point.closing_streams -= 1
+            else:
+                point.gateway_in_flight -= 1
             if relay.cost is None:  # the usage event never came: bill what was produced
                 # A client may close as soon as it reads `[DONE]`, before the point's end.
                 status = "ok" if completed or relay.ended else "client_closed"

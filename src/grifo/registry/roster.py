@@ -228,7 +228,7 @@ class Roster:
         keep = []
         admission = self.gateway.admission
         for state, pool in self._retired:
-            if state.gateway_in_flight > 0:
+            if state.gateway_in_flight > 0 or state.closing_streams > 0:
                 keep.append((state, pool))
                 continue
             if pool is not None:
