@@ -50,6 +50,7 @@ class Exchange:
     redacted: str = ""  # what was redacted before dispatch ("EMAIL:1,CPF:1", "none")
     session: str | None = None  # tenant and session id, for session affinity
     first_token_ns: int = 0  # monotonic: a stream's first output passed the gateway
+    prompt_estimate: int = 0  # prompt tokens to bill if a stream's engine never says
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

@@ -337,6 +337,8 @@ class Gateway:
         )
         ex.cancel_deadline = timer.cancel
         include_usage = not isinstance(body, wire.EmbeddingRequest) and body.include_usage
+        if b"x-grifo-prompt-tokens" not in response.headers:  # an engine that may not say
+            ex.prompt_estimate = prompt_bound(body) // _BYTES_PER_TOKEN
         return self.answers.stream(ex, response, include_usage)
 
     def _child(self, parent: Any, name: str, attributes: dict[str, Any] | None = None) -> Any:
@@ -346,6 +348,9 @@ class Gateway:
     # -- models -----------------------------------------------------------------------------------
     def ready(self) -> bool:
         return all(p.healthy for p in self.points if p.source == "static")  # not registered ones
+
+
+_BYTES_PER_TOKEN = 4  # a usual tokenizer's average on English text
 
 
 def _places(body: wire.InferenceRequest, candidates: list[Candidate]) -> set[str]:

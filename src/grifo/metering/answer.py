@@ -117,6 +117,7 @@ class Answering:
             return self.meter(ex, usage, status, source)
 
         relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
+        relay.prompt_tokens = relay.prompt_tokens or ex.prompt_estimate
         if ex.endpoint == AGENT_RUNS_PATH:
             relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
         done_early = False
