@@ -176,12 +176,7 @@ class Gateway:
         limit = 0 if isinstance(body, wire.EmbeddingRequest) else (body.token_limit() or 256)
         tier = requested_tier(principal.tier, request.headers.get(TIER_HEADER))
         priority = request_priority(principal.priority, request.headers.get(PRIORITY_HEADER))
-        run = body if isinstance(body, wire.AgentRunRequest) else None
-        session = session_key(
-            principal.tenant,
-            None if run is None else run.session_id,
-            request.headers.get(SESSION_HEADER),
-        ) or prefix_key(principal.tenant, body, self.config.placement.prefix_affinity_chars)
+        session = self._session(request, principal, body)
         root = CURRENT.get()
         placing = None if root is None else self._child(root, "placement")
         try:
@@ -203,7 +198,7 @@ class Gateway:
         ex.span = root
         ex.tier = tier or "any"
         ex.session = session
-        if _places(body, candidates) & only_redacted and not ex.redacted:
+        if only_redacted and _places(body, candidates) & only_redacted and not ex.redacted:
             # A candidate (or a run's tool) may see this class only redacted: every attempt
             # gets the redacted text.
             body, found = redact_request(body)
@@ -227,6 +222,17 @@ class Gateway:
                 self.audit.append(ex, ex.point, (0, 0), f"{kind}:{exc.status}:{exc.code}", 0)
                 exc.audited = True
             raise
+
+    def _session(
+        self, request: Request, principal: Principal, body: wire.InferenceRequest
+    ) -> str | None:
+        """The session the request belongs to (see placement/affinity.py), if any."""
+        run_session = body.session_id if isinstance(body, wire.AgentRunRequest) else None
+        session = session_key(principal.tenant, run_session, request.headers.get(SESSION_HEADER))
+        opening = self.config.placement.prefix_affinity_chars
+        if session is None and len(request.body) >= opening:  # else its text is too short
+            session = prefix_key(principal.tenant, body, opening)
+        return session
 
     def _place(
         self,
