@@ -148,8 +148,9 @@ def test_a_streamed_chat_completion_is_served_and_metered(fabric: Fabric) -> Non
     assert all(c.usage is None for c in chunks)
     # llama_cpp.server 0.3.36 sends no usage chunk, even when asked (the gateway always asks):
     # the gateway bills the content events it relayed, and prompt tokens estimated from the
-    # request (4 bytes a token), since a proxy point cannot say how many there were. The client may close as soon as it reads `[DONE]`,
-    # before the upstream's end reached the gateway: the stream was still delivered whole.
+    # request (4 bytes a token), since a proxy point cannot say how many there were. The
+    # client may close as soon as it reads `[DONE]`, before the upstream's end reached the
+    # gateway: the stream was still delivered whole.
     entry = fabric.ledger(request_id)[request_id]
     assert entry.usage_source == "estimated"
     assert entry.status == "ok"
