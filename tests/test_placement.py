@@ -289,6 +289,22 @@ def test_in_flight_requests_count_as_queue() -> None:
     assert ranked[1].score_ms == 10 + 2 * 250
 
 
+def test_requests_that_ended_since_the_points_report_no_longer_count() -> None:
+    """A point's /load count is up to a poll interval old: requests this gateway saw end there
+    since come off it, so a point that just finished its work is not scored as busy."""
+    near = make_point("near", "DE", rtt_ms=10)
+    far = make_point("far", "FR", rtt_ms=300)
+    near.reported(0, 2)  # two of our requests running there, as the last poll said
+    assert names(rank([near, far], MODEL, None, 10, PLACEMENT)) == ["far", "near"]
+    near.gateway_in_flight = 2
+    near.left()
+    near.left()  # both answered since the poll
+    assert near.running == 0
+    assert names(rank([near, far], MODEL, None, 10, PLACEMENT)) == ["near", "far"]
+    near.reported(0, 1)  # the next report starts the count again
+    assert near.running == 1
+
+
 def test_ties_break_by_name_whatever_the_input_order() -> None:
     points = [make_point(n, "DE", rtt_ms=10) for n in ("b", "c", "a")]
     assert names(rank(points, MODEL, None, 10, PLACEMENT)) == ["a", "b", "c"]

@@ -337,7 +337,7 @@ class Gateway:
             try:
                 return self.answers.whole(ex, answer)
             finally:
-                point.gateway_in_flight -= 1
+                point.left()
         timer = asyncio.get_running_loop().call_later(
             max(ex.remaining_s(), 0), self.answers.expire, ex, response
         )

@@ -56,6 +56,7 @@ class PointState:
     tokens_per_s: float = 0.0
     cache_usage: float = 0.0  # the engine's KV cache in use, 0..1, when it says
     gateway_in_flight: int = 0
+    finished_since_poll: int = 0  # requests of this process that ended here since the last /load
     closing_streams: int = 0  # past their `[DONE]` (out of `gateway_in_flight`), not yet closed
     answered: int = 0  # requests metered here by this gateway process
     busy: BusyClock = field(default_factory=BusyClock)
@@ -87,6 +88,23 @@ class PointState:
         if models != self.models:
             self.models = models
             _bump_epoch()
+
+    @property
+    def running(self) -> int:
+        """Requests at the point by the freshest count: this process's own in flight, or the
+        point's last report less the requests that ended here since (a report is up to a
+        poll interval old, and a finished request would keep counting till the next)."""
+        return max(self.point_in_flight - self.finished_since_poll, self.gateway_in_flight)
+
+    def reported(self, queued: int, in_flight: int) -> None:
+        """The point's own count of its queue and running requests, just read."""
+        self.queued, self.point_in_flight, self.finished_since_poll = queued, in_flight, 0
+
+    def left(self) -> None:
+        """A request this process sent here is over (answered, relayed to its end, or given
+        up on)."""
+        self.gateway_in_flight -= 1
+        self.finished_since_poll += 1
 
     def mark_down(self, reason: str) -> None:
         self.healthy = False

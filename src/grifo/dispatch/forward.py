@@ -360,7 +360,7 @@ def _release(attempt: _Try) -> None:
     if attempt.response is not None:
         attempt.response.close()
     attempt.point.busy.leave(attempt.mark, time.monotonic_ns())
-    attempt.point.gateway_in_flight -= 1
+    attempt.point.left()
 
 
 def _settle(last: _Try | None, tried: list[tuple[PointState, str]]) -> Answer:

@@ -58,7 +58,7 @@ async def check_point(pools: PointPools, point: PointState, timeout_s: float = 2
     point.set_models({m.id: m for m in info.models})
     point.public_key = info.public_key
     point.tools = info.tools
-    point.queued, point.point_in_flight = load.queued, load.in_flight
+    point.reported(load.queued, load.in_flight)
     point.tokens_per_s = load.tokens_per_s
     point.cache_usage = min(max(load.cache_usage, 0.0), 1.0)
     if point.ejected(time.monotonic()):

@@ -127,7 +127,7 @@ class Answering:
             as soon as it reads it); its connection is in use until the stream closes."""
             nonlocal done_early
             done_early = True
-            point.gateway_in_flight -= 1
+            point.left()
             point.closing_streams += 1
 
         relay.on_end = at_done
@@ -137,7 +137,7 @@ class Answering:
             if done_early:
                 point.closing_streams -= 1
             else:
-                point.gateway_in_flight -= 1
+                point.left()
             if relay.cost is None:  # the usage event never came: bill what was produced
                 # A client may close as soon as it reads `[DONE]`, before the point's end.
                 status = "ok" if completed or relay.ended else "client_closed"

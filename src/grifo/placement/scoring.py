@@ -135,7 +135,7 @@ class PlacementIndex:
                 break
             if not point.healthy or (tier is not None and point.config.tier != tier):
                 continue
-            queue = point.queued + max(point.point_in_flight, point.gateway_in_flight)
+            queue = point.queued + point.running
             load = queue_w * queue + cache_w * point.cache_usage
             bisect.insort(best, (static + out_w * completion_tokens + load, name, point))
             if k is not None and len(best) > k:

@@ -256,7 +256,7 @@ def _heartbeat(state: PointState, row: RegisteredRow) -> None:
         signals = msgspec.json.decode(row.signals, type=Signals)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return
-    state.queued, state.point_in_flight = signals.queued, signals.in_flight
+    state.reported(signals.queued, signals.in_flight)
     state.tokens_per_s = signals.tokens_per_s
     state.cache_usage = min(max(signals.cache_usage, 0.0), 1.0)
 
