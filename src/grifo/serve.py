@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from grifo.api.admin import AdminApi
 from grifo.api.app import GatewayApp
 from grifo.api.dashboard import dashboard_state
 from grifo.audit.log import AuditLog
-from grifo.audit.setup import open_audit_log
-from grifo.config.model import GrifoConfig
+from grifo.audit.setup import open_audit_log, policy_digest
+from grifo.config.model import GrifoConfig, TenantConfig
 from grifo.dispatch.health import HealthPoller
 from grifo.dispatch.outliers import eject_slow_points
 from grifo.dispatch.pools import PointPools
@@ -36,6 +36,7 @@ from grifo.registry.api import RegistryApi
 from grifo.registry.roster import Roster, build_roster
 from grifo.security.keys import KeyRing
 from grifo.security.provision import KEY_REFRESH_S, build_keyring, refresh_keys
+from grifo.security.tenants import Directory
 from grifo.security.tls import client_context, server_context
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
@@ -91,6 +92,18 @@ class Running:
         self.db.close()
 
 
+def _tenants_applier(config: GrifoConfig, gateway: Gateway) -> Callable[[list[TenantConfig]], None]:
+    """What a change of the effective tenants (config and admin API) updates in this process."""
+
+    def on_tenants(tenants: list[TenantConfig]) -> None:
+        build.apply_tenants(tenants, gateway.budgets, gateway.limits, gateway.admission)
+        if gateway.audit is not None:  # records name the policy they were decided under
+            effective = msgspec.structs.replace(config, tenants=list(tenants))
+            gateway.audit.policy = policy_digest(effective)
+
+    return on_tenants
+
+
 async def start(
     config: GrifoConfig,
     state_dir: Path,
@@ -106,7 +119,11 @@ async def start(
     already running elsewhere and demo keys already exist."""
     state_dir.mkdir(parents=True, exist_ok=True)
     db = open_state(config.gateway.store, state_dir)
-    keys, demo = build_keyring(config, db, state_dir, create_demo=point_urls is None)
+    directory = Directory(config, db)  # the config's tenants and those made over the admin API
+    directory.update(db.stored_tenants())
+    keys, demo = build_keyring(
+        config, db, state_dir, create_demo=point_urls is None, tenants=directory.tenants()
+    )
     db.prune_keys(int(time.time() * 1000) - 24 * 3600 * 1000)  # keys are kept for a day
     backlog: list[Path] = []
     if point_urls is None:  # the first process: no other gateway writes the spool yet
@@ -148,6 +165,9 @@ async def start(
     )
     judge = gateway.admission
 
+    on_tenants = _tenants_applier(config, gateway)
+    on_tenants(directory.tenants())
+
     def after_round() -> None:
         if judge is not None:
             eject_slow_points(gateway.points, judge.limits, config.gateway.ejection)
@@ -162,7 +182,11 @@ async def start(
         tasks.append(loop.create_task(roster.run()))
     await _wait_ready(poller, gateway, local, ready_timeout_s)
     poller.start()
-    tasks.append(loop.create_task(refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S)))
+    tasks.append(
+        loop.create_task(
+            refresh_keys(config, db, state_dir, keys, KEY_REFRESH_S, directory, on_tenants)
+        )
+    )
     if audit is not None:
         settings = config.gateway.audit
         tasks.append(
@@ -170,7 +194,7 @@ async def start(
         )
     registry = None if roster is None else RegistryApi(roster)
     server = HttpServer(
-        GatewayApp(gateway, admin_api(config, keys, db, gateway), registry).handle,
+        GatewayApp(gateway, admin_api(config, keys, db, gateway, directory), registry).handle,
         ServerLimits(max_body_bytes=config.gateway.max_body_bytes),
     )
     listen_tls = None if config.gateway.tls is None else server_context(config.gateway.tls)
@@ -220,15 +244,17 @@ def prune_audit(db: StateStore, keep_days: int) -> int:
         return 0
 
 
-def admin_api(config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gateway) -> AdminApi:
-    tenant_budgets = {t.name: t.budget for t in config.tenants if t.budget is not None}
+def admin_api(
+    config: GrifoConfig, keys: KeyRing, db: StateStore, gateway: Gateway, directory: Directory
+) -> AdminApi:
     return AdminApi(
         keys,
         db,
-        tenant_budgets,
+        directory.budgets,
+        directory,
         lambda: point_states(gateway),
         lambda principal: dashboard_state(gateway, principal),
-        {t.name for t in config.tenants},
+        lambda: gateway.budgets is not None,
     )
 
 

@@ -64,6 +64,12 @@ class Budgets:
         self._day = dt.date(1970, 1, 1)
         self._day_ends = 0.0  # epoch seconds of the next UTC midnight
 
+    def set_tenants(self, tenants: Mapping[str, BudgetConfig]) -> None:
+        """Replace the tenants' budgets (tenants made over the admin API come and go)."""
+        if dict(tenants) != dict(self._tenants):
+            self._tenants = dict(tenants)
+            self._active.clear()
+
     def burn(self, now: dt.datetime | None = None) -> list[Burn]:
         """Every tenant budget's burn rate and projection (see `burn.py`)."""
         return burn_rates(self._spend, self._tenants, now or dt.datetime.now(dt.UTC))

@@ -3,11 +3,13 @@ counted), rate limits, and per-point concurrency with its queue."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from grifo.admission.budgets import Budgets
 from grifo.admission.ratelimit import Limiter, RateLimits
 from grifo.admission.reservations import BudgetStore, LocalReservations, ProcessReservations
 from grifo.admission.shedding import Admission
-from grifo.config.model import GrifoConfig, StoreConfig
+from grifo.config.model import GrifoConfig, StoreConfig, TenantConfig
 from grifo.store.select import StateStore, redis_url
 from grifo.store.sqlite import StateDB
 from grifo.topology import PointState
@@ -21,12 +23,27 @@ def admission(config: GrifoConfig, points: list[PointState]) -> Admission | None
     return Admission(config.gateway.admission, points, weights)
 
 
-def rate_limits(config: GrifoConfig) -> Limiter | None:
-    """Limits in Redis when replicas share one (`store.redis_url`), else in this process."""
+def apply_tenants(
+    tenants: Sequence[TenantConfig],
+    budgets: Budgets | None,
+    limits: Limiter | None,
+    admission: Admission | None,
+) -> None:
+    """Give budgets, rate limits and admission weights the effective tenants (the config's and
+    those made over the admin API)."""
+    if budgets is not None:
+        budgets.set_tenants({t.name: t.budget for t in tenants if t.budget is not None})
+    if limits is not None:
+        limits.set_tenants({t.name: t.limits for t in tenants if t.limits is not None})
+    if admission is not None:
+        admission.set_weights({t.name: t.weight for t in tenants})
+
+
+def rate_limits(config: GrifoConfig) -> Limiter:
+    """Limits in Redis when replicas share one (`store.redis_url`), else in this process.
+    Built even with none configured: tenants made over the admin API may have some."""
     tenants = {t.name: t.limits for t in config.tenants if t.limits is not None}
     keys = {k.id: k.limits for k in config.keys if k.limits is not None}
-    if not tenants and not keys:
-        return None
     url = redis_url(config.gateway.store)
     if url is None:
         return RateLimits(tenants, keys)
@@ -38,9 +55,11 @@ def rate_limits(config: GrifoConfig) -> Limiter | None:
 
 
 def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Budgets | None:
+    """Built even with no budget configured (tenants made over the admin API may have one),
+    unless there is nowhere to count reservations: a shared PostgreSQL without Redis."""
     tenants = {t.name: t.budget for t in config.tenants if t.budget is not None}
     keys = {k.id: k.budget for k in config.keys if k.budget is not None}
-    if not tenants and not keys:
+    if not can_reserve(config.gateway.store, db) and not tenants and not keys:
         return None
     return Budgets(
         reservations(config.gateway.store, db, shared=shared),
@@ -50,6 +69,11 @@ def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Bud
         config.gateway.request_timeout_s,
         config.gateway.store.budget_outage,
     )
+
+
+def can_reserve(store: StoreConfig, db: StateStore) -> bool:
+    """Whether budgets can keep their reservations: in Redis, or in the SQLite state."""
+    return redis_url(store) is not None or isinstance(db, StateDB)
 
 
 def reservations(

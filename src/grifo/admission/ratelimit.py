@@ -72,6 +72,8 @@ class Limiter(Protocol):
 
     def done(self, lease: Any, used_tokens: int | None) -> None: ...
 
+    def set_tenants(self, tenants: Mapping[str, LimitsConfig]) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -89,6 +91,18 @@ class RateLimits:
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
+
+    def set_tenants(self, tenants: Mapping[str, LimitsConfig]) -> None:
+        """Replace the tenants' limits; a tenant whose limits did not change keeps its state."""
+        now = self._clock()
+        fresh: dict[str, Scope] = {}
+        for name, limits in tenants.items():
+            scope = self._tenants.get(name)
+            kept = scope is not None and scope.limits == limits
+            fresh[name] = (
+                scope if scope is not None and kept else _scope(f"tenant {name}", limits, now)
+            )
+        self._tenants = fresh
 
     async def acquire(
         self, principal: Principal, tokens: int, request_id: str, hold_s: float

@@ -56,6 +56,10 @@ class SharedLimits:
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
 
+    def set_tenants(self, tenants: Mapping[str, LimitsConfig]) -> None:
+        """Replace the tenants' limits (their state is in Redis, by tenant name)."""
+        self._tenants = dict(tenants)
+
     async def acquire(
         self, principal: Principal, tokens: int, request_id: str, hold_s: float
     ) -> SharedLease:

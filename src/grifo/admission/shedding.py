@@ -118,6 +118,10 @@ class Admission:
         self._service_s = 1.0  # a running average of time in the gateway, for retry-after
 
     # -- entering and leaving --------------------------------------------------------------------
+    def set_weights(self, weights: dict[str, int]) -> None:
+        """Replace the tenants' weights (tenants made over the admin API come and go)."""
+        self._weights = dict(weights)
+
     async def enter(
         self, tenant: str, priority: int, candidates: list[Candidate], wait_s: float
     ) -> list[Candidate]:

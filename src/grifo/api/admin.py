@@ -1,5 +1,5 @@
 """`/admin/...`: usage, budgets, keys and points, for keys with an admin role; keys can be
-made and revoked too (`admin_keys.py`).
+made and revoked too (`admin_keys.py`), and tenants managed (`admin_tenants.py`).
 
 `admin` sees every tenant; `tenant-admin` and `auditor` see their own tenant only, and another
 tenant's objects do not exist for them (404, the same as a tenant nobody has); `user` keys get
@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import urllib.parse
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
 from grifo.admission.burn import burn_rates
 from grifo.api import admin_keys
+from grifo.api.admin_tenants import PREFIX as TENANTS_PREFIX
+from grifo.api.admin_tenants import TenantsApi
 from grifo.config.model import BudgetConfig
 from grifo.errors import (
     InvalidRequestError,
@@ -27,12 +29,21 @@ from grifo.errors import (
 )
 from grifo.http.message import Request, Response
 from grifo.security.keys import KeyRing, Principal
+from grifo.security.tenants import Directory
 from grifo.store.records import TOTAL_COLUMNS
 from grifo.store.select import StateStore
 
 ROUTES = frozenset(
-    {"/admin/usage", "/admin/budgets", "/admin/keys", "/admin/points", "/admin/dashboard"}
+    {
+        "/admin/usage",
+        "/admin/budgets",
+        "/admin/keys",
+        "/admin/points",
+        "/admin/dashboard",
+        "/admin/tenants",
+    }
 )
+PREFIXES = ("/admin/keys/", TENANTS_PREFIX)
 
 
 class AdminApi:
@@ -40,17 +51,19 @@ class AdminApi:
         self,
         keys: KeyRing,
         db: StateStore,
-        budgets: Mapping[str, BudgetConfig],
+        budgets: Callable[[], Mapping[str, BudgetConfig]],
+        directory: Directory,
         points: Callable[[], list[dict[str, Any]]] = list,
         dashboard: Callable[[Principal], dict[str, Any]] | None = None,
-        tenants: Collection[str] = (),
+        budgets_possible: Callable[[], bool] = lambda: True,
     ) -> None:
         self._keys = keys
         self._db = db
         self._budgets = budgets
+        self._directory = directory
         self._points = points
         self._dashboard = dashboard
-        self._tenants = tenants
+        self._tenants = TenantsApi(db, directory, budgets_possible)
 
     async def handle(self, request: Request) -> Response:
         principal = self._keys.authenticate(request.headers.get(b"authorization"))
@@ -61,7 +74,9 @@ class AdminApi:
                 raise MethodNotAllowedError(f"{request.path} accepts DELETE only")
             return await admin_keys.revoke(self._db, principal, request.path[len("/admin/keys/") :])
         if request.path == "/admin/keys" and request.method == "POST":
-            return await admin_keys.create(self._db, self._tenants, principal, request.body)
+            return await admin_keys.create(self._db, self._directory, principal, request.body)
+        if request.path == "/admin/tenants" or request.path.startswith(TENANTS_PREFIX):
+            return await self._tenants.handle(principal, request.method, request.path, request.body)
         if request.method not in ("GET", "HEAD"):
             raise MethodNotAllowedError(f"{request.path} accepts GET only")
         query = _query(request.query)
@@ -100,7 +115,7 @@ class AdminApi:
         tenant = _tenant(principal, query)
         budgets = {
             name: budget
-            for name, budget in self._budgets.items()
+            for name, budget in self._budgets().items()
             if principal.sees(name) and tenant in (None, name)
         }
         burns = await asyncio.to_thread(

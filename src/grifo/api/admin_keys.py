@@ -1,9 +1,10 @@
 """`POST /admin/keys` and `DELETE /admin/keys/<id>`: API keys made and revoked over the API.
 
-An admin may make a key of any role for any configured tenant; a tenant admin only `user` and
-`auditor` keys of its own tenant (no one grants a role above their own); auditors and users may
-not. A new key is in the answer once and only its hash is stored. Revoking needs the same
-standing over the key's tenant; another tenant's key does not exist for the caller (404).
+An admin may make a key of any role for any tenant (the config's or one made over the API); a
+tenant admin only `user` and `auditor` keys of its own tenant (no one grants a role above their
+own); auditors and users may not. A new key is in the answer once and only its hash is stored.
+Revoking needs the same standing over the key's tenant; another tenant's key does not exist for
+the caller (404).
 Every gateway process, replicas included, picks changes up within seconds (the key refresh).
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
 from typing import Annotated
 
 import msgspec
@@ -20,6 +20,7 @@ import msgspec
 from grifo.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from grifo.http.message import Response
 from grifo.security.keys import Principal, Role, generate_key, hash_key
+from grifo.security.tenants import Directory
 from grifo.store.records import StoredKey
 from grifo.store.select import StateStore
 
@@ -37,9 +38,7 @@ class NewKey(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     expires_days: Annotated[float, msgspec.Meta(gt=0, le=3650)] | None = None
 
 
-async def create(
-    db: StateStore, tenants: Collection[str], principal: Principal, body: bytes
-) -> Response:
+async def create(db: StateStore, tenants: Directory, principal: Principal, body: bytes) -> Response:
     try:
         ask = msgspec.json.decode(body or b"{}", type=NewKey)
     except msgspec.ValidationError as exc:
@@ -47,7 +46,7 @@ async def create(
     except msgspec.DecodeError:
         raise InvalidRequestError("the body must be a JSON object") from None
     tenant = ask.tenant or principal.tenant
-    if not principal.sees(tenant) or tenant not in tenants:
+    if not principal.sees(tenant) or not await asyncio.to_thread(tenants.knows, tenant):
         raise NotFoundError(f"no tenant {tenant!r}")
     if ask.role not in _GRANTS.get(principal.role, ()):
         raise PermissionDeniedError(

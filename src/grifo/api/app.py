@@ -12,6 +12,7 @@ import math
 import uuid
 from importlib import resources
 
+from grifo.api.admin import PREFIXES as ADMIN_PREFIXES
 from grifo.api.admin import ROUTES as ADMIN_ROUTES
 from grifo.api.admin import AdminApi
 from grifo.api.dashboard import asset, is_asset
@@ -89,7 +90,7 @@ class GatewayApp:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
             return asset(path)
-        if (path in ADMIN_ROUTES or path.startswith("/admin/keys/")) and self.admin is not None:
+        if (path in ADMIN_ROUTES or path.startswith(ADMIN_PREFIXES)) and self.admin is not None:
             return await self.admin.handle(request)  # it checks the method of each route
         if self.registry is not None and (
             path == REGISTRY_PREFIX or path.startswith(REGISTRY_PREFIX + "/")

@@ -76,7 +76,7 @@ class AuditLog:
         self.name = name
         self.signer = signer
         self._master = hmac_master
-        self._policy = policy
+        self.policy = policy  # a digest of the configuration decisions are made under
         self._every = checkpoint_every
         self._keys: dict[str, bytes] = {}
         self._range, self._prev = _head(open_tables, name)
@@ -132,7 +132,7 @@ class AuditLog:
             cost_micros=cost,
             input_hmac=content_hmac(key, ex.body),
             output_hmac=_hmac_of(key, ex.answer if output is None else output),
-            policy=self._policy,
+            policy=self.policy,
             point_receipt=ex.point_receipt,
             data_class=ex.data_class,
             redacted=ex.redacted,

@@ -65,15 +65,13 @@ def check(config: GrifoConfig) -> list[str]:
     for i, point in enumerate(config.points):
         problems += point_problems(f"$.points[{i}]", point)
     tenants = {t.name for t in config.tenants}
-    owners = [(f"$.tenants[{i}]", t.budget) for i, t in enumerate(config.tenants)]
-    owners += [(f"$.keys[{i}]", k.budget) for i, k in enumerate(config.keys)]
-    problems += [
-        f"{where}.budget: give `usd`, `tokens` or both"
-        for where, budget in owners
-        if budget is not None and budget.usd is None and budget.tokens is None
-    ]
     for i, tenant in enumerate(config.tenants):
-        problems += _check_tenant(f"$.tenants[{i}]", tenant, blocs)
+        problems += tenant_problems(f"$.tenants[{i}]", tenant, blocs)
+    problems += [
+        f"$.keys[{i}].budget: give `usd`, `tokens` or both"
+        for i, k in enumerate(config.keys)
+        if k.budget is not None and k.budget.usd is None and k.budget.tokens is None
+    ]
     for i, key in enumerate(config.keys):
         where = f"$.keys[{i}]"
         if key.tenant not in tenants:
@@ -145,10 +143,14 @@ def _check_store(config: GrifoConfig) -> list[str]:
     return problems
 
 
-def _check_tenant(
+def tenant_problems(
     where: str, tenant: TenantConfig, blocs: Mapping[str, frozenset[str]]
 ) -> list[str]:
+    """What is wrong with a tenant (from the config, or the admin API), each naming its field."""
     problems: list[str] = []
+    budget = tenant.budget
+    if budget is not None and budget.usd is None and budget.tokens is None:
+        problems.append(f"{where}.budget: give `usd`, `tokens` or both")
     lists = {"allowed_jurisdictions": tenant.allowed_jurisdictions}
     lists |= {f"data_classes.{name}": codes for name, codes in tenant.data_classes.items()}
     for field, codes in lists.items():

@@ -7,14 +7,16 @@ import asyncio
 import datetime as dt
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from grifo.admission.shedding import PRIORITIES
-from grifo.config.model import GrifoConfig, KeyConfig
+from grifo.config.model import GrifoConfig, KeyConfig, TenantConfig
 from grifo.errors import StoreUnavailableError
 from grifo.guardrails.policy import Guardrails
 from grifo.jurisdictions import expand, merge_blocs
 from grifo.security.keys import ROLES, KeyRing, Principal, Role, generate_key, hash_key
+from grifo.security.tenants import Directory
 from grifo.store.records import StoredKey
 from grifo.store.select import StateStore
 
@@ -22,23 +24,31 @@ KEY_REFRESH_S = 2.0
 
 
 def build_keyring(
-    config: GrifoConfig, db: StateStore, state_dir: Path, *, create_demo: bool = True
+    config: GrifoConfig,
+    db: StateStore,
+    state_dir: Path,
+    *,
+    create_demo: bool = True,
+    tenants: Sequence[TenantConfig] | None = None,
 ) -> tuple[KeyRing, dict[str, str]]:
-    """Keys from the config and the state database; demo keys are created once and kept."""
+    """Keys from the config and the state database, for `tenants` (default: the config's);
+    demo keys are created once and kept."""
     blocs = merge_blocs(config.blocs)
+    if tenants is None:
+        tenants = config.tenants
     allowed = {
         t.name: None if t.allowed_jurisdictions is None else expand(t.allowed_jurisdictions, blocs)
-        for t in config.tenants
+        for t in tenants
     }
-    tiers = {t.name: None if t.tier == "any" else t.tier for t in config.tenants}
-    timeouts = {t.name: t.timeout_ms / 1000 if t.timeout_ms else None for t in config.tenants}
+    tiers = {t.name: None if t.tier == "any" else t.tier for t in tenants}
+    timeouts = {t.name: t.timeout_ms / 1000 if t.timeout_ms else None for t in tenants}
 
     classes = {
         t.name: {c: None if j is None else expand(j, blocs) for c, j in t.data_classes.items()}
-        for t in config.tenants
+        for t in tenants
     }
-    defaults = {t.name: t.default_data_class or "" for t in config.tenants}
-    priorities = {t.name: PRIORITIES[t.priority] for t in config.tenants}
+    defaults = {t.name: t.default_data_class or "" for t in tenants}
+    priorities = {t.name: PRIORITIES[t.priority] for t in tenants}
     rails = {
         t.name: Guardrails(
             t.guardrails.pii,
@@ -46,11 +56,9 @@ def build_keyring(
             t.guardrails.injection_threshold,
             t.guardrails.tool_injection,
         )
-        for t in config.tenants
+        for t in tenants
     }
-    redacted = {
-        t.name: {c: expand(j, blocs) for c, j in t.redacted_to.items()} for t in config.tenants
-    }
+    redacted = {t.name: {c: expand(j, blocs) for c, j in t.redacted_to.items()} for t in tenants}
 
     def principal(key: StoredKey) -> Principal:
         tenant, key_id = key.tenant, key.id
@@ -99,20 +107,40 @@ def stored_key(key: KeyConfig, digest: str) -> StoredKey:
 
 
 async def refresh_keys(
-    config: GrifoConfig, db: StateStore, state_dir: Path, ring: KeyRing, interval_s: float
+    config: GrifoConfig,
+    db: StateStore,
+    state_dir: Path,
+    ring: KeyRing,
+    interval_s: float,
+    directory: Directory | None = None,
+    on_tenants: Callable[[list[TenantConfig]], None] | None = None,
 ) -> None:
-    """Re-read keys from the state database, so keys created or revoked with `grifo keys`
-    (or by another gateway process) take effect within `interval_s`. While the database is
-    unreachable the keys last read stay in force."""
+    """Re-read keys (and tenants made over the admin API: one query more) from the state
+    database, so keys and tenants created or removed by any gateway process take effect within
+    `interval_s`; `on_tenants` gets the effective tenants when they change. While the database
+    is unreachable the keys and tenants last read stay in force."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            fresh, _ = await asyncio.to_thread(
-                build_keyring, config, db, state_dir, create_demo=False
-            )
+            fresh, changed = await asyncio.to_thread(reload, config, db, state_dir, directory)
         except StoreUnavailableError:
             continue
         ring.replace(fresh)
+        if changed and directory is not None and on_tenants is not None:
+            on_tenants(directory.tenants())
+
+
+def reload(
+    config: GrifoConfig, db: StateStore, state_dir: Path, directory: Directory | None
+) -> tuple[KeyRing, bool]:
+    """The key ring from the state database now, and whether the stored tenants changed."""
+    changed = False
+    tenants = None
+    if directory is not None:
+        changed = directory.update(db.stored_tenants())
+        tenants = directory.tenants()
+    ring, _ = build_keyring(config, db, state_dir, create_demo=False, tenants=tenants)
+    return ring, changed
 
 
 def _demo_keys(config: GrifoConfig, db: StateStore, state_dir: Path) -> dict[str, str]:

@@ -78,6 +78,13 @@ ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
     AUDIT_SCHEMA,
     KEYS_EXPIRY_SCHEMA,
     REGISTRY_SCHEMA,
+    """
+CREATE TABLE tenants (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    updated_ms BIGINT NOT NULL
+);
+""",
 )
 
 _INSERT_LEDGER = (
@@ -175,6 +182,30 @@ class PostgresDB:
                 raise StoreUnavailableError(
                     "the state database is unavailable; retry shortly"
                 ) from None
+
+    # -- tenants made over the admin API ----------------------------------------------------------
+    def put_tenant(self, name: str, config_json: str) -> bool:
+        """Store a tenant's config (JSON of a `TenantConfig`); True if it is new."""
+        row = self._run(
+            lambda c: c.execute(
+                "INSERT INTO tenants (name, config, updated_ms) VALUES (%s, %s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET config = EXCLUDED.config, "
+                "updated_ms = EXCLUDED.updated_ms RETURNING (xmax = 0)",
+                (name, config_json, _now_ms()),
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def delete_tenant(self, name: str) -> bool:
+        cursor = self._run(lambda c: c.execute("DELETE FROM tenants WHERE name = %s", (name,)))
+        return cursor.rowcount == 1
+
+    def stored_tenants(self) -> list[tuple[str, str]]:
+        """(name, config JSON) of every stored tenant, by name."""
+        rows = self._run(
+            lambda c: c.execute("SELECT name, config FROM tenants ORDER BY name").fetchall()
+        )
+        return [(str(name), str(config)) for name, config in rows]
 
     # -- keys -------------------------------------------------------------------------------------
     def add_key(self, key: StoredKey) -> None:

@@ -74,6 +74,13 @@ ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user';
     AUDIT_SCHEMA,
     KEYS_EXPIRY_SCHEMA,
     REGISTRY_SCHEMA,
+    """
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+""",
 )
 
 
@@ -145,6 +152,35 @@ class StateDB(BudgetTables):
     def open_registry(self) -> RegistryTables:
         """The registry of points that joined, on a connection of its own."""
         return RegistryTables(lambda: connect(self.path), "?", SQLITE_NOW, (sqlite3.Error,))
+
+    # -- tenants made over the admin API ----------------------------------------------------------
+    def put_tenant(self, name: str, config_json: str) -> bool:
+        """Store a tenant's config (JSON of a `TenantConfig`); True if it is new."""
+        now = int(time.time() * 1000)
+        with self._lock:
+            cursor = self._conn.execute(
+                "INSERT INTO tenants (name, config, updated_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
+                (name, config_json, now),
+            )
+            if cursor.rowcount == 1:
+                return True
+            self._conn.execute(
+                "UPDATE tenants SET config = ?, updated_ms = ? WHERE name = ?",
+                (config_json, now, name),
+            )
+        return False
+
+    def delete_tenant(self, name: str) -> bool:
+        with self._lock:
+            cursor = self._conn.execute("DELETE FROM tenants WHERE name = ?", (name,))
+        return cursor.rowcount == 1
+
+    def stored_tenants(self) -> list[tuple[str, str]]:
+        """(name, config JSON) of every stored tenant, by name."""
+        with self._lock:
+            rows = self._conn.execute("SELECT name, config FROM tenants ORDER BY name").fetchall()
+        return [(str(name), str(config)) for name, config in rows]
 
     # -- keys -------------------------------------------------------------------------------------
     def add_key(self, key: StoredKey) -> None:
