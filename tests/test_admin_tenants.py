@@ -3,6 +3,7 @@ who may, and deleted (their keys stop working), against a real fabric; and the s
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -215,3 +216,26 @@ def test_replaced_limits_keep_the_state_of_unchanged_tenants() -> None:
     limits.admit(caller, 1)
     limits.set_tenants({})
     assert not limits.applies(caller)
+
+
+def test_the_cli_sets_and_deletes_tenants_through_the_api(
+    fabric: tuple[Fabric, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grifo.cli import main
+
+    fab, keys = fabric
+    admin = ["--url", fab.url, "--key", keys["root"]]
+    body = '{"allowed_jurisdictions": ["PE"], "priority": "low"}'
+    assert main(["tenants", "set", "cli-pe", "--body", body, *admin]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "api"
+    status, listed = get(fab, "/admin/tenants", keys["root"])
+    assert status == 200
+    assert "cli-pe" in {row["name"] for row in listed["data"]}
+    assert main(["tenants", "set", "cli-pe", "--body", "[1", *admin]) == 2
+    assert main(["tenants", "set", "demo-eu", "--body", "{}", *admin]) == 1  # a config tenant
+    assert "409" in capsys.readouterr().err
+    assert main(["tenants", "delete", "cli-pe", "--url", fab.url, "--key", ""]) == 2
+    assert main(["tenants", "delete", "cli-pe", *admin]) == 0
+    status, listed = get(fab, "/admin/tenants", keys["root"])
+    assert status == 200
+    assert "cli-pe" not in {row["name"] for row in listed["data"]}
