@@ -41,18 +41,15 @@ from grifo.registry.roster import ALLOWED_ADDRESSES, Roster
 from grifo.registry.tokens import JoinToken
 from grifo.security.egress import egress_refusal
 from grifo.store.registry_sql import RegisteredRow
-from grifo.wire.requests import _refuse_duplicate_keys
+from grifo.wire.requests import decode_json
 
 log = logging.getLogger("grifo.registry")
 PREFIX = "/v1/grifo/points"
 MAX_BODY = 64 * 1024
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_PATH = re.compile(r"at `\$\.?([A-Za-z_][A-Za-z0-9_.\[\]]*)")
-_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
-S = TypeVar("S")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class Registration(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -243,28 +240,7 @@ def _decode(kind: type[S], body: bytes) -> S:
     """A JSON body as `kind`, or 400 naming the field (as every grifo request is decoded)."""
     if len(body) > MAX_BODY:
         raise PayloadTooLargeError(f"the body is larger than {MAX_BODY} bytes")
-    if not body:
-        raise InvalidRequestError("the request body is empty; send a JSON object")
-    try:
-        value = msgspec.json.decode(body, type=kind)
-    except UnicodeDecodeError:
-        raise InvalidRequestError("the body is not valid UTF-8 JSON", code="invalid_json") from None
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        if unknown := _UNKNOWN.search(message):
-            raise InvalidRequestError(
-                f"unknown field {unknown.group(1)!r}",
-                param=unknown.group(1),
-                code="unsupported_parameter",
-            ) from None
-        where = _PATH.search(message) or _MISSING.search(message)
-        raise InvalidRequestError(
-            f"invalid body: {message}", param=where.group(1) if where else None
-        ) from None
-    except msgspec.DecodeError:
-        raise InvalidRequestError("the body is not valid JSON", code="invalid_json") from None
-    _refuse_duplicate_keys(body)
-    return value
+    return decode_json(kind, body)
 
 
 def _now_ms() -> int:
