@@ -1,8 +1,12 @@
-"""Gateway Prometheus metrics. Label children are cached: `.labels()` per request is costly."""
+"""Gateway Prometheus metrics. What requests update is a `series` counter or histogram (an
+addition per update, turned into Prometheus families when scraped); gauges, set rarely, are
+`prometheus_client`'s."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from grifo.telemetry.series import Counter, Histogram
 
 _OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -121,7 +125,6 @@ class GatewayMetrics:
         )
         self._unchecked_seen = 0
         self._limits_unchecked_seen = 0
-        self._children: dict[tuple[str, ...], object] = {}
 
     def count_limits_unchecked(self, total: int) -> None:
         if total > self._limits_unchecked_seen:
@@ -145,19 +148,19 @@ class GatewayMetrics:
     ) -> None:
         """An answered request: `times` is (latency, time to first token) in seconds."""
         latency_s, ttft_s = times
-        self._child(self.requests, endpoint, point, str(status)).inc()  # type: ignore[attr-defined]
+        self.requests.labels(endpoint, point, str(status)).inc()
         if not point:
             return
         operation = _OPERATIONS.get(endpoint, "chat")
-        self._child(self.latency, operation, model, point).observe(latency_s)  # type: ignore[attr-defined]
+        self.latency.labels(operation, model, point).observe(latency_s)
         if ttft_s is not None:
-            self._child(self.ttft, operation, model, point).observe(ttft_s)  # type: ignore[attr-defined]
+            self.ttft.labels(operation, model, point).observe(ttft_s)
             if output_tokens > 1:
                 per_token = (latency_s - ttft_s) / (output_tokens - 1)
-                self._child(self.tpot, operation, model, point).observe(per_token)  # type: ignore[attr-defined]
+                self.tpot.labels(operation, model, point).observe(per_token)
         elif output_tokens > 0:
             per_token = latency_s / output_tokens
-            self._child(self.tpot, operation, model, point).observe(per_token)  # type: ignore[attr-defined]
+            self.tpot.labels(operation, model, point).observe(per_token)
 
     def meter(
         self,
@@ -171,21 +174,14 @@ class GatewayMetrics:
     ) -> None:
         prompt, completion = usage
         operation = _OPERATIONS.get(endpoint, "chat")
-        self._child(self.token_usage, operation, model, "input").observe(prompt)  # type: ignore[attr-defined]
-        self._child(self.token_usage, operation, model, "output").observe(completion)  # type: ignore[attr-defined]
-        self._child(self.tokens, point, model, "prompt").inc(prompt)  # type: ignore[attr-defined]
-        self._child(self.tokens, point, model, "completion").inc(completion)  # type: ignore[attr-defined]
-        self._child(self.cost, tenant, key, point, model).inc(cost)  # type: ignore[attr-defined]
+        self.token_usage.labels(operation, model, "input").observe(prompt)
+        self.token_usage.labels(operation, model, "output").observe(completion)
+        self.tokens.labels(point, model, "prompt").inc(prompt)
+        self.tokens.labels(point, model, "completion").inc(completion)
+        self.cost.labels(tenant, key, point, model).inc(cost)
 
     def placed(self, reason: str) -> None:
-        self._child(self.placements, reason).inc()  # type: ignore[attr-defined]
-
-    def _child(self, metric: Counter | Histogram, *labels: str) -> object:
-        key = (metric._name, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self.placements.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -215,7 +215,7 @@ def _refuse_duplicate_keys(body: bytes) -> None:
     """Raise InvalidRequestError naming a key given twice in one object. Runs only on a body
     that already decoded, so its depth and size are those the request types allow."""
     try:
-        json.loads(body, object_pairs_hook=_unique_pairs)
+        _PAIRS_DECODER.decode(body.decode())
     except ValueError:  # JSON the first decoder took and this one does not: refuse it too
         raise InvalidRequestError(
             "the request body is not valid JSON", code="invalid_json"
@@ -233,6 +233,9 @@ def _unique_pairs(pairs: list[tuple[str, object]]) -> None:
                     code="duplicate_key",
                 )
             seen.add(name)
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)  # `json.loads` makes one a call
 
 
 def encode(request: InferenceRequest) -> bytes:
