@@ -6,6 +6,7 @@ The single wiring path: config → state directory (SQLite, keys) → points →
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -203,6 +204,15 @@ async def start(
     return Running(gateway, server, poller, db, bound, local, demo, tasks, internal, roster)
 
 
+def _settle_heap() -> None:
+    """Once started: what start-up made lives as long as the process, so the collector stops
+    walking it (`gc.freeze`), and collects the young generation every 20,000 allocations
+    rather than 700 (requests make short-lived objects, almost never cycles)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def _own_metrics(gateway: Gateway, state_dir: Path) -> HttpServer:
     """A worker's private loopback listener for its own metrics, so that whichever worker is
     scraped can merge all of them (telemetry/peers.py)."""
@@ -300,6 +310,7 @@ async def serve(
             for p in running.gateway.points
         }
         extra = await start_workers(config, state_dir, host, running.port, urls, workers - 1)
+        _settle_heap()
         print(banner(running, host), flush=True)
         await _until(stop, None)
     finally:
@@ -321,6 +332,7 @@ async def serve_worker(
     running = await start(
         config, state_dir, host, port, point_urls=point_urls, reuse_port=True, worker=worker
     )
+    _settle_heap()
     print("ready", flush=True)
     try:
         await _until(stop, parent_pid)
