@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 
-from grifo.admission.budgets import Budgets, _check
+from grifo.admission.budgets import Budgets, _check, prompt_bound
 from grifo.config.model import BudgetConfig
 from grifo.security.keys import Principal
 from grifo.store.ledger import LedgerWriter
@@ -318,3 +318,48 @@ def test_token_counts_and_money_are_both_checked(tmp_path: Path) -> None:
         assert db.reserve([both], Amount(1000, 50)) is None
     finally:
         db.close()
+
+
+def test_worst_case_is_the_dearest_candidates_price_of_the_most_a_request_can_use(
+    tmp_path: Path,
+) -> None:
+    from grifo.admission.reservations import ProcessReservations
+    from grifo.metering.pricing import cost_micros
+    from grifo.placement.scoring import Candidate
+    from grifo.topology import ModelCard
+    from tests.test_placement import make_point
+
+    db = StateDB(tmp_path / "state.db")
+    budgets = Budgets(ProcessReservations(db), db, {}, {}, request_timeout_s=30)
+    cheap = make_point("cheap", "PE", input_usd=1.0, output_usd=2.0, usd_per_hour=0.5)
+    dear_out = make_point("dear-out", "PE", input_usd=0.5, output_usd=9.0, usd_per_hour=0.1)
+    dear_in = make_point("dear-in", "PE", input_usd=30.0, output_usd=1.0, usd_per_hour=3.0)
+    for point, context in ((cheap, 2048), (dear_out, 2048), (dear_in, 512)):
+        point.models = {CHAT: ModelCard(CHAT, "chat", context)}
+    candidates = [Candidate(p, 0.0) for p in (cheap, dear_out, dear_in)]
+    chat = wire.decode_for(
+        "/v1/chat/completions",
+        json.dumps({"model": CHAT, "messages": [{"role": "user", "content": "hi " * 40}]}).encode(),
+    )
+    prompt = prompt_bound(chat)
+    busy_ns = 10 * 10**9
+
+    def at(point: object, prompt: int, completion: int) -> int:
+        assert hasattr(point, "price")
+        return cost_micros(
+            point.price(CHAT), point.usd_per_hour_micros, prompt, completion, busy_ns
+        )
+
+    worst = budgets.worst_case(chat, candidates, timeout_s=10)
+    # no max_tokens: as many as each point's model allows (2048, 2048, 512)
+    expected = max(at(cheap, prompt, 2048), at(dear_out, prompt, 2048), at(dear_in, prompt, 512))
+    assert worst == Amount(expected, prompt + 2048)
+    assert prompt > 120  # 40 words of text, and the template's share
+
+    run = wire.decode_for(
+        "/v1/grifo/agent-runs",
+        json.dumps({"model": CHAT, "input": "go", "limits": {"max_tokens": 100}}).encode(),
+    )
+    # a run's tokens may all be prompt or all completion: the dearer rate of each point
+    expected = max(max(at(p, 100, 0), at(p, 0, 100)) for p in (cheap, dear_out, dear_in))
+    assert budgets.worst_case(run, candidates, timeout_s=10) == Amount(expected, 100)

@@ -14,19 +14,23 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from grifo.admission.burn import Burn, SpendSource, burn_rates
 from grifo.admission.reservations import Batched, BudgetStore, ProcessReservations
 from grifo.config.model import BudgetConfig, OutagePolicy
 from grifo.errors import BudgetExceededError, StoreUnavailableError
-from grifo.metering.pricing import cost_micros
 from grifo.placement.scoring import Candidate
 from grifo.security.keys import Principal
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.wire import requests as wire
 
+_NS_PER_HOUR = 3_600_000_000_000
 _TEMPLATE_TOKENS = 64  # chat template and default system prompt
 _PER_MESSAGE_TOKENS = 8
+
+
+_Active = tuple[dt.date, list[BudgetCheck], list[list[int]] | None]  # day, checks, counters
 
 
 @dataclass(slots=True)
@@ -35,6 +39,7 @@ class Reservation:
     checks: list[BudgetCheck]
     worst: Amount
     open: bool = True
+    rows: list[list[int]] | None = None  # the counters, when this process keeps them
 
 
 class Budgets:
@@ -60,7 +65,8 @@ class Budgets:
         self._timeout_ns = int(request_timeout_s * 1e9)
         self._on_outage = on_outage
         self.unchecked = 0
-        self._active: dict[tuple[str, str], tuple[dt.date, list[BudgetCheck]]] = {}
+        self._process = store if isinstance(store, ProcessReservations) else None
+        self._active: dict[tuple[str, str], _Active] = {}
         self._day = dt.date(1970, 1, 1)
         self._day_ends = 0.0  # epoch seconds of the next UTC midnight
 
@@ -82,22 +88,26 @@ class Budgets:
             self._day_ends = (wall // 86_400 + 1) * 86_400
         return self._day
 
-    def _checks(self, principal: Principal, day: dt.date) -> list[BudgetCheck]:
-        """The budgets a caller's request counts against on `day` (cached for the day: they
-        only change at midnight; hashing the configs on every request was the costly part)."""
+    def _checks(
+        self, principal: Principal, day: dt.date
+    ) -> tuple[list[BudgetCheck], list[list[int]] | None]:
+        """The budgets a caller's request counts against on `day`, and their counters when
+        this process keeps them (cached for the day: they only change at midnight; hashing
+        the configs on every request was the costly part)."""
         who = (principal.tenant, principal.key_id)
         cached = self._active.get(who)
         if cached is not None and cached[0] == day:
-            return cached[1]
+            return cached[1], cached[2]
         checks = [
             _check(f"tenant:{principal.tenant}", self._tenants.get(principal.tenant), day),
             _check(f"key:{principal.key_id}", self._keys.get(principal.key_id), day),
         ]
         active = [c for c in checks if c is not None]
+        rows = None if self._process is None else self._process.rows(active)
         if len(self._active) > 100_000:
             self._active.clear()
-        self._active[who] = (day, active)
-        return active
+        self._active[who] = (day, active, rows)
+        return active, rows
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
@@ -113,8 +123,13 @@ class Budgets:
     ) -> Reservation:
         """Reserve the worst case in every budget that applies, or raise 429."""
         day = now.date() if now is not None else self._today()
-        active = self._checks(principal, day)
+        active, rows = self._checks(principal, day)
         worst = self.worst_case(body, candidates, timeout_s)
+        if rows is not None:  # this process keeps the counters: no store to ask
+            refused = ProcessReservations.take(active, rows, worst)
+            if refused is not None:
+                _refuse(refused, worst)
+            return Reservation(request_id, active, worst, rows=rows)
         hold_s = self._timeout_ns / 1e9 if timeout_s is None else timeout_s
         try:
             refused = await self._store.reserve(Ask(active, worst, request_id, hold_s))
@@ -127,17 +142,15 @@ class Budgets:
             self.unchecked += 1
             return Reservation(request_id, active, worst, open=False)
         if refused is not None:
-            scope = refused.scope.split(":", 1)[0]
-            raise BudgetExceededError(
-                f"the {scope}'s budget for this period cannot cover this request (worst case "
-                f"{worst.micros} micro-USD, {worst.tokens} tokens); raise the budget or lower "
-                "max_tokens"
-            )
+            _refuse(refused, worst)
         return Reservation(request_id, active, worst)
 
     def settle(self, reservation: Reservation, actual: Amount) -> None:
         if reservation.open:
             reservation.open = False
+            if reservation.rows is not None:
+                ProcessReservations.give_back(reservation.rows, reservation.worst, actual)
+                return
             self._store.settle(
                 Settlement(reservation.checks, reservation.request_id, reservation.worst, actual)
             )
@@ -163,23 +176,37 @@ class Budgets:
         deadline (`timeout_s`, default the gateway's request timeout)."""
         busy_ns = self._timeout_ns if timeout_s is None else int(timeout_s * 1e9)
         prompt = prompt_bound(body)
-        embeddings = isinstance(body, wire.EmbeddingRequest)
-        limit = None if isinstance(body, wire.EmbeddingRequest) else body.token_limit()
+        model = body.model
+        limit = 0 if isinstance(body, wire.EmbeddingRequest) else body.token_limit()
+        run = isinstance(body, wire.AgentRunRequest)
         worst_micros = worst_tokens = 0
         for candidate in candidates:
             point = candidate.point
-            completion = 0
-            if not embeddings:
-                card = point.models.get(body.model)
-                context = card.context_length if card is not None and card.context_length else 0
-                completion = limit or context or wire.MAX_TOKENS_LIMIT
-            price, hourly = point.price(body.model), point.usd_per_hour_micros
-            cost = cost_micros(price, hourly, prompt, completion, busy_ns)
-            if isinstance(body, wire.AgentRunRequest):  # its tokens may be prompt or completion
-                cost = max(cost, cost_micros(price, hourly, completion, 0, busy_ns))
-            worst_micros = max(worst_micros, cost)
+            completion = limit
+            if completion is None:  # as many as the model's context allows
+                card = point.models.get(model)
+                completion = (card.context_length if card else 0) or wire.MAX_TOKENS_LIMIT
+            price = point.price(model)
+            # cost_micros(price, hourly, prompt, completion, busy_ns), spelled out: this runs
+            # for every request with a budget
+            rate_in, rate_out = price.input_micros_per_1m, price.output_micros_per_1m
+            if run:  # its tokens may be prompt or completion
+                total = (prompt + completion) * max(rate_in, rate_out)
+            else:
+                total = prompt * rate_in + completion * rate_out
+            tokens_cost = -(-total // 1_000_000)
+            hardware = -(-(point.usd_per_hour_micros * busy_ns) // _NS_PER_HOUR)
+            worst_micros = max(worst_micros, tokens_cost + hardware)
             worst_tokens = max(worst_tokens, prompt + completion)
         return Amount(worst_micros, worst_tokens)
+
+
+def _refuse(check: BudgetCheck, worst: Amount) -> NoReturn:
+    scope = check.scope.split(":", 1)[0]
+    raise BudgetExceededError(
+        f"the {scope}'s budget for this period cannot cover this request (worst case "
+        f"{worst.micros} micro-USD, {worst.tokens} tokens); raise the budget or lower max_tokens"
+    )
 
 
 def prompt_bound(body: wire.InferenceRequest) -> int:

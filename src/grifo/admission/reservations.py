@@ -66,9 +66,16 @@ class ProcessReservations:
         self.store = self  # the surface of `Batched`, without the batching
 
     async def reserve(self, ask: Ask) -> BudgetCheck | None:
-        rows = [self._row(check) for check in ask.checks]
-        worst = ask.worst
-        for check, row in zip(ask.checks, rows, strict=True):
+        return self.take(ask.checks, self.rows(ask.checks), ask.worst)
+
+    def rows(self, checks: list[BudgetCheck]) -> list[list[int]]:
+        """The counters of `checks` (the same lists every time: a caller may keep them)."""
+        return [self._row(check) for check in checks]
+
+    @staticmethod
+    def take(checks: list[BudgetCheck], rows: list[list[int]], worst: Amount) -> BudgetCheck | None:
+        """Reserve `worst` in every row, or in none: the check that refused."""
+        for check, row in zip(checks, rows, strict=True):
             if not fits(check, row, worst):
                 return check
         for row in rows:
@@ -76,14 +83,16 @@ class ProcessReservations:
             row[1] += worst.tokens
         return None
 
-    def settle(self, settlement: Settlement) -> None:
-        reserved, actual = settlement.reserved, settlement.actual
-        for check in settlement.checks:
-            row = self._row(check)
+    @staticmethod
+    def give_back(rows: list[list[int]], reserved: Amount, actual: Amount) -> None:
+        for row in rows:
             row[0] -= reserved.micros
             row[1] -= reserved.tokens
             row[2] += actual.micros
             row[3] += actual.tokens
+
+    def settle(self, settlement: Settlement) -> None:
+        self.give_back(self.rows(settlement.checks), settlement.reserved, settlement.actual)
 
     def _row(self, check: BudgetCheck) -> list[int]:
         key = (check.scope, check.period_start_ms)

@@ -149,10 +149,8 @@ class BudgetTables:
 def fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:
     """strict: committed + worst within the limit; soft: committed still under it.
     `row`: reserved micros, reserved tokens, spent micros, spent tokens."""
-    for limit, committed, need in (
-        (check.limit_micros, row[0] + row[2], worst.micros),
-        (check.limit_tokens, row[1] + row[3], worst.tokens),
-    ):
-        if limit is not None and committed + (need if check.strict else 1) > limit:
-            return False
-    return True
+    limit = check.limit_micros
+    if limit is not None and row[0] + row[2] + (worst.micros if check.strict else 1) > limit:
+        return False
+    limit = check.limit_tokens
+    return limit is None or row[1] + row[3] + (worst.tokens if check.strict else 1) <= limit
