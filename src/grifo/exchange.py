@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grifo.admission.budgets import Reservation
+from grifo.audit.signing import Claims
 from grifo.guardrails.policy import Verdict
 from grifo.security.keys import Principal
 from grifo.topology import PointState
@@ -41,6 +42,7 @@ class Exchange:
     data_class: str = ""
     answer: bytes | None = None  # a whole response's body, for the audit record
     attestation: str | None = None
+    claims: Claims | None = None  # to attest, for a whole answer: signed in a batch
     point_receipt: str = ""
     tier: str = "any"
     span: Any = None  # the request's trace span, when tracing is on

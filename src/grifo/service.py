@@ -335,7 +335,7 @@ class Gateway:
         )
         if answer.payload is not None:
             try:
-                return self.answers.whole(ex, answer)
+                return await self.answers.whole(ex, answer)
             finally:
                 point.left()
         timer = asyncio.get_running_loop().call_later(

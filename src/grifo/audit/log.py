@@ -150,16 +150,18 @@ class AuditLog:
 
     def attest(self, record: AuditRecord) -> str:
         """The signed statement of where `record`'s request ran (`x-grifo-attestation`)."""
-        return self.signer.attest(
-            Claims(
-                request_id=record.request_id,
-                point=record.point,
-                jurisdiction=record.jurisdiction,
-                model=record.model,
-                log=record.log,
-                seq=record.seq,
-                ts_ms=record.done_ms,
-            )
+        return self.signer.attest(self.claims(record))
+
+    def claims(self, record: AuditRecord) -> Claims:
+        """What the attestation of `record`'s request states."""
+        return Claims(
+            request_id=record.request_id,
+            point=record.point,
+            jurisdiction=record.jurisdiction,
+            model=record.model,
+            log=record.log,
+            seq=record.seq,
+            ts_ms=record.done_ms,
         )
 
     def checkpoint(self) -> None:

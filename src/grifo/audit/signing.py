@@ -5,7 +5,8 @@ followed by a blank line and one signature line `— <key name> <base64(key id �
 where the key id is the first 4 bytes of SHA-256(key name ‖ 0x0A ‖ 0x01 ‖ public key).
 
 An attestation is `<base64url(JSON claims)>.<base64url(signature)>`: the gateway's signed
-statement of where one request ran, verifiable offline with its public key.
+statement of where one request ran, verifiable offline with its public key; answers signed
+together carry a third part, their batch proof (see `batch.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from grifo.audit.merkle import leaf_hash, root_from_inclusion
 
 _ED25519 = b"\x01"
 RECEIPT_HEADER = b"x-grifo-point-receipt"
@@ -120,8 +123,32 @@ def verify_checkpoint(
     raise CheckpointError(f"no signature by {name!r} on the checkpoint")
 
 
+BATCH_PREFIX = b"grifo-attestation-batch/v1\n"
+
+
+def batch_statement(size: int, root: bytes) -> bytes:
+    """What one signature over a batch of attestations signs (see `batch.py`)."""
+    return BATCH_PREFIX + f"{size}\n{base64.b64encode(root).decode()}\n".encode()
+
+
 def verify_attestation(token: str, public: Ed25519PublicKey) -> Claims:
-    return msgspec.json.decode(_verified(token, public), type=Claims)
+    """The claims of an attestation, signed alone or in a batch (see `batch.py`)."""
+    payload_b64, signature_b64, proof_b64 = [*token.split("."), "", ""][:3]
+    if not proof_b64:
+        return msgspec.json.decode(_verified(token, public), type=Claims)
+    payload, proof = _unb64url(payload_b64), _unb64url(proof_b64)
+    if token.count(".") != 2 or len(proof) < 8 or (len(proof) - 8) % 32:
+        raise CheckpointError("a batch attestation is <claims>.<signature>.<proof>")
+    index, size = int.from_bytes(proof[:4], "big"), int.from_bytes(proof[4:8], "big")
+    path = [proof[i : i + 32] for i in range(8, len(proof), 32)]
+    root = root_from_inclusion(leaf_hash(payload), index, size, path)
+    if root is None:
+        raise CheckpointError("the attestation's batch proof does not fit its batch")
+    try:
+        public.verify(_unb64url(signature_b64), batch_statement(size, root))
+    except InvalidSignature:
+        raise CheckpointError("the token's signature does not verify") from None
+    return msgspec.json.decode(payload, type=Claims)
 
 
 def verify_receipt(token: str, public: Ed25519PublicKey) -> Receipt:

@@ -8,6 +8,7 @@ import time
 from grifo.admission.budgets import Budgets
 from grifo.admission.ratelimit import Limiter
 from grifo.admission.shedding import Admission
+from grifo.audit.batch import BatchAttester
 from grifo.audit.log import AuditLog
 from grifo.audit.signing import RECEIPT_HEADER
 from grifo.config.model import GatewayConfig
@@ -50,8 +51,9 @@ class Answering:
         self.audit = audit
         self.limits = limits
         self.admission = admission
+        self.attester = None if audit is None else BatchAttester(audit.signer)
 
-    def whole(self, ex: Exchange, answer: Answer) -> Response:
+    async def whole(self, ex: Exchange, answer: Answer) -> Response:
         assert ex.point is not None
         assert answer.payload is not None
         response, payload = answer.response, answer.payload
@@ -66,7 +68,7 @@ class Answering:
             ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
             if ex.endpoint == AGENT_RUNS_PATH:
                 record_whole_run(payload, step_recorder(self.audit, self.metrics, ex, ex.point))
-            cost = self.meter(ex, usage, "ok", "point")
+            cost = self.meter(ex, usage, "ok", "point", sign=False)
             if ex.endpoint == AGENT_RUNS_PATH:  # as a streamed run's usage event says it
                 payload = with_cost(payload, cost)
         else:
@@ -87,7 +89,8 @@ class Answering:
         _request_headers(ex, headers)
         if ex.point_receipt:
             headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
-        if ex.attestation is not None:
+        if ex.claims is not None and self.attester is not None:
+            ex.attestation = await self.attester.attest(ex.claims)
             headers.append((b"x-grifo-attestation", ex.attestation.encode()))
         headers.append(self.overhead(ex, answered_ns))
         return Response(response.status, payload, headers=headers)
@@ -162,7 +165,11 @@ class Answering:
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
 
-    def meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
+    def meter(
+        self, ex: Exchange, usage: Usage, status: str, source: str, *, sign: bool = True
+    ) -> int:
+        """Bill, record and audit the request; `sign=False` leaves the attestation's claims
+        in `ex.claims` for the caller to have signed with others (`whole`)."""
         point = ex.point
         assert point is not None
         busy_ns = self.leave_point(ex)
@@ -213,7 +220,10 @@ class Answering:
                 ex, point, (usage.prompt_tokens, usage.completion_tokens), status, cost
             )
             if self.config.audit.attest:
-                ex.attestation = self.audit.attest(record)
+                if sign:
+                    ex.attestation = self.audit.attest(record)
+                else:
+                    ex.claims = self.audit.claims(record)
         self.metrics.meter(
             ex.principal.tenant,
             ex.principal.key_id,

@@ -1,0 +1,103 @@
+"""Attestations of answers completed in one event-loop turn share one signature."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from grifo.audit import merkle
+from grifo.audit.batch import BatchAttester
+from grifo.audit.signing import (
+    CheckpointError,
+    Claims,
+    Signer,
+    batch_statement,
+    verify_attestation,
+)
+from tests.support.fabric import CHAT, Fabric
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+def _claims(n: int) -> Claims:
+    return Claims(
+        request_id=f"req-{n}", point="lima-edge", jurisdiction="PE", model="m", log="gw/0",
+        seq=n, ts_ms=n,
+    )  # fmt: skip
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_a_turns_answers_share_a_signature_and_each_proves_only_its_own_claims(run: Run) -> None:
+    key = Signer("gw", Ed25519PrivateKey.generate())
+    attester = BatchAttester(key)
+
+    tokens: list[str] = []
+
+    async def main() -> None:
+        tokens.extend(await asyncio.gather(*(attester.attest(_claims(n)) for n in range(7))))
+        tokens.append(await attester.attest(_claims(99)))
+
+    run(main())
+    together, alone = tokens[:7], tokens[7]
+    assert (attester.batches, attester.signed) == (2, 8)
+    assert len({token.split(".")[1] for token in together}) == 1  # one signature for seven
+    for n, token in enumerate(together):
+        assert token.count(".") == 2
+        assert verify_attestation(token, key.public_key) == _claims(n)
+    assert alone.count(".") == 1  # a lone answer's token is the plain one
+    assert verify_attestation(alone, key.public_key) == _claims(99)
+
+    payload, signature, proof = together[3].split(".")
+    other = Ed25519PrivateKey.generate().public_key()
+    swapped = together[4].split(".")[0]  # another answer's claims with this one's proof
+    raw = bytearray(base64.urlsafe_b64decode(proof + "=="))
+    raw[-1] ^= 1
+    for forged in (
+        f"{swapped}.{signature}.{proof}",
+        f"{payload}.{signature}.{_b64url(bytes(raw))}",
+        f"{payload}.{signature}.{_b64url(bytes(raw[:-32]))}",  # a path cut short
+        f"{payload}.{signature}.{_b64url(b'x' * 9)}",
+        f"{payload}.{signature}",  # the batch signature is not over the claims
+    ):
+        with pytest.raises(CheckpointError):
+            verify_attestation(forged, key.public_key)
+    with pytest.raises(CheckpointError):
+        verify_attestation(together[3], other)
+
+
+def test_a_batch_statement_cannot_pass_for_claims() -> None:
+    """What a batch signature covers is not JSON: no token made from it decodes as claims."""
+    key = Signer("gw", Ed25519PrivateKey.generate())
+    statement = batch_statement(2, merkle.leaf_hash(b"x"))
+    token = f"{_b64url(statement)}.{_b64url(key.private.sign(statement))}"
+    with pytest.raises(Exception):  # noqa: B017, PT011 - msgspec's decode error, any kind
+        verify_attestation(token, key.public_key)
+
+
+def test_concurrent_answers_through_the_gateway_all_verify(fabric: Fabric) -> None:
+    client = fabric.client("demo-eu")
+
+    def ask(i: int) -> dict[str, str]:
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, messages=[{"role": "user", "content": f"batch {i}"}]
+        )
+        return dict(raw.headers)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(48)))
+    audit = fabric.running.gateway.audit
+    assert audit is not None
+    public = audit.signer.public_key
+    for headers in answers:
+        claims = verify_attestation(headers["x-grifo-attestation"], public)
+        assert claims.request_id == headers["x-request-id"]
+        assert claims.point == headers["x-grifo-point"]
