@@ -17,6 +17,7 @@ from grifo.audit.signing import (
     CheckpointError,
     Claims,
     Signer,
+    b64url,
     batch_statement,
     verify_attestation,
 )
@@ -30,10 +31,6 @@ def _claims(n: int) -> Claims:
         request_id=f"req-{n}", point="lima-edge", jurisdiction="PE", model="m", log="gw/0",
         seq=n, ts_ms=n,
     )  # fmt: skip
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def test_a_turns_answers_share_a_signature_and_each_proves_only_its_own_claims(run: Run) -> None:
@@ -63,9 +60,9 @@ def test_a_turns_answers_share_a_signature_and_each_proves_only_its_own_claims(r
     raw[-1] ^= 1
     for forged in (
         f"{swapped}.{signature}.{proof}",
-        f"{payload}.{signature}.{_b64url(bytes(raw))}",
-        f"{payload}.{signature}.{_b64url(bytes(raw[:-32]))}",  # a path cut short
-        f"{payload}.{signature}.{_b64url(b'x' * 9)}",
+        f"{payload}.{signature}.{b64url(bytes(raw))}",
+        f"{payload}.{signature}.{b64url(bytes(raw[:-32]))}",  # a path cut short
+        f"{payload}.{signature}.{b64url(b'x' * 9)}",
         f"{payload}.{signature}",  # the batch signature is not over the claims
     ):
         with pytest.raises(CheckpointError):
@@ -78,7 +75,7 @@ def test_a_batch_statement_cannot_pass_for_claims() -> None:
     """What a batch signature covers is not JSON: no token made from it decodes as claims."""
     key = Signer("gw", Ed25519PrivateKey.generate())
     statement = batch_statement(2, merkle.leaf_hash(b"x"))
-    token = f"{_b64url(statement)}.{_b64url(key.private.sign(statement))}"
+    token = f"{b64url(statement)}.{b64url(key.private.sign(statement))}"
     with pytest.raises(Exception):  # noqa: B017, PT011 - msgspec's decode error, any kind
         verify_attestation(token, key.public_key)
 

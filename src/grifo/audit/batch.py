@@ -20,13 +20,12 @@ text no claims JSON can start with, so a batch signature is never mistaken for a
 from __future__ import annotations
 
 import asyncio
-import base64
 import struct
 
 import msgspec
 
 from grifo.audit import merkle
-from grifo.audit.signing import Claims, Signer, batch_statement
+from grifo.audit.signing import Claims, Signer, b64url, batch_statement
 
 MAX_BATCH = 1024  # bounds the proofs: at most 10 hashes
 
@@ -72,15 +71,11 @@ class BatchAttester:
     def _tokens(self, payloads: list[bytes]) -> list[str]:
         if len(payloads) == 1:
             alone = self._signer.private.sign(payloads[0])
-            return [f"{_b64url(payloads[0])}.{_b64url(alone)}"]
+            return [f"{b64url(payloads[0])}.{b64url(alone)}"]
         size = len(payloads)
         root, paths = merkle.all_proofs([merkle.leaf_hash(p) for p in payloads])
-        signed = _b64url(self._signer.private.sign(batch_statement(size, root)))
+        signed = b64url(self._signer.private.sign(batch_statement(size, root)))
         return [
-            f"{_b64url(payload)}.{signed}.{_b64url(encode_proof(index, size, path))}"
+            f"{b64url(payload)}.{signed}.{b64url(encode_proof(index, size, path))}"
             for index, (payload, path) in enumerate(zip(payloads, paths, strict=True))
         ]
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

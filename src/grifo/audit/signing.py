@@ -78,7 +78,7 @@ class Signer:
         """`<base64url(JSON)>.<base64url(signature)>`."""
         payload = msgspec.json.encode(claims)
         signature = self.private.sign(payload)
-        return f"{_b64url(payload)}.{_b64url(signature)}"
+        return f"{b64url(payload)}.{b64url(signature)}"
 
 
 def key_id(name: str, public: Ed25519PublicKey) -> bytes:
@@ -211,7 +211,8 @@ def load_public(pem: bytes) -> Ed25519PublicKey:
     return key
 
 
-def _b64url(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """base64url without padding (tokens, receipts)."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 

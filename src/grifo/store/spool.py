@@ -6,10 +6,11 @@ Every entry is appended before its response is sent, into a segment file mapped 
 killed at any point has the entry on disk (the kernel keeps a dead process's dirty pages of a
 shared file mapping; power loss is out of scope). A segment's blocks are allocated when it is
 opened (`posix_fallocate`), so a full disk is an error at rotation, never a SIGBUS on a write
-into a hole. The unused tail of a segment is zeros: a closed segment is cut to what was
-written; a crashed process's segment is read up to its first zero byte. Segments rotate; a
-segment is deleted once all its entries are committed to the database, and leftover segments
-are replayed at start (the ledger's primary key makes a replay idempotent).
+into a hole. The pages written in the current segment count in the process's RSS until it
+rotates, so segments are small (1 MiB). The unused tail of a segment is zeros: a closed
+segment is cut to what was written; a crashed process's segment is read up to its first zero
+byte. A segment is deleted once all its entries are committed to the database, and leftover
+segments are replayed at start (the ledger's primary key makes a replay idempotent).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import msgspec
 
 R = TypeVar("R")
 _encoder = msgspec.json.Encoder()
-SEGMENT_BYTES = 4 * 1024 * 1024
+SEGMENT_BYTES = 1024 * 1024  # mapped pages count in the RSS: a small segment keeps that small
 
 
 class Spool(Generic[R]):
