@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from grifo.store.spool import Spool, read_segment, segments
 
@@ -61,3 +63,26 @@ def test_a_line_cut_short_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "t-1-1-0.jsonl"
     path.write_bytes(b'{"n":1}\n{"n":2,"te' + b"\0" * 64)
     assert [row.n for row in read_segment(path, Row)] == [1]
+
+
+def test_a_full_disk_refuses_the_entry_whole_and_the_spool_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool: Spool[Row] = Spool(tmp_path, "t", segment_bytes=64, rotate_entries=2)
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool.append(Row(1))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    # due to rotate by count: the entry is written, the rotation waits
+    assert spool.append(Row(2)) is None
+    with pytest.raises(OSError, match="No space"):
+        spool.append(Row(3, "x" * 80))  # needs a new segment: refused, nothing written
+    assert spool.rotate() is None  # the writer's rotation waits too
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    spool.append(Row(4, "y" * 80))
+    spool.close()
+    rows = [row.n for path in segments(tmp_path, "t") for row in read_segment(path, Row)]
+    assert rows == [1, 2, 4]

@@ -16,6 +16,7 @@ segments are replayed at start (the ledger's primary key makes a replay idempote
 from __future__ import annotations
 
 import itertools
+import logging
 import mmap
 import os
 import threading
@@ -27,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 R = TypeVar("R")
+log = logging.getLogger("grifo.spool")
 _encoder = msgspec.json.Encoder()
 SEGMENT_BYTES = 1024 * 1024  # mapped pages count in the RSS: a small segment keeps that small
 
@@ -59,52 +61,70 @@ class Spool(Generic[R]):
         self._count = 0
         self._opened = 0.0
         self._lock = threading.Lock()
+        self._closed = False
         self.segment = self._open(segment_bytes)
 
     def _open(self, size: int) -> Path:
+        """Start a new segment of `size` bytes; on failure the current one stays as it is."""
         name = f"{self.kind}-{os.getpid()}-{time.time_ns()}-{next(self._serial)}.jsonl"
         path = self.directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
+            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        self._fd, self._used, self._count, self._opened = fd, 0, 0, time.monotonic()
+        if self._map is not None:
+            self._finish()
+        self._map, self._fd, self._used, self._count = mapped, fd, 0, 0
+        self._opened = time.monotonic()
         return path
 
     def append(self, entry: R) -> Path | None:
+        """Append `entry`, or raise with nothing written (a full disk, at rotation)."""
         line = _encoder.encode(entry) + b"\n"
         with self._lock:
+            if self._closed:
+                raise RuntimeError("append to a closed spool")
             closed = None
-            end = self._used + len(line)
-            assert self._map is not None, "append to a closed spool"
-            if end > len(self._map):  # does not fit: the next segment holds it
+            assert self._map is not None
+            if self._used + len(line) > len(self._map):  # the next segment holds it
                 closed = self._rotate(max(self._segment_bytes, 2 * len(line)))
-                end = len(line)
+            end = self._used + len(line)
             self._map[self._used : end] = line
             self._used = end
             self._count += 1
-            if closed is not None or (
-                self._count < self._rotate_entries
-                and time.monotonic() - self._opened < self._rotate_s
-            ):
-                return closed
-            return self._rotate(self._segment_bytes)
+            due = self._count >= self._rotate_entries or (
+                time.monotonic() - self._opened >= self._rotate_s
+            )
+            if closed is None and due:
+                try:
+                    closed = self._rotate(self._segment_bytes)
+                except OSError as exc:  # the entry is written: rotate later
+                    log.warning("spool %s: cannot start a segment (%s)", self.kind, exc)
+                    self._opened = time.monotonic()
+            return closed
 
     def rotate(self) -> Path | None:
-        """Close the current segment (returned) and start a new one; None once closed."""
+        """Close the current segment (returned) and start a new one; None once closed, or
+        when no new segment can be started now (the current one stays)."""
         with self._lock:
-            return None if self._fd < 0 else self._rotate(self._segment_bytes)
+            if self._closed:
+                return None
+            try:
+                return self._rotate(self._segment_bytes)
+            except OSError as exc:
+                log.warning("spool %s: cannot start a segment (%s)", self.kind, exc)
+                return None
 
     def _rotate(self, size: int) -> Path:
-        closed = self._finish()
+        closed = self.segment
         self.segment = self._open(size)
         return closed
 
-    def _finish(self) -> Path:
+    def _finish(self) -> None:
         """Unmap the current segment and cut it to what was written."""
         assert self._map is not None
         self._map.close()
@@ -112,11 +132,13 @@ class Spool(Generic[R]):
         os.ftruncate(self._fd, self._used)
         os.close(self._fd)
         self._fd = -1
-        return self.segment
 
     def close(self) -> Path:
         with self._lock:
-            return self.segment if self._fd < 0 else self._finish()
+            if not self._closed:
+                self._closed = True
+                self._finish()
+            return self.segment
 
 
 def segments(directory: Path, kind: str = "ledger") -> list[Path]:
