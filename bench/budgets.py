@@ -1,8 +1,9 @@
 """What budgets cost the gateway: wrk at c=64 through grifo with no budget, with a strict tenant
 budget reserved in SQLite, and with the reservation in Redis, in the same run (one gateway at a
-time on CPU 1, wrk and the mock point on CPU 0), alternating 3 rounds; medians and ratios.
+time on CPU 1, wrk and the mock point on CPU 0), alternating for some rounds (each round starts
+with the next config, so none always runs first); medians and ratios.
 
-Usage: python bench/budgets.py [--seconds 8] [--redis redis://127.0.0.1:6379/0]
+Usage: python bench/budgets.py [--seconds 8] [--rounds 3] [--redis redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
     (work / "post.lua").write_text(LUA)
     prefix = f"grifo-bench-{secrets.token_hex(4)}"
     mock = start_mock()
     rates: dict[str, list[tuple[float, float]]] = {}
+    runs = list(configs(args.redis, prefix).items())
     try:
-        for _ in range(3):
-            for name, config in configs(args.redis, prefix).items():
+        for turn in range(args.rounds):
+            # each round starts with the next config: no config always runs first (or last)
+            for name, config in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
                 rates.setdefault(name, []).append(measure(config, work, args.seconds))
     finally:
         mock.send_signal(signal.SIGTERM)
@@ -72,11 +76,12 @@ def main() -> None:
     base = statistics.median(r for r, _ in rates["no budget"])
     base_cpu = statistics.median(c for _, c in rates["no budget"])
     print(
-        f"| gateway at c=64, {args.seconds}s x 3 rounds | req/s (median) | vs no budget "
-        "| gateway CPU ms/request | vs no budget |"
+        f"| gateway at c=64, {args.seconds}s x {args.rounds} rounds | req/s (median) "
+        "| vs no budget | gateway CPU ms/request | vs no budget |"
     )
     print("|---|---:|---:|---:|---:|")
-    for name, values in rates.items():
+    for name, _ in runs:
+        values = rates[name]
         rps = statistics.median(r for r, _ in values)
         cpu = statistics.median(c for _, c in values)
         print(f"| {name} | {rps:,.0f} | x{rps / base:.2f} | {cpu:.3f} | x{cpu / base_cpu:.2f} |")

@@ -3,6 +3,7 @@ budget settlement, rate-limit correction, audit record, metrics) and add grifo's
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from grifo.admission.budgets import Budgets
@@ -90,8 +91,10 @@ class Answering:
         if ex.point_receipt:
             headers.append((RECEIPT_HEADER, ex.point_receipt.encode("latin-1")))
         if ex.claims is not None and self.attester is not None:
-            ex.attestation = await self.attester.attest(ex.claims)
+            ex.attestation = await self.attester.attest(ex.claims)  # signed with the turn's
             headers.append((b"x-grifo-attestation", ex.attestation.encode()))
+        else:  # the turn's answers go out together all the same (see service.py, _infer)
+            await asyncio.sleep(0)
         headers.append(self.overhead(ex, answered_ns))
         return Response(response.status, payload, headers=headers)
 
