@@ -211,8 +211,8 @@ class Gateway:
             ex.lease = await self.limits.acquire(principal, tokens, request_id, ex.timeout_s)
         try:
             # Let the requests read in this loop turn catch up: they go through admission and
-            # dispatch together, and the loop wakes fewer times per request (A/B at c=64 in
-            # bench/README.md: +16% req/s for one more loop turn of latency, a few µs).
+            # dispatch together, and the loop wakes fewer times per request (bench/README.md:
+            # more req/s at load for one more loop turn of latency, a few µs).
             await asyncio.sleep(0)
             candidates = await self._hold(ex, body, candidates, priority)
             return await self._dispatch(ex, request, body, candidates)

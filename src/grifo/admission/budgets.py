@@ -23,6 +23,7 @@ from grifo.errors import BudgetExceededError, StoreUnavailableError
 from grifo.placement.scoring import Candidate
 from grifo.security.keys import Principal
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
+from grifo.store.sqlite_budgets import take
 from grifo.wire import requests as wire
 
 _NS_PER_HOUR = 3_600_000_000_000
@@ -126,7 +127,7 @@ class Budgets:
         active, rows = self._checks(principal, day)
         worst = self.worst_case(body, candidates, timeout_s)
         if rows is not None:  # this process keeps the counters: no store to ask
-            refused = ProcessReservations.take(active, rows, worst)
+            refused = take(active, rows, worst)
             if refused is not None:
                 _refuse(refused, worst)
             return Reservation(request_id, active, worst, rows=rows)

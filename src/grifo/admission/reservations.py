@@ -16,7 +16,7 @@ from typing import Protocol
 
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.store.sqlite import StateDB
-from grifo.store.sqlite_budgets import fits
+from grifo.store.sqlite_budgets import take
 
 log = logging.getLogger("grifo.budgets")
 
@@ -66,22 +66,11 @@ class ProcessReservations:
         self.store = self  # the surface of `Batched`, without the batching
 
     async def reserve(self, ask: Ask) -> BudgetCheck | None:
-        return self.take(ask.checks, self.rows(ask.checks), ask.worst)
+        return take(ask.checks, self.rows(ask.checks), ask.worst)
 
     def rows(self, checks: list[BudgetCheck]) -> list[list[int]]:
         """The counters of `checks` (the same lists every time: a caller may keep them)."""
         return [self._row(check) for check in checks]
-
-    @staticmethod
-    def take(checks: list[BudgetCheck], rows: list[list[int]], worst: Amount) -> BudgetCheck | None:
-        """Reserve `worst` in every row, or in none: the check that refused."""
-        for check, row in zip(checks, rows, strict=True):
-            if not fits(check, row, worst):
-                return check
-        for row in rows:
-            row[0] += worst.micros
-            row[1] += worst.tokens
-        return None
 
     @staticmethod
     def give_back(rows: list[list[int]], reserved: Amount, actual: Amount) -> None:

@@ -39,15 +39,7 @@ class BudgetTables:
                 usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
                 for checks, worst in asks:
                     rows = [self._row(usage, c) for c in checks]
-                    refused = next(
-                        (c for c, row in zip(checks, rows, strict=True) if not fits(c, row, worst)),
-                        None,
-                    )
-                    if refused is None:
-                        for row in rows:
-                            row[0] += worst.micros
-                            row[1] += worst.tokens
-                    results.append(refused)
+                    results.append(take(checks, rows, worst))
                 self._conn.executemany(
                     "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ? "
                     "WHERE scope = ? AND period_start_ms = ?",
@@ -144,6 +136,17 @@ class BudgetTables:
             (scope.split(":", 1)[1], since_ms),
         ).fetchone()
         return Amount(int(micros), int(tokens))
+
+
+def take(checks: list[BudgetCheck], rows: list[list[int]], worst: Amount) -> BudgetCheck | None:
+    """Reserve `worst` in every row (one per check), or in none: the check that refused."""
+    for check, row in zip(checks, rows, strict=True):
+        if not fits(check, row, worst):
+            return check
+    for row in rows:
+        row[0] += worst.micros
+        row[1] += worst.tokens
+    return None
 
 
 def fits(check: BudgetCheck, row: list[int], worst: Amount) -> bool:

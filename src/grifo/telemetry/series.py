@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -48,21 +49,32 @@ class HistogramChild:
         self.sum += value
 
 
-class _Series(Collector):
+C = TypeVar("C", CounterChild, HistogramChild)
+
+
+class _Series(Collector, Generic[C]):
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
     ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], C] = {}
         registry.register(self)
 
-    def _check(self, values: tuple[str, ...]) -> None:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+    def labels(self, *values: str) -> C:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._child()
+        return child
+
+    def _child(self) -> C:
+        raise NotImplementedError
 
 
-class Counter(_Series):
+class Counter(_Series[CounterChild]):
     def __init__(
         self,
         name: str,
@@ -71,15 +83,10 @@ class Counter(_Series):
         *,
         registry: CollectorRegistry,
     ) -> None:
-        self._children: dict[tuple[str, ...], CounterChild] = {}
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            self._check(values)
-            child = self._children[values] = CounterChild()
-        return child
+    def _child(self) -> CounterChild:
+        return CounterChild()
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
@@ -94,7 +101,7 @@ class Counter(_Series):
         yield family
 
 
-class Histogram(_Series):
+class Histogram(_Series[HistogramChild]):
     def __init__(
         self,
         name: str,
@@ -106,15 +113,10 @@ class Histogram(_Series):
     ) -> None:
         self._bounds = tuple(sorted(float(b) for b in buckets))
         self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            self._check(values)
-            child = self._children[values] = HistogramChild(self._bounds)
-        return child
+    def _child(self) -> HistogramChild:
+        return HistogramChild(self._bounds)
 
     def observe(self, value: float) -> None:
         self.labels().observe(value)
