@@ -313,16 +313,16 @@ class ConnectionPool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
+            # In this task, not under wait_for: Python 3.11's wait_for drops a connection that
+            # completes as the caller is cancelled (a losing hedge), leaving it open.
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, conn = await loop.create_connection(
                     lambda: _Connection(self),
                     self._connect_host,
                     self.port,
                     ssl=self._tls,
                     server_hostname=self._server_hostname,
-                ),
-                timeout=self._connect_timeout_s,
-            )
+                )
         except ssl.SSLError as exc:
             raise PointUnavailableError(
                 f"TLS with the point at {self.host}:{self.port} failed: {exc.reason}"
