@@ -1,9 +1,12 @@
 """What budgets cost the gateway: wrk at c=64 through grifo with no budget, with a strict tenant
 budget reserved in SQLite, and with the reservation in Redis, in the same run (one gateway at a
 time on CPU 1, wrk and the mock point on CPU 0), alternating for some rounds (each round starts
-with the next config, so none always runs first); medians and ratios.
+with the next config, so none always runs first); medians, and ratios to no budget as the
+median of each round's own ratio (a host whose speed drifts over minutes moves both sides of a
+round together). `--only` picks configs by name.
 
 Usage: python bench/budgets.py [--seconds 8] [--rounds 3] [--redis redis://127.0.0.1:6379/0]
+                               [--only "budget, Redis"]
 """
 
 from __future__ import annotations
@@ -55,26 +58,32 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="append", help="a config to run besides no budget")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
     (work / "post.lua").write_text(LUA)
     prefix = f"grifo-bench-{secrets.token_hex(4)}"
     mock = start_mock()
     rates: dict[str, list[tuple[float, float]]] = {}
-    runs = list(configs(args.redis, prefix).items())
+    runs = [
+        (name, config)
+        for name, config in configs(args.redis, prefix).items()
+        if not args.only or name == "no budget" or name in args.only
+    ]
     try:
         for turn in range(args.rounds):
             # each round starts with the next config: no config always runs first (or last)
             for name, config in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
-                rates.setdefault(name, []).append(measure(config, work, args.seconds))
+                rps, cpu = measure(config, work, args.seconds)
+                rates.setdefault(name, []).append((rps, cpu))
+                print(f"round {turn + 1}, {name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request")
     finally:
         mock.send_signal(signal.SIGTERM)
         mock.wait(timeout=20)
         client = redis.Redis.from_url(args.redis)
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
-    base = statistics.median(r for r, _ in rates["no budget"])
-    base_cpu = statistics.median(c for _, c in rates["no budget"])
+    base = rates["no budget"]
     print(
         f"| gateway at c=64, {args.seconds}s x {args.rounds} rounds | req/s (median) "
         "| vs no budget | gateway CPU ms/request | vs no budget |"
@@ -84,7 +93,9 @@ def main() -> None:
         values = rates[name]
         rps = statistics.median(r for r, _ in values)
         cpu = statistics.median(c for _, c in values)
-        print(f"| {name} | {rps:,.0f} | x{rps / base:.2f} | {cpu:.3f} | x{cpu / base_cpu:.2f} |")
+        rps_ratio = statistics.median(r / b for (r, _), (b, _) in zip(values, base, strict=True))
+        cpu_ratio = statistics.median(c / b for (_, c), (_, b) in zip(values, base, strict=True))
+        print(f"| {name} | {rps:,.0f} | x{rps_ratio:.2f} | {cpu:.3f} | x{cpu_ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ points:
      prices: {{default: {{input_usd_per_1m: 0, output_usd_per_1m: 1000}}}}}}
 tenants:
   - {{name: acme, budget: {{usd: {LIMIT_MICROS / 1e6}, period: day, mode: strict}}}}
-  - {{name: other}}
+  - {{name: other, budget: {{usd: 1000, period: month, mode: strict}}}}
   - {{name: limited, limits: {{requests_per_min: {LIMITED_PER_MIN}}}}}
 keys:
   - {{id: acme-1, tenant: acme, env: GRIFO_TEST_KEY}}
@@ -127,6 +127,43 @@ def _chat(port: int, key: str, idempotency_key: str | None = None) -> tuple[int,
         return response.status, {k.lower(): v for k, v in response.getheaders()}
     finally:
         conn.close()
+
+
+def _metric(port: int, name: str) -> float:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_gateways_lease_a_budget_far_from_its_limit(
+    replicas: tuple[list[int], tuple[str, str, str], str, str],
+) -> None:
+    """A budget with room for thousands of requests: each gateway leases a slice of it and
+    reserves most requests without asking Redis; the spending still reaches Redis."""
+    ports, (_, other, _), _, prefix = replicas
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _chat(ports[i % 3], other), range(90)))
+    assert [status for status, _ in results] == [200] * 90
+    billed = sum(int(h["x-grifo-cost-micros"]) for _, h in results)
+    leased = sum(_metric(port, "grifo_budget_leased_total") for port in ports)
+    assert leased >= 45, "most reservations came from the gateways' leases"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        [counters_key] = list(client.scan_iter(f"{prefix}:b:tenant:other:*"))
+        for _ in range(500):
+            if int(client.hget(counters_key, "sm") or 0) == billed:
+                break
+            time.sleep(0.01)
+        assert int(client.hget(counters_key, "sm") or 0) == billed, "spending reached Redis"
+        held = client.hgetall(counters_key.replace(b":b:", b":a:"))
+        assert any(k.startswith(b"lease:") for k in held), "the gateways hold leases"
+    finally:
+        client.close()
 
 
 def test_three_gateways_share_one_budget_and_one_ledger(

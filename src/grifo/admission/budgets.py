@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from grifo.admission.burn import Burn, SpendSource, burn_rates
+from grifo.admission.leases import Lease, Leases
 from grifo.admission.reservations import Batched, BudgetStore, ProcessReservations
 from grifo.config.model import BudgetConfig, OutagePolicy
 from grifo.errors import BudgetExceededError, StoreUnavailableError
@@ -41,12 +42,15 @@ class Reservation:
     worst: Amount
     open: bool = True
     rows: list[list[int]] | None = None  # the counters, when this process keeps them
+    leases: list[Lease] | None = None  # the leases it was taken from
 
 
 class Budgets:
     """Budgets of tenants and keys. When the store is unreachable, `on_outage` decides:
     `fail-closed` refuses (503), `fail-open` admits without a reservation (counted in
-    `unchecked`); `auto` is closed for a strict budget and open for a soft one."""
+    `unchecked`); `auto` is closed for a strict budget and open for a soft one. With
+    `leases`, requests that fit in this process's leases of a shared store's budgets are
+    reserved without asking the store."""
 
     def __init__(
         self,
@@ -56,6 +60,7 @@ class Budgets:
         keys: Mapping[str, BudgetConfig],
         request_timeout_s: float,
         on_outage: OutagePolicy = "auto",
+        leases: Leases | None = None,
     ) -> None:
         self._store: Batched | ProcessReservations = (
             store if isinstance(store, ProcessReservations) else Batched(store)
@@ -65,6 +70,7 @@ class Budgets:
         self._keys = keys
         self._timeout_ns = int(request_timeout_s * 1e9)
         self._on_outage = on_outage
+        self.leases = leases
         self.unchecked = 0
         self._process = store if isinstance(store, ProcessReservations) else None
         self._active: dict[tuple[str, str], _Active] = {}
@@ -132,6 +138,10 @@ class Budgets:
                 _refuse(refused, worst)
             return Reservation(request_id, active, worst, rows=rows)
         hold_s = self._timeout_ns / 1e9 if timeout_s is None else timeout_s
+        if self.leases is not None:
+            leases = self.leases.take(active, worst, hold_s)
+            if leases is not None:
+                return Reservation(request_id, active, worst, leases=leases)
         try:
             refused = await self._store.reserve(Ask(active, worst, request_id, hold_s))
         except StoreUnavailableError:
@@ -152,6 +162,9 @@ class Budgets:
             if reservation.rows is not None:
                 ProcessReservations.give_back(reservation.rows, reservation.worst, actual)
                 return
+            if reservation.leases is not None and self.leases is not None:
+                self.leases.give_back(reservation.leases, reservation.worst, actual)
+                return
             self._store.settle(
                 Settlement(reservation.checks, reservation.request_id, reservation.worst, actual)
             )
@@ -165,6 +178,8 @@ class Budgets:
 
     async def close(self) -> None:
         self._store.flush()
+        if self.leases is not None:
+            await self.leases.close()
         await self._store.store.close()
 
     def worst_case(

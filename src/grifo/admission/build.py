@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from grifo.admission.budgets import Budgets
+from grifo.admission.leases import Leases, LeaseStore
 from grifo.admission.ratelimit import Limiter, RateLimits
 from grifo.admission.reservations import BudgetStore, LocalReservations, ProcessReservations
 from grifo.admission.shedding import Admission
@@ -61,13 +62,19 @@ def budgets(config: GrifoConfig, db: StateStore, *, shared: bool = False) -> Bud
     keys = {k.id: k.budget for k in config.keys if k.budget is not None}
     if not can_reserve(config.gateway.store, db) and not tenants and not keys:
         return None
+    store = reservations(config.gateway.store, db, shared=shared)
+    leases = None
+    lease_requests = config.gateway.store.budget_lease_requests
+    if lease_requests and isinstance(store, LeaseStore):
+        leases = Leases(store, requests=lease_requests)
     return Budgets(
-        reservations(config.gateway.store, db, shared=shared),
+        store,
         db,
         tenants,
         keys,
         config.gateway.request_timeout_s,
         config.gateway.store.budget_outage,
+        leases,
     )
 
 

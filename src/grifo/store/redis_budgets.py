@@ -12,12 +12,17 @@ replicas racing for the last cent cannot overspend. A reservation whose gateway 
 (its deadline plus a margin) and is given back by the next reservation in that scope. Spending
 is counted from the ledger the first time a scope's period is seen (`init`), and again after a
 settle was lost while Redis was unreachable.
+
+A gateway's lease (`admission/leases.py`) is one more open reservation, named by the gateway's
+lease id: what it holds counts as reserved, spending moves from it to the spent counters in
+`lease` calls, and it expires like the others when its gateway stops calling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from grifo.admission.leases import LeaseAnswer, LeaseChange
 from grifo.errors import StoreUnavailableError
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 
@@ -144,6 +150,70 @@ return 1
 """
 
 
+# One call per gateway for all its leases. KEYS: the (b, r, a) keys of every scope; ARGV: the
+# leases' expiry (ms), counter lifetime (s), lease id, share, the changes as JSON: [scope index,
+# spent m, spent t, keep m, keep t, want m, want t (strings), limit m, limit t (-1: none)].
+# Spending moves from the lease (what it still holds: an expired one was given back) to the
+# spent counters; the lease shrinks to `keep`, then grows to `want` if the scope keeps room for
+# `share` more leases that size. Per lease: {held m, held t, 0 | 1 could not grow | 2 the scope
+# has no counters (nothing was changed)}.
+_LEASE = """
+local function add(b, field, v)
+  if v ~= 0 then redis.call('HINCRBY', b, field, string.format('%.0f', v)) end
+end
+local expiry, keep_s, id, share = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out = {}
+for n, x in ipairs(cjson.decode(ARGV[5])) do
+  local s = x[1] * 3
+  local b, r, a = KEYS[s + 1], KEYS[s + 2], KEYS[s + 3]
+  local hm, ht = 0, 0
+  local held = redis.call('HGET', a, id)
+  if held then
+    local m, t = string.match(held, '(%d+) (%d+)')
+    hm, ht = tonumber(m), tonumber(t)
+  end
+  if redis.call('EXISTS', b) == 0 then
+    out[n] = {string.format('%.0f', hm), string.format('%.0f', ht), 2}
+  else
+    local spent_m, spent_t = tonumber(x[2]), tonumber(x[3])
+    local dm, dt = math.min(spent_m, hm), math.min(spent_t, ht)
+    add(b, 'sm', spent_m)
+    add(b, 'st', spent_t)
+    hm, ht = hm - dm, ht - dt
+    local nm, nt = math.min(hm, tonumber(x[4])), math.min(ht, tonumber(x[5]))
+    local wm, wt = tonumber(x[6]), tonumber(x[7])
+    local tight = 0
+    if wm > nm or wt > nt then
+      local v = redis.call('HMGET', b, 'rm', 'rt', 'sm', 'st')
+      -- free room, counting what the lease gives back (its old hold is reserved in rm)
+      local fm = x[8] - (tonumber(v[1] or 0) - dm + tonumber(v[3] or 0)) + (hm - nm)
+      local ft = x[9] - (tonumber(v[2] or 0) - dt + tonumber(v[4] or 0)) + (ht - nt)
+      local gm, gt = math.max(wm, nm), math.max(wt, nt)
+      local fits_m = x[8] < 0 or fm - (gm - nm) >= share * gm
+      if fits_m and (x[9] < 0 or ft - (gt - nt) >= share * gt) then
+        nm, nt = gm, gt
+      else
+        tight = 1
+      end
+    end
+    add(b, 'rm', nm - hm - dm)
+    add(b, 'rt', nt - ht - dt)
+    if nm == 0 and nt == 0 then
+      redis.call('HDEL', a, id)
+      redis.call('ZREM', r, id)
+    else
+      redis.call('HSET', a, id, string.format('%.0f %.0f', nm, nt))
+      redis.call('ZADD', r, expiry, id)
+      redis.call('EXPIRE', r, keep_s)
+      redis.call('EXPIRE', a, keep_s)
+    end
+    out[n] = {string.format('%.0f', nm), string.format('%.0f', nt), tight}
+  end
+end
+return out
+"""
+
+
 class RedisReservations:
     """The budget store of `admission/budgets.py` for replicas: atomic in Redis.
 
@@ -178,7 +248,10 @@ class RedisReservations:
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
         self._init = self._redis.register_script(_INIT)
+        self._lease = self._redis.register_script(_LEASE)
+        self.lease_id = f"lease:{secrets.token_hex(8)}"
         self._stale: set[str] = set()  # counters that missed a settle while Redis was away
+        self._dropped: set[tuple[str, str]] = set()  # (r, a) of leases in an unknown state
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: list[Settlement] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -251,7 +324,7 @@ class RedisReservations:
                     self._mark(up=True)
                     return results
                 stopped = waiting[len(answers) - 1]
-                await self._count(asks[stopped].checks[-answers[-1] - 1])
+                await self.count(asks[stopped].checks[-answers[-1] - 1])
                 waiting = waiting[len(answers) - 1 :]
         except _UNAVAILABLE as exc:
             self._mark(up=False, reason=exc)
@@ -260,16 +333,67 @@ class RedisReservations:
             raise StoreUnavailableError("the budget store is unavailable; retry shortly") from None
         raise StoreUnavailableError("the budget store keeps losing its counters")
 
-    async def _count(self, check: BudgetCheck) -> None:
+    async def count(self, check: BudgetCheck) -> None:
         """Rebuild a scope's counters: its spending this period from the ledger."""
         spent = await asyncio.to_thread(self._spent, check.scope, check.period_start_ms)
         b, _, a = self._keys(check)
         await self._init(keys=[b, a], args=[spent.micros, spent.tokens, _KEEP_S])
 
     async def _forget_stale(self) -> None:
-        if self._stale:
+        """Drop the counters that missed a settle and the leases in an unknown state, at once
+        (the counters are then rebuilt from the ledger and the open reservations)."""
+        if self._stale or self._dropped:
             stale, self._stale = self._stale, set()
-            await self._redis.delete(*stale)
+            dropped, self._dropped = self._dropped, set()
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    for r, a in dropped:
+                        pipe.zrem(r, self.lease_id)
+                        pipe.hdel(a, self.lease_id)
+                    if stale:
+                        pipe.delete(*stale)
+                    await pipe.execute()
+            except BaseException:
+                self._stale |= stale
+                self._dropped |= dropped
+                raise
+
+    async def lease(
+        self, changes: list[LeaseChange], hold_s: float, share: int
+    ) -> list[LeaseAnswer]:
+        """Apply this gateway's lease changes (see `_LEASE`); the leases expire `hold_s` plus
+        the margin from now unless called again. Raises `StoreUnavailableError`."""
+        index, keys = self._scopes(c.check for c in changes)
+        expiry = int(time.time() * 1000) + int(hold_s * 1000) + self._margin_ms
+        payload = [
+            [
+                index[c.check.scope, c.check.period_start_ms],
+                str(c.spent.micros),
+                str(c.spent.tokens),
+                str(c.keep.micros),
+                str(c.keep.tokens),
+                str(c.want.micros),
+                str(c.want.tokens),
+                -1 if c.check.limit_micros is None else c.check.limit_micros,
+                -1 if c.check.limit_tokens is None else c.check.limit_tokens,
+            ]
+            for c in changes
+        ]
+        try:
+            await self._forget_stale()
+            raw = await self._lease(
+                keys=keys, args=[expiry, _KEEP_S, self.lease_id, share, _encode(payload)]
+            )
+        except _UNAVAILABLE as exc:
+            self._mark(up=False, reason=exc)
+            raise StoreUnavailableError("the budget store is unavailable; retry shortly") from None
+        self._mark(up=True)
+        return [LeaseAnswer(Amount(int(m), int(t)), int(f) == 1, int(f) == 2) for m, t, f in raw]
+
+    def forget_lease(self, check: BudgetCheck) -> None:
+        b, r, a = self._keys(check)
+        self._stale.add(b)
+        self._dropped.add((r, a))
 
     def settle_many(self, settlements: list[Settlement]) -> None:
         """Give back the reservations and count what was spent: with the next reservations

@@ -123,19 +123,20 @@ class GatewayMetrics:
             "Requests admitted without a rate-limit check because Redis was down",
             registry=r,
         )
-        self._unchecked_seen = 0
-        self._limits_unchecked_seen = 0
+        self.leased = Counter(
+            "grifo_budget_leased",
+            "Budget reservations taken from this gateway's lease of a shared budget, without "
+            "a call to Redis",
+            registry=r,
+        )
+        self._seen: dict[str, int] = {}
 
-    def count_limits_unchecked(self, total: int) -> None:
-        if total > self._limits_unchecked_seen:
-            self.limits_unchecked.inc(total - self._limits_unchecked_seen)
-            self._limits_unchecked_seen = total
-
-    def count_unchecked(self, total: int) -> None:
-        """Bring the counter up to `total` (the budgets' own running count)."""
-        if total > self._unchecked_seen:
-            self.unchecked.inc(total - self._unchecked_seen)
-            self._unchecked_seen = total
+    def catch_up(self, counter: Counter, total: int) -> None:
+        """Bring `counter` up to `total` (a running count kept by its owner)."""
+        seen = self._seen.get(counter.name, 0)
+        if total > seen:
+            counter.inc(total - seen)
+            self._seen[counter.name] = total
 
     def observe(
         self,

@@ -19,11 +19,13 @@ def scrape(gateway: Gateway) -> bytes:
         metrics.point_up.labels(point.name).set(1 if point.healthy else 0)
     metrics.store_up.labels("ledger").set(1 if gateway.ledger.up else 0)
     metrics.spool_backlog.set(gateway.ledger.pending_segments)
-    metrics.count_limits_unchecked(getattr(gateway.limits, "unchecked", 0))
+    metrics.catch_up(metrics.limits_unchecked, getattr(gateway.limits, "unchecked", 0))
     burns: list[Burn] = []
     if gateway.budgets is not None:
         metrics.store_up.labels("budgets").set(1 if gateway.budgets.store_up else 0)
-        metrics.count_unchecked(gateway.budgets.unchecked)
+        metrics.catch_up(metrics.unchecked, gateway.budgets.unchecked)
+        if gateway.budgets.leases is not None:
+            metrics.catch_up(metrics.leased, gateway.budgets.leases.taken)
         with contextlib.suppress(StoreUnavailableError):
             burns = gateway.budgets.burn()
     for burn in burns:
