@@ -1,11 +1,12 @@
 """What budgets cost the gateway: wrk at c=64 through grifo with no budget, with a strict tenant
-budget reserved in SQLite, and with the reservation in Redis, in the same run (one gateway at a
-time on CPU 1, wrk and the mock point on CPU 0), alternating for some rounds (each round starts
-with the next config, so none always runs first); medians, and ratios to no budget as the
-median of each round's own ratio (a host whose speed drifts over minutes moves both sides of a
-round together). `--only` picks configs by name.
+budget reserved in SQLite, and with the reservation in Redis (leased, and per request). The
+gateways are started once, all on CPU 1 (wrk and the mock point on CPU 0), and take turns under
+load for some short rounds, each round starting with the next config so that none always runs
+first. Medians, and ratios to no budget as the median of each round's own ratio: rounds are
+seconds apart, so a host whose speed drifts over minutes moves both sides of a ratio together.
+`--only` picks configs by name.
 
-Usage: python bench/budgets.py [--seconds 8] [--rounds 3] [--redis redis://127.0.0.1:6379/0]
+Usage: python bench/budgets.py [--seconds 3] [--rounds 10] [--redis redis://127.0.0.1:6379/0]
                                [--only "budget, Redis"]
 """
 
@@ -15,6 +16,7 @@ import argparse
 import secrets
 import signal
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,59 +27,72 @@ BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: st
 
 
 def configs(redis_url: str, prefix: str) -> dict[str, str]:
-    """The audit log is off in all three, so the difference is what budgets cost."""
+    """The audit log is off in all of them, so the difference is what budgets cost. Redis
+    twice: with leases (the default) and with a Redis call per request (leases off)."""
     base = CONFIG.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
     budgeted = base.replace("tenants: [{name: bench}]", BUDGET)
     store = f'store: {{redis_url: "{redis_url}", redis_prefix: {prefix}}}, '
+    unleased = store.replace("}, ", ", budget_lease_requests: 0}, ")
     return {
         "no budget": base,
         "budget, SQLite": budgeted,
         "budget, Redis": budgeted.replace("gateway: {", "gateway: {" + store),
+        "budget, Redis, per request": budgeted.replace("gateway: {", "gateway: {" + unleased),
     }
 
 
-def measure(config: str, work: Path, seconds: int) -> tuple[float, float]:
+def measure(
+    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int
+) -> tuple[float, float]:
     """(req/s, gateway CPU ms per request) at c=64."""
-    (work / "bench.yaml").write_text(config)
-    gateway = start_gateway(work)
-    try:
-        url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
-        run_wrk(url, 8, 2, work / "post.lua")  # warm-up
-        before = cpu_s(gateway.pid)
-        result = run_wrk(url, 64, seconds, work / "post.lua")
-        spent = cpu_s(gateway.pid) - before
-        assert result["non_2xx"] == 0, result
-        return result["rps"], 1000 * spent / (result["rps"] * seconds)
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=20)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    before = cpu_s(gateway.pid)
+    result = run_wrk(url, 64, seconds, work / "post.lua")
+    spent = cpu_s(gateway.pid) - before
+    assert result["non_2xx"] == 0, result
+    return result["rps"], 1000 * spent / (result["rps"] * seconds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--only", action="append", help="a config to run besides no budget")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
     (work / "post.lua").write_text(LUA)
     prefix = f"grifo-bench-{secrets.token_hex(4)}"
-    mock = start_mock()
-    rates: dict[str, list[tuple[float, float]]] = {}
     runs = [
         (name, config)
         for name, config in configs(args.redis, prefix).items()
         if not args.only or name == "no budget" or name in args.only
     ]
+    mock = start_mock()
+    gateways: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    rates: dict[str, list[tuple[float, float]]] = {}
     try:
+        for n, (name, config) in enumerate(runs):
+            port = GATEWAY_PORT + 10 + n
+            home = work / f"gateway-{n}"
+            home.mkdir()
+            (home / "bench.yaml").write_text(
+                config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
+            )
+            gateways[name] = (port, start_gateway(home, port))
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            run_wrk(url, 8, 2, work / "post.lua")  # warm-up
         for turn in range(args.rounds):
             # each round starts with the next config: no config always runs first (or last)
-            for name, config in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
-                rps, cpu = measure(config, work, args.seconds)
+            for name, _ in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
+                rps, cpu = measure(*gateways[name], work, args.seconds)
                 rates.setdefault(name, []).append((rps, cpu))
                 print(f"round {turn + 1}, {name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request")
     finally:
+        for _, gateway in gateways.values():
+            gateway.send_signal(signal.SIGTERM)
+        for _, gateway in gateways.values():
+            gateway.wait(timeout=20)
         mock.send_signal(signal.SIGTERM)
         mock.wait(timeout=20)
         client = redis.Redis.from_url(args.redis)

@@ -66,8 +66,8 @@ def start_mock() -> subprocess.Popen[bytes]:
     return mock
 
 
-def start_gateway(work: Path) -> subprocess.Popen[bytes]:
-    """`grifo serve` on CPU 1 with `work/bench.yaml`, once it is ready."""
+def start_gateway(work: Path, port: int = GATEWAY_PORT) -> subprocess.Popen[bytes]:
+    """`grifo serve` on CPU 1 with `work/bench.yaml` (listening on `port`), once it is ready."""
     gateway = subprocess.Popen(
         [
             "taskset",
@@ -85,7 +85,7 @@ def start_gateway(work: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         env={**os.environ, "GRIFO_BENCH_KEY": KEY},
     )
-    wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+    wait_http(f"http://127.0.0.1:{port}/readyz")
     return gateway
 
 

@@ -12,7 +12,9 @@ for `share` more of the same size, so near the limit every replica asks per requ
 the last cents go to whoever asks first. A scope that could not grow its lease is "tight": this
 process gives back what its lease holds unused and asks per request for `retry_s`, then asks
 for a lease again. An unused lease is given back after `idle_s`. A lease held by a gateway that
-died expires like any reservation (see `redis_budgets.py`).
+died expires like any reservation (see `redis_budgets.py`), whole: what the gateway spent since
+its last call (at most `flush_s` or half a lease of requests) is then in the ledger but not in
+Redis's counters, as with the reservations of requests it had served but not yet settled.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class Leases:
         *,
         requests: int = 256,
         share: int = 8,
-        flush_s: float = 0.01,
+        flush_s: float = 0.05,
         idle_s: float = 2.0,
         retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
