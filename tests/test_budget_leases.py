@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 
 from grifo.admission.leases import Lease, Leases
+from grifo.admission.reservations import LocalReservations
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.store.redis_budgets import RedisReservations
+from grifo.store.sqlite import StateDB
 from tests.support.stores import REDIS_URL, TcpRelay
 
 NOTHING = Amount(0, 0)
@@ -259,5 +262,60 @@ def test_a_lowered_budget_takes_back_the_lease_granted_under_the_old_one(
             assert admitted == 9, "1,000 holds ten, and a holds one"
         finally:
             await replica.close()
+
+    asyncio.run(scenario())
+
+
+def test_workers_of_one_host_lease_from_the_state_database(tmp_path: Path) -> None:
+    """`--workers`: the same leases, reserved in the shared SQLite state database; two workers
+    spend a budget of 1,000 worst cases and exactly 1,000 are admitted."""
+    budget = BudgetCheck("tenant:acme", 0, 100_000, True)
+    worst = Amount(100, 0)
+    path = tmp_path / "grifo.db"
+
+    async def scenario() -> None:
+        dbs = [StateDB(path), StateDB(path)]
+        stores = [LocalReservations(db) for db in dbs]
+        workers = [Leases(store, requests=16, share=4, flush_s=0) for store in stores]
+        admitted = leased = refused_in_a_row = n = 0
+        running: list[tuple[int, list[Lease] | None]] = []
+        rng = random.Random(11)
+        while refused_in_a_row < 50:
+            n += 1
+            w = rng.randrange(2)
+            leases = workers[w].take([budget], worst, 30)
+            if leases is None:
+                [refused] = await stores[w].reserve_many([Ask([budget], worst, f"r{n}", 30)])
+                ok = refused is None
+            else:
+                ok, leased = True, leased + 1
+            if ok:
+                admitted += 1
+                refused_in_a_row = 0
+                running.append((w, leases))
+            else:
+                refused_in_a_row += 1
+                await asyncio.sleep(0.002)
+            assert admitted <= 1000, "strict: never more than fits"
+            if len(running) > 8 or (running and rng.random() < 0.3):
+                done, done_leases = running.pop(rng.randrange(len(running)))
+                if done_leases is not None:
+                    workers[done].give_back(done_leases, worst, worst)
+                else:
+                    stores[done].settle_many([Settlement([budget], "x", worst, worst)])
+            await asyncio.sleep(0)
+        for done, done_leases in running:
+            if done_leases is not None:
+                workers[done].give_back(done_leases, worst, worst)
+            else:
+                stores[done].settle_many([Settlement([budget], "x", worst, worst)])
+        for worker in workers:
+            await worker.close()
+        assert admitted == 1000
+        assert leased > 500, "most came from leases"
+        reserved, spent = dbs[0]._usage(budget)
+        assert (reserved, spent) == (Amount(0, 0), Amount(100_000, 0)), "every lease given back"
+        for db in dbs:
+            db.close()
 
     asyncio.run(scenario())

@@ -1,7 +1,9 @@
 """Budget leases: a slice of a shared budget that this process reserves once and spends locally.
 
 With replicas sharing budgets in Redis, asking Redis for every request's reservation costs the
-gateway more than the rest of admission together. A lease is one reservation, in Redis, of room
+gateway more than the rest of admission together (and with `--workers`, a transaction in the
+shared SQLite state database for each event-loop turn contends for its lock). A lease is one
+reservation, in Redis (or the state database: "Redis" below stands for either), of room
 for about `requests` worst cases; requests that fit in it are reserved here, with no round
 trip, and what they spend moves from the lease to the scope's spending every `flush_s` (one
 Redis call for all scopes). The budget stays exact: room is only spent once it is reserved in
@@ -65,12 +67,15 @@ class Lease:
 
 class LeaseChange(NamedTuple):
     """Sent for one lease: `spent` moves from the lease to the scope's spending; then the lease
-    shrinks to `keep` if it holds more, and grows to `want` if the scope has room to spare."""
+    shrinks to `keep` if it holds more, and grows to `want` if the scope has room to spare.
+    `held`: what this process counts the lease to hold once `spent` has moved (a store whose
+    leases cannot expire takes it as the truth; Redis keeps its own)."""
 
     check: BudgetCheck
     spent: Amount
     keep: Amount
     want: Amount
+    held: Amount
 
 
 class LeaseAnswer(NamedTuple):
@@ -84,6 +89,9 @@ class LeaseAnswer(NamedTuple):
 
 @runtime_checkable
 class LeaseStore(Protocol):
+    """Where leases are reserved: Redis (`store/redis_budgets.py`) for replicas, or the SQLite
+    state database (`LocalReservations`) for the workers of one host."""
+
     async def lease(
         self, changes: list[LeaseChange], hold_s: float, share: int
     ) -> list[LeaseAnswer]:
@@ -247,7 +255,7 @@ class Leases:
                 if unused and not lease.room_m and not lease.room_t and lease.tight_until <= now:
                     del self._leases[key]
                 continue
-            changes.append(LeaseChange(lease.check, spent, keep, want))
+            changes.append(LeaseChange(lease.check, spent, keep, want, held))
             sent.append(lease)
         if not changes:
             return

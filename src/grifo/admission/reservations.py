@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from grifo.admission.leases import LeaseAnswer, LeaseChange
 from grifo.store.records import Amount, Ask, BudgetCheck, Settlement
 from grifo.store.sqlite import StateDB
 from grifo.store.sqlite_budgets import take
@@ -36,7 +37,8 @@ class BudgetStore(Protocol):
 
 
 class LocalReservations:
-    """Reservations in the SQLite state database, shared by the workers of one host."""
+    """Reservations in the SQLite state database, shared by the workers of one host; each
+    worker's leases (`admission/leases.py`) are part of its reserved counters."""
 
     def __init__(self, db: StateDB) -> None:
         self._db = db
@@ -47,6 +49,23 @@ class LocalReservations:
 
     def settle_many(self, settlements: list[Settlement]) -> None:
         self._db.settle_many([(s.checks, s.reserved, s.actual) for s in settlements])
+
+    async def lease(
+        self, changes: list[LeaseChange], hold_s: float, share: int
+    ) -> list[LeaseAnswer]:
+        """A worker's leases cannot outlive it unnoticed: a start forgets every reservation
+        (`reset_reservations`), so `hold_s` is not needed."""
+        rows = [(c.check, c.spent, c.keep, c.want, c.held) for c in changes]
+        answers = self._db.lease_many(rows, share)
+        return [LeaseAnswer(held, tight) for held, tight in answers]
+
+    async def count(self, check: BudgetCheck) -> None:
+        pass  # the state database counts a scope from the ledger when it first sees it
+
+    def forget_lease(self, check: BudgetCheck) -> None:
+        # The transaction was rolled back, or committed just before the error: the lease's
+        # room stays reserved until the next start at worst (never overspent).
+        log.warning("a budget lease in the state database is in an unknown state: %s", check.scope)
 
     async def close(self) -> None:
         pass  # the state database is closed by its owner

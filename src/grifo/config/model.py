@@ -367,9 +367,9 @@ class StoreConfig(Base, kw_only=True, frozen=True):
     """Redis unreachable: refuse budgeted requests (`fail-closed`, 503), admit them unchecked
     (`fail-open`), or `auto`: closed for strict budgets, open for soft ones."""
     budget_lease_requests: Annotated[int, msgspec.Meta(ge=0)] = 256
-    """With Redis: each gateway leases room for about this many worst cases of a budget far
-    from its limit and reserves requests in it without a Redis call (0: every request asks
-    Redis). See README, Budgets."""
+    """With Redis (or `--workers`): each gateway (worker) leases room for about this many worst
+    cases of a budget far from its limit and reserves requests in it without a call to Redis
+    (the state database); 0: every request asks. See README, Replicas."""
 
 
 class GatewayConfig(Base, kw_only=True, frozen=True):

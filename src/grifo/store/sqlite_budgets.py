@@ -51,6 +51,53 @@ class BudgetTables:
                 raise
         return results
 
+    def lease_many(
+        self, changes: list[tuple[BudgetCheck, Amount, Amount, Amount, Amount]], share: int
+    ) -> list[tuple[Amount, bool]]:
+        """A worker's budget leases (see `admission/leases.py`), in one transaction: per
+        (check, spent, keep, want, held), `spent` moves from the lease (which holds `held`
+        after it) to the scope's spending, the lease shrinks to `keep`, then grows to `want` if
+        the scope keeps room for `share` more that size. Per lease: what it holds, and whether
+        it could not grow. Only its worker writes a lease; a restart forgets them all."""
+        answers: list[tuple[Amount, bool]] = []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
+                for check, spent, keep, want, held in changes:
+                    row = self._row(usage, check)
+                    new = [min(keep.micros, held.micros), min(keep.tokens, held.tokens)]
+                    row[0] -= spent.micros + held.micros - new[0]
+                    row[1] -= spent.tokens + held.tokens - new[1]
+                    row[2] += spent.micros
+                    row[3] += spent.tokens
+                    grow = [max(want.micros - new[0], 0), max(want.tokens - new[1], 0)]
+                    tight = False
+                    if grow != [0, 0]:
+                        wanted = [new[0] + grow[0], new[1] + grow[1]]
+                        limits = (check.limit_micros, check.limit_tokens)
+                        if all(
+                            limit is None
+                            or limit - row[i] - row[i + 2] - grow[i] >= share * wanted[i]
+                            for i, limit in enumerate(limits)
+                        ):
+                            row[0] += grow[0]
+                            row[1] += grow[1]
+                            new = wanted
+                        else:
+                            tight = True
+                    answers.append((Amount(new[0], new[1]), tight))
+                self._conn.executemany(
+                    "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ?, "
+                    "spent_micros = ?, spent_tokens = ? WHERE scope = ? AND period_start_ms = ?",
+                    [(*row, *key) for key, row in usage.items()],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return answers
+
     def _row(self, usage: dict[tuple[str, int], list[int]], check: BudgetCheck) -> list[int]:
         key = (check.scope, check.period_start_ms)
         row = usage.get(key)
