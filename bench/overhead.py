@@ -66,8 +66,11 @@ def start_mock() -> subprocess.Popen[bytes]:
     return mock
 
 
-def start_gateway(work: Path, port: int = GATEWAY_PORT) -> subprocess.Popen[bytes]:
-    """`grifo serve` on CPU 1 with `work/bench.yaml` (listening on `port`), once it is ready."""
+def start_gateway(
+    work: Path, port: int = GATEWAY_PORT, workers: int = 1
+) -> subprocess.Popen[bytes]:
+    """`grifo serve` on CPU 1 with `work/bench.yaml` (listening on `port`; `workers`
+    processes, all on that CPU), once it is ready."""
     gateway = subprocess.Popen(
         [
             "taskset",
@@ -81,6 +84,7 @@ def start_gateway(work: Path, port: int = GATEWAY_PORT) -> subprocess.Popen[byte
             str(work / "bench.yaml"),
             "--state-dir",
             str(work / "state"),
+            *(["--workers", str(workers)] if workers > 1 else []),
         ],
         stdout=subprocess.DEVNULL,
         env={**os.environ, "GRIFO_BENCH_KEY": KEY},
