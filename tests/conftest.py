@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,18 @@ from tests.support.stores import pg_schema, redis_prefix
 __all__ = ["pg_schema", "redis_prefix"]  # fixtures for every test module
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """`grifo.cli.main` run in-process points the root logger at the sys.stderr of that
+    moment, pytest's capture, which is closed after the test: later tests' warnings would
+    each print a logging error instead. Restore the root logger after every test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

@@ -405,8 +405,9 @@ class RedisReservations:
 
     def _flush_settlements(self, *, now: bool = False) -> None:
         self._timer = None
-        if self._pending and self._reserving and not now:
-            # Reservations are on their way: the call after them takes these along.
+        if self._pending and (self._reserving or self._tasks) and not now:
+            # Reservations are on their way (the call after them takes these along), or a
+            # settle call is: one at a time, so a slow Redis does not use up the connections.
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._settle_delay_s, self._flush_settlements)
             return
