@@ -367,9 +367,7 @@ class StoreConfig(Base, kw_only=True, frozen=True):
     """Redis unreachable: refuse budgeted requests (`fail-closed`, 503), admit them unchecked
     (`fail-open`), or `auto`: closed for strict budgets, open for soft ones."""
     budget_lease_requests: Annotated[int, msgspec.Meta(ge=0)] = 256
-    """With Redis (or `--workers`): each gateway (worker) leases room for about this many worst
-    cases of a budget far from its limit and reserves requests in it without a call to Redis
-    (the state database); 0: every request asks. See README, Replicas."""
+    """Worst cases leased at once from a budget (README, Replicas); 0: a call per request."""
 
 
 class GatewayConfig(Base, kw_only=True, frozen=True):
