@@ -53,8 +53,8 @@ class LocalReservations:
     async def lease(
         self, changes: list[LeaseChange], hold_s: float, share: int
     ) -> list[LeaseAnswer]:
-        """A worker's leases cannot outlive it unnoticed: a start forgets every reservation
-        (`reset_reservations`), so `hold_s` is not needed."""
+        """No expiry (`hold_s`): a dead worker's leases, like its reservations, stay counted
+        until the gateway starts again and forgets them all (`reset_reservations`)."""
         rows = [(c.check, c.spent, c.keep, c.want, c.held) for c in changes]
         answers = self._db.lease_many(rows, share)
         return [LeaseAnswer(held, tight) for held, tight in answers]
@@ -63,8 +63,8 @@ class LocalReservations:
         pass  # the state database counts a scope from the ledger when it first sees it
 
     def forget_lease(self, check: BudgetCheck) -> None:
-        # The transaction was rolled back, or committed just before the error: the lease's
-        # room stays reserved until the next start at worst (never overspent).
+        # The transaction was rolled back (or committed just before the error): the lease's
+        # room, what it spent included, stays reserved until the next start (never overspent).
         log.warning("a budget lease in the state database is in an unknown state: %s", check.scope)
 
     async def close(self) -> None:
