@@ -67,10 +67,14 @@ def start_mock() -> subprocess.Popen[bytes]:
 
 
 def start_gateway(
-    work: Path, port: int = GATEWAY_PORT, workers: int = 1
+    work: Path, port: int = GATEWAY_PORT, workers: int = 1, source: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """`grifo serve` on CPU 1 with `work/bench.yaml` (listening on `port`; `workers`
-    processes, all on that CPU), once it is ready."""
+    processes, all on that CPU), once it is ready; `source`: a checkout whose `src/grifo` to
+    run instead of the installed one."""
+    env = {**os.environ, "GRIFO_BENCH_KEY": KEY}
+    if source is not None:
+        env["PYTHONPATH"] = str(source / "src")
     gateway = subprocess.Popen(
         [
             "taskset",
@@ -87,7 +91,7 @@ def start_gateway(
             *(["--workers", str(workers)] if workers > 1 else []),
         ],
         stdout=subprocess.DEVNULL,
-        env={**os.environ, "GRIFO_BENCH_KEY": KEY},
+        env=env,
     )
     wait_http(f"http://127.0.0.1:{port}/readyz")
     return gateway

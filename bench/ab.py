@@ -1,0 +1,105 @@
+"""Two revisions of grifo side by side, for a change whose effect is a few percent: each
+revision's gateway (the `overhead.py` setup, full pipeline, audit log on) is started once on
+CPU 1, wrk and the mock point on CPU 0, and the two take turns under load at c=64 for short
+rounds, alternating which goes first. Per round, B's req/s and CPU per request over A's; the
+medians of those ratios are the result (rounds are seconds apart, so a host whose speed drifts
+over minutes moves both sides of a ratio together).
+
+Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off]
+
+A and B are git revisions (checked out into temporary worktrees) or directories holding
+`src/grifo`; B defaults to the working tree. Both run on this checkout's virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from budgets import measure
+from overhead import CONFIG, GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def checkout(revision: str, into: Path) -> Path:
+    """A directory holding `revision`'s `src/grifo`: itself, or a new worktree."""
+    if (Path(revision) / "src" / "grifo").is_dir():
+        return Path(revision).resolve()
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(into), revision],
+        check=True,
+        capture_output=True,
+    )
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("a")
+    parser.add_argument("b", nargs="?", default=str(ROOT), help="default: the working tree")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--audit", choices=["on", "off"], default="on")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="grifo-ab-"))
+    (work / "post.lua").write_text(LUA)
+    config = CONFIG
+    if args.audit == "off":
+        config = config.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
+    trees = {
+        name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", args.a), ("B", args.b))
+    }
+    mock = start_mock()
+    gateways = {}
+    rates: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+    try:
+        for n, (name, tree) in enumerate(trees.items()):
+            port = GATEWAY_PORT + 10 + n
+            home = work / f"gateway-{name}"
+            home.mkdir()
+            (home / "bench.yaml").write_text(
+                config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
+            )
+            gateways[name] = (port, start_gateway(home, port, source=tree))
+            run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 8, 2, work / "post.lua")
+        for turn in range(args.rounds):
+            for name in ("A", "B") if turn % 2 == 0 else ("B", "A"):
+                rps, cpu = measure(*gateways[name], work, args.seconds)
+                rates[name].append((rps, cpu))
+                print(f"round {turn + 1}, {name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request")
+    finally:
+        for _, gateway in gateways.values():
+            gateway.send_signal(signal.SIGTERM)
+        for _, gateway in gateways.values():
+            gateway.wait(timeout=20)
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=20)
+        for name, tree in trees.items():
+            if tree == work / f"tree-{name}":
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                    capture_output=True,
+                )
+    pairs = list(zip(rates["A"], rates["B"], strict=True))
+    rps = statistics.median(b[0] / a[0] for a, b in pairs)
+    cpu = statistics.median(b[1] / a[1] for a, b in pairs)
+    print(
+        f"| {args.rounds} rounds of {args.seconds} s | A req/s | B req/s | B/A req/s "
+        "| B/A CPU per request |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| A {args.a}, B {'working tree' if args.b == str(ROOT) else args.b} "
+        f"| {statistics.median(a for a, _ in rates['A']):,.0f} "
+        f"| {statistics.median(b for b, _ in rates['B']):,.0f} | x{rps:.3f} | x{cpu:.3f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
