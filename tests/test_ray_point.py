@@ -233,7 +233,8 @@ def test_load_counts_generations_on_every_replica_and_a_client_leaving_stops_the
         calls = [
             asyncio.ensure_future(point.app.handle(_chat(long_text, stream=True))) for _ in range(4)
         ]
-        during = await until(lambda s: s["in_flight"] + s["queued"] == 4)
+        # all four counted, and the replicas have started on theirs
+        during = await until(lambda s: s["in_flight"] + s["queued"] == 4 and s["in_flight"] > 0)
         frames = []
         for call in calls:
             if call.done():
