@@ -1,9 +1,8 @@
 """Two revisions of grifo side by side, for a change whose effect is a few percent: each
-revision's gateway (the `overhead.py` setup, full pipeline, audit log on) is started once on
-CPU 1, wrk and the mock point on CPU 0, and the two take turns under load at c=64 for short
-rounds, alternating which goes first. Per round, B's req/s and CPU per request over A's; the
-medians of those ratios are the result (rounds are seconds apart, so a host whose speed drifts
-over minutes moves both sides of a ratio together).
+revision's gateway (the `overhead.py` setup, full pipeline, audit log on) takes turns under
+load at c=64 with the other (`turns.py`), alternating which goes first. Per round, B's req/s
+and CPU per request over A's; the medians of those ratios are the result (rounds are seconds
+apart, so a host whose speed drifts over minutes moves both sides of a ratio together).
 
 Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off]
 
@@ -14,14 +13,13 @@ A and B are git revisions (checked out into temporary worktrees) or directories 
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
-from budgets import measure
-from overhead import CONFIG, GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
+from overhead import CONFIG
+from turns import Variant, take_turns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,38 +45,16 @@ def main() -> None:
     parser.add_argument("--audit", choices=["on", "off"], default="on")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-ab-"))
-    (work / "post.lua").write_text(LUA)
     config = CONFIG
     if args.audit == "off":
         config = config.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
     trees = {
         name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", args.a), ("B", args.b))
     }
-    mock = start_mock()
-    gateways = {}
-    rates: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
     try:
-        for n, (name, tree) in enumerate(trees.items()):
-            port = GATEWAY_PORT + 10 + n
-            home = work / f"gateway-{name}"
-            home.mkdir()
-            (home / "bench.yaml").write_text(
-                config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
-            )
-            gateways[name] = (port, start_gateway(home, port, source=tree))
-            run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 8, 2, work / "post.lua")
-        for turn in range(args.rounds):
-            for name in ("A", "B") if turn % 2 == 0 else ("B", "A"):
-                rps, cpu = measure(*gateways[name], work, args.seconds)
-                rates[name].append((rps, cpu))
-                print(f"round {turn + 1}, {name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request")
+        variants = [Variant(name, config, tree) for name, tree in trees.items()]
+        rates = take_turns(variants, work, args.rounds, args.seconds)
     finally:
-        for _, gateway in gateways.values():
-            gateway.send_signal(signal.SIGTERM)
-        for _, gateway in gateways.values():
-            gateway.wait(timeout=20)
-        mock.send_signal(signal.SIGTERM)
-        mock.wait(timeout=20)
         for name, tree in trees.items():
             if tree == work / f"tree-{name}":
                 subprocess.run(

@@ -1,13 +1,12 @@
 """What budgets cost the gateway: wrk at c=64 through grifo with no budget, with a strict tenant
-budget reserved in SQLite, and with the reservation in Redis (leased, and per request). The
-gateways are started once, all on CPU 1 (wrk and the mock point on CPU 0), and take turns under
-load for some short rounds, each round starting with the next config so that none always runs
-first. Medians, and ratios to no budget as the median of each round's own ratio: rounds are
-seconds apart, so a host whose speed drifts over minutes moves both sides of a ratio together.
+budget reserved in SQLite, and with the reservation in Redis (leased, and per request), the
+gateways taking turns under load (`turns.py`). Medians, and ratios to no budget as the median
+of each round's own ratio: rounds are seconds apart, so a host whose speed drifts over minutes
+moves both sides of a ratio together.
 `--only` picks configs by name. `--workers N` runs each gateway as N processes (on the same
 CPU): budgets on one host are then reserved in the SQLite state database they share.
 
-Usage: python bench/budgets.py [--seconds 3] [--rounds 10] [--redis redis://127.0.0.1:6379/0]
+Usage: python bench/budgets.py [--seconds 3] [--rounds 12] [--redis redis://127.0.0.1:6379/0]
                                [--only "budget, Redis"]
 """
 
@@ -15,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import signal
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import redis
-from compare import tree, tree_cpu_s
-from overhead import CONFIG, GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
+from overhead import CONFIG
+from turns import Variant, take_turns
 
 BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: strict}}]"
 
@@ -49,24 +46,11 @@ def configs(redis_url: str, prefix: str, workers: int = 1) -> dict[str, str]:
     return runs
 
 
-def measure(
-    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int
-) -> tuple[float, float]:
-    """(req/s, gateway CPU ms per request) at c=64."""
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    pids = tree(gateway.pid)  # the supervisor and its workers
-    before = tree_cpu_s(pids)
-    result = run_wrk(url, 64, seconds, work / "post.lua")
-    spent = tree_cpu_s(pids) - before
-    assert result["non_2xx"] == 0, result
-    return result["rps"], 1000 * spent / (result["rps"] * seconds)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--only", action="append", help="a config to run besides no budget")
     parser.add_argument(
         "--workers",
@@ -76,40 +60,21 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-bench-"))
-    (work / "post.lua").write_text(LUA)
     prefix = f"grifo-bench-{secrets.token_hex(4)}"
     runs = [
         (name, config)
         for name, config in configs(args.redis, prefix, args.workers).items()
         if not args.only or name == "no budget" or name in args.only
     ]
-    mock = start_mock()
-    gateways: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
-    rates: dict[str, list[tuple[float, float]]] = {}
     try:
-        for n, (name, config) in enumerate(runs):
-            port = GATEWAY_PORT + 10 + n
-            home = work / f"gateway-{n}"
-            home.mkdir()
-            (home / "bench.yaml").write_text(
-                config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
-            )
-            gateways[name] = (port, start_gateway(home, port, args.workers))
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            run_wrk(url, 8, 2, work / "post.lua")  # warm-up
-        for turn in range(args.rounds):
-            # each round starts with the next config: no config always runs first (or last)
-            for name, _ in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
-                rps, cpu = measure(*gateways[name], work, args.seconds)
-                rates.setdefault(name, []).append((rps, cpu))
-                print(f"round {turn + 1}, {name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request")
+        rates = take_turns(
+            [Variant(name, config) for name, config in runs],
+            work,
+            args.rounds,
+            args.seconds,
+            args.workers,
+        )
     finally:
-        for _, gateway in gateways.values():
-            gateway.send_signal(signal.SIGTERM)
-        for _, gateway in gateways.values():
-            gateway.wait(timeout=20)
-        mock.send_signal(signal.SIGTERM)
-        mock.wait(timeout=20)
         client = redis.Redis.from_url(args.redis)
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)

@@ -1,0 +1,69 @@
+"""Gateways that take turns under load: each variant's gateway is started once, all on CPU 1
+(wrk and the mock point on CPU 0), and they are measured in short rounds, each round starting
+with the next variant, so that pairs are seconds apart on a host whose speed drifts over
+minutes. Used by `budgets.py` (budget configs) and `ab.py` (two revisions)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+from compare import tree, tree_cpu_s
+from overhead import GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
+
+
+class Variant(NamedTuple):
+    name: str
+    config: str  # bench.yaml, as `overhead.CONFIG`
+    source: Path | None = None  # a checkout to run instead of the installed grifo
+
+
+def measure(
+    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int
+) -> tuple[float, float]:
+    """(req/s, gateway CPU ms per request) at c=64."""
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    pids = tree(gateway.pid)  # the supervisor and its workers
+    before = tree_cpu_s(pids)
+    result = run_wrk(url, 64, seconds, work / "post.lua")
+    spent = tree_cpu_s(pids) - before
+    assert result["non_2xx"] == 0, result
+    return result["rps"], 1000 * spent / (result["rps"] * seconds)
+
+
+def take_turns(
+    variants: list[Variant], work: Path, rounds: int, seconds: int, workers: int = 1
+) -> dict[str, list[tuple[float, float]]]:
+    """Per variant, (req/s, CPU ms per request) of each round, in round order."""
+    (work / "post.lua").write_text(LUA)
+    mock = start_mock()
+    gateways: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    rates: dict[str, list[tuple[float, float]]] = {v.name: [] for v in variants}
+    try:
+        for n, variant in enumerate(variants):
+            port = GATEWAY_PORT + 10 + n
+            home = work / f"gateway-{n}"
+            home.mkdir()
+            config = variant.config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
+            (home / "bench.yaml").write_text(config)
+            gateways[variant.name] = (port, start_gateway(home, port, workers, variant.source))
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            run_wrk(url, 8, 2, work / "post.lua")  # warm-up
+        for turn in range(rounds):
+            start = turn % len(variants)
+            for variant in variants[start:] + variants[:start]:
+                rps, cpu = measure(*gateways[variant.name], work, seconds)
+                rates[variant.name].append((rps, cpu))
+                print(
+                    f"round {turn + 1}, {variant.name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request"
+                )
+    finally:
+        for _, gateway in gateways.values():
+            gateway.send_signal(signal.SIGTERM)
+        for _, gateway in gateways.values():
+            gateway.wait(timeout=20)
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=20)
+    return rates
