@@ -3,7 +3,8 @@
 Speaks grifo's point protocol (/health, /load, identity headers) so the gateway accepts it.
 A chat request with `"stream": true` is answered with SSE: 20 content chunks 5 ms apart, a usage
 chunk (no choices) and `data: [DONE]`, sent with chunked transfer encoding.
-Usage: python bench/mock_point.py PORT
+Usage: python bench/mock_point.py PORT [--reuse-port]   (--reuse-port: several processes share
+the port, for benchmarks whose gateway outruns one mock process)
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ async def handle(request: Request) -> Response | StreamResponse:
     return Response(404, b"{}", headers=list(IDENT))
 
 
-async def main(port: int) -> None:
+async def main(port: int, reuse_port: bool) -> None:
     server = HttpServer(handle)
-    await server.start("127.0.0.1", port)
+    await server.start("127.0.0.1", port, reuse_port=reuse_port)
     print("listening", flush=True)
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1])))
+    uvloop.run(main(int(sys.argv[1]), "--reuse-port" in sys.argv[2:]))

@@ -56,10 +56,19 @@ def wait_http(url: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_mock() -> subprocess.Popen[bytes]:
-    """The mock point on CPU 0 (with wrk), once it answers."""
+def start_mock(cpus: str = "0", shared: bool = False) -> subprocess.Popen[bytes]:
+    """The mock point on CPU 0 (with wrk), or on `cpus`, once it answers; `shared`: one of
+    several mock processes sharing the port (SO_REUSEPORT)."""
     mock = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, str(ROOT / "mock_point.py"), str(MOCK_PORT)],
+        [
+            "taskset",
+            "-c",
+            cpus,
+            sys.executable,
+            str(ROOT / "mock_point.py"),
+            str(MOCK_PORT),
+            *(["--reuse-port"] if shared else []),
+        ],
         stdout=subprocess.DEVNULL,
     )
     wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
@@ -67,11 +76,15 @@ def start_mock() -> subprocess.Popen[bytes]:
 
 
 def start_gateway(
-    work: Path, port: int = GATEWAY_PORT, workers: int = 1, source: Path | None = None
+    work: Path,
+    port: int = GATEWAY_PORT,
+    workers: int = 1,
+    source: Path | None = None,
+    cpus: str = "1",
 ) -> subprocess.Popen[bytes]:
-    """`grifo serve` on CPU 1 with `work/bench.yaml` (listening on `port`; `workers`
-    processes, all on that CPU), once it is ready; `source`: a checkout whose `src/grifo` to
-    run instead of the installed one."""
+    """`grifo serve` on CPU 1 (or on `cpus`) with `work/bench.yaml` (listening on `port`;
+    `workers` processes, all on those CPUs), once it is ready; `source`: a checkout whose
+    `src/grifo` to run instead of the installed one."""
     env = {**os.environ, "GRIFO_BENCH_KEY": KEY}
     if source is not None:
         env["PYTHONPATH"] = str(source / "src")
@@ -79,7 +92,7 @@ def start_gateway(
         [
             "taskset",
             "-c",
-            "1",
+            cpus,
             sys.executable,
             "-m",
             "grifo",
@@ -97,14 +110,17 @@ def start_gateway(
     return gateway
 
 
-def run_wrk(url: str, connections: int, seconds: int, script: Path) -> dict[str, float]:
+def run_wrk(
+    url: str, connections: int, seconds: int, script: Path, cpus: str = "0", threads: int = 1
+) -> dict[str, float]:
+    """wrk on CPU 0 (or on `cpus`, with `threads` threads): req/s, p50/p99 ms, non-2xx."""
     out = subprocess.run(
         [
             "taskset",
             "-c",
-            "0",
+            cpus,
             "wrk",
-            "-t1",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
