@@ -86,16 +86,19 @@ CREATE TABLE IF NOT EXISTS tenants (
 
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
     migrate(conn)
     return conn
 
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date (safe when several processes open the database at once);
-    returns the schema version."""
+    returns the schema version. A database already up to date is only read: workers that
+    start while others write need not wait for the write lock."""
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) == len(_MIGRATIONS):
+        return len(_MIGRATIONS)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
