@@ -180,3 +180,24 @@ def test_schema_migrations_upgrade_an_older_database(tmp_path: Path) -> None:
         conn.close()
     assert row == ("tenant:t", 0, 5, 7, 0, 0)
     StateDB(path).close()  # a second open is a no-op
+
+
+def test_a_current_database_opens_while_another_process_holds_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """A worker of `serve --workers` starting while the others commit ledger batches."""
+    import sqlite3
+
+    from grifo.store import sqlite as store
+
+    path = tmp_path / "grifo.db"
+    StateDB(path).close()  # created and migrated
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        conn = store.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(store._MIGRATIONS)
+        conn.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
