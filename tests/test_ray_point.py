@@ -249,7 +249,10 @@ def test_load_counts_generations_on_every_replica_and_a_client_leaving_stops_the
     assert during["in_flight"] + during["queued"] == 4
     assert 1 <= during["in_flight"] <= 2
     assert during["replicas"] == 2
-    assert [len(f) for f in frames] == [2] * during["in_flight"]
+    # A replica may start its stream between the `/load` read and the look at the calls: the
+    # streams that had started are one or two, and each gave its piece.
+    assert 1 <= len(frames) <= 2
+    assert all(len(f) == 2 for f in frames)
     assert (after["in_flight"], after["queued"]) == (0, 0)
     # Were the replicas still generating, this would wait for them (10 s).
     response = point.call(point.app.handle(_chat("still here")), timeout_s=6)
