@@ -1,10 +1,11 @@
 """Two revisions of grifo side by side, for a change whose effect is a few percent: each
 revision's gateway (the `overhead.py` setup, full pipeline, audit log on) takes turns under
-load at c=64 with the other (`turns.py`), alternating which goes first. Per round, B's req/s
-and CPU per request over A's; the medians of those ratios are the result (rounds are seconds
-apart, so a host whose speed drifts over minutes moves both sides of a ratio together).
+load at c=64 (or `--connections N`) with the other (`turns.py`), alternating which goes
+first. Per round, B's req/s, CPU per request and p50 latency over A's; the medians of those
+ratios are the result (rounds are seconds apart, so a host whose speed drifts over minutes
+moves both sides of a ratio together). At c=1 the p50 is the measure that matters.
 
-Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off]
+Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off] [--connections 64]
 
 A and B are git revisions (checked out into temporary worktrees) or directories holding
 `src/grifo`; B defaults to the working tree. Both run on this checkout's virtual environment.
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--audit", choices=["on", "off"], default="on")
+    parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-ab-"))
     config = CONFIG
@@ -53,7 +55,7 @@ def main() -> None:
     }
     try:
         variants = [Variant(name, config, tree) for name, tree in trees.items()]
-        rates = take_turns(variants, work, args.rounds, args.seconds)
+        rates = take_turns(variants, work, args.rounds, args.seconds, connections=args.connections)
     finally:
         for name, tree in trees.items():
             if tree == work / f"tree-{name}":
@@ -63,17 +65,20 @@ def main() -> None:
                     capture_output=True,
                 )
     pairs = list(zip(rates["A"], rates["B"], strict=True))
-    rps = statistics.median(b[0] / a[0] for a, b in pairs)
-    cpu = statistics.median(b[1] / a[1] for a, b in pairs)
+    rps = statistics.median(b.rps / a.rps for a, b in pairs)
+    cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in pairs)
+    p50 = statistics.median(b.p50_ms / a.p50_ms for a, b in pairs)
     print(
-        f"| {args.rounds} rounds of {args.seconds} s | A req/s | B req/s | B/A req/s "
-        "| B/A CPU per request |"
+        f"| {args.rounds} rounds of {args.seconds} s at c={args.connections} | A req/s "
+        "| B req/s | B/A req/s | B/A CPU per request | A p50 ms | B p50 ms | B/A p50 |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| A {args.a}, B {'working tree' if args.b == str(ROOT) else args.b} "
-        f"| {statistics.median(a for a, _ in rates['A']):,.0f} "
-        f"| {statistics.median(b for b, _ in rates['B']):,.0f} | x{rps:.3f} | x{cpu:.3f} |"
+        f"| {statistics.median(r.rps for r in rates['A']):,.0f} "
+        f"| {statistics.median(r.rps for r in rates['B']):,.0f} | x{rps:.3f} | x{cpu:.3f} "
+        f"| {statistics.median(r.p50_ms for r in rates['A']):.3f} "
+        f"| {statistics.median(r.p50_ms for r in rates['B']):.3f} | x{p50:.3f} |"
     )
 
 

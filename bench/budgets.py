@@ -87,10 +87,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, _ in runs:
         values = rates[name]
-        rps = statistics.median(r for r, _ in values)
-        cpu = statistics.median(c for _, c in values)
-        rps_ratio = statistics.median(r / b for (r, _), (b, _) in zip(values, base, strict=True))
-        cpu_ratio = statistics.median(c / b for (_, c), (_, b) in zip(values, base, strict=True))
+        pairs = list(zip(values, base, strict=True))
+        rps = statistics.median(r.rps for r in values)
+        cpu = statistics.median(r.cpu_ms for r in values)
+        rps_ratio = statistics.median(r.rps / b.rps for r, b in pairs)
+        cpu_ratio = statistics.median(r.cpu_ms / b.cpu_ms for r, b in pairs)
         print(f"| {name} | {rps:,.0f} | x{rps_ratio:.2f} | {cpu:.3f} | x{cpu_ratio:.2f} |")
 
 

@@ -14,6 +14,12 @@ from compare import tree, tree_cpu_s
 from overhead import GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
 
 
+class Round(NamedTuple):
+    rps: float
+    cpu_ms: float  # gateway CPU per request
+    p50_ms: float
+
+
 class Variant(NamedTuple):
     name: str
     config: str  # bench.yaml, as `overhead.CONFIG`
@@ -21,26 +27,30 @@ class Variant(NamedTuple):
 
 
 def measure(
-    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int
-) -> tuple[float, float]:
-    """(req/s, gateway CPU ms per request) at c=64."""
+    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int, connections: int = 64
+) -> Round:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     pids = tree(gateway.pid)  # the supervisor and its workers
     before = tree_cpu_s(pids)
-    result = run_wrk(url, 64, seconds, work / "post.lua")
+    result = run_wrk(url, connections, seconds, work / "post.lua")
     spent = tree_cpu_s(pids) - before
     assert result["non_2xx"] == 0, result
-    return result["rps"], 1000 * spent / (result["rps"] * seconds)
+    return Round(result["rps"], 1000 * spent / (result["rps"] * seconds), result["p50_ms"])
 
 
 def take_turns(
-    variants: list[Variant], work: Path, rounds: int, seconds: int, workers: int = 1
-) -> dict[str, list[tuple[float, float]]]:
-    """Per variant, (req/s, CPU ms per request) of each round, in round order."""
+    variants: list[Variant],
+    work: Path,
+    rounds: int,
+    seconds: int,
+    workers: int = 1,
+    connections: int = 64,
+) -> dict[str, list[Round]]:
+    """Per variant, each round's measures (wrk with `connections` connections), in order."""
     (work / "post.lua").write_text(LUA)
     mock = start_mock()
     gateways: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
-    rates: dict[str, list[tuple[float, float]]] = {v.name: [] for v in variants}
+    rates: dict[str, list[Round]] = {v.name: [] for v in variants}
     try:
         for n, variant in enumerate(variants):
             port = GATEWAY_PORT + 10 + n
@@ -54,10 +64,11 @@ def take_turns(
         for turn in range(rounds):
             start = turn % len(variants)
             for variant in variants[start:] + variants[:start]:
-                rps, cpu = measure(*gateways[variant.name], work, seconds)
-                rates[variant.name].append((rps, cpu))
+                got = measure(*gateways[variant.name], work, seconds, connections)
+                rates[variant.name].append(got)
                 print(
-                    f"round {turn + 1}, {variant.name}: {rps:,.0f} req/s, {cpu:.3f} CPU ms/request"
+                    f"round {turn + 1}, {variant.name}: {got.rps:,.0f} req/s, "
+                    f"{got.cpu_ms:.3f} CPU ms/request, p50 {got.p50_ms:.3f} ms"
                 )
     finally:
         for _, gateway in gateways.values():
