@@ -8,6 +8,7 @@ import concurrent.futures
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import openai
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -98,3 +99,36 @@ def test_concurrent_answers_through_the_gateway_all_verify(fabric: Fabric) -> No
         claims = verify_attestation(headers["x-grifo-attestation"], public)
         assert claims.request_id == headers["x-request-id"]
         assert claims.point == headers["x-grifo-point"]
+
+
+def test_a_lone_answer_is_signed_at_once_and_verifies() -> None:
+    key = Signer("gw", Ed25519PrivateKey.generate())
+    attester = BatchAttester(key)
+    token = attester.attest_alone(_claims(5))
+    assert (attester.batches, attester.signed) == (1, 1)
+    assert token.count(".") == 1
+    assert verify_attestation(token, key.public_key) == _claims(5)
+
+
+def test_one_request_at_a_time_is_signed_alone_and_leaves_nothing_counted(fabric: Fabric) -> None:
+    client = fabric.client("demo-eu")
+    gateway = fabric.running.gateway
+    assert gateway.audit is not None
+    assert gateway.answers.attester is not None
+    before = gateway.answers.attester.batches
+    for i in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, messages=[{"role": "user", "content": f"alone {i}"}]
+        )
+        token = raw.headers["x-grifo-attestation"]
+        assert token.count(".") == 1  # nothing to share a signature with
+        assert (
+            verify_attestation(token, gateway.audit.signer.public_key).request_id
+            == (raw.headers["x-request-id"])
+        )
+    with pytest.raises(openai.NotFoundError):  # a refused request is counted out as well
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert gateway.answers.attester.batches - before == 3
+    assert gateway.answers.serving == 0

@@ -108,6 +108,7 @@ class Gateway:
         if self.tracing is not None:
             span = self.tracing.request(request.path, "", request.headers, request_id)
         CURRENT.set(span)
+        self.answers.serving += 1
         try:
             response = await self._admit(request, request_id, received_ns)
         except GrifoError as exc:
@@ -125,6 +126,8 @@ class Gateway:
             if span is not None:
                 span.end()
             raise
+        finally:
+            self.answers.serving -= 1
         if span is not None:
             end_with(span, response)
         return response
@@ -210,10 +213,7 @@ class Gateway:
             tokens = prompt_bound(body) + limit
             ex.lease = await self.limits.acquire(principal, tokens, request_id, ex.timeout_s)
         try:
-            # Let the requests read in this loop turn catch up: they go through admission and
-            # dispatch together, and the loop wakes fewer times per request (bench/README.md:
-            # more req/s at load for one more loop turn of latency, a few µs).
-            await asyncio.sleep(0)
+            await self.answers.catch_up()  # admitted and dispatched with the turn's others
             candidates = await self._hold(ex, body, candidates, priority)
             return await self._dispatch(ex, request, body, candidates)
         except BaseException as exc:
