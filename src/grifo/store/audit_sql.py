@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 from grifo.audit.record import AuditRow, CheckpointRow
+from grifo.store.host_lock import HostLock
 
 # A migration step of both databases (see their _MIGRATIONS): never edit it once shipped.
 AUDIT_SCHEMA = """
@@ -50,11 +52,14 @@ class Connection(Protocol):
 
 
 class AuditTables:
-    """Reads and writes on one connection; `ph` is the driver's placeholder (`?` or `%s`)."""
+    """Reads and writes on one connection; `ph` is the driver's placeholder (`?` or `%s`);
+    `lock`: SQLite's writers take turns through it (see `host_lock.py`)."""
 
-    def __init__(self, conn: Connection, ph: str) -> None:
+    def __init__(self, conn: Connection, ph: str, lock: HostLock | None = None) -> None:
         self._conn = conn
         self._ph = ph
+        self._lock = lock
+        self._writing: AbstractContextManager[Any] = nullcontext() if lock is None else lock
         self._ignore = "INSERT OR IGNORE" if ph == "?" else "INSERT"
         self._conflict = "" if ph == "?" else " ON CONFLICT DO NOTHING"
 
@@ -63,13 +68,14 @@ class AuditTables:
 
     def _many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         if isinstance(self._conn, sqlite3.Connection):
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(sql, rows)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            with self._writing:
+                self._conn.execute("BEGIN")
+                try:
+                    self._conn.executemany(sql, rows)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
             return
         conn: Any = self._conn
         with conn.transaction(), conn.cursor() as cursor:
@@ -92,10 +98,11 @@ class AuditTables:
     def prune(self, before_ms: int) -> int:
         """Drop the content of records older than `before_ms`, keeping their hashes (the chain
         and the Merkle tree stay verifiable); returns how many were pruned."""
-        cursor = self._conn.execute(
-            self._q("UPDATE audit_records SET record = '' WHERE ts_ms < ? AND record <> ''"),
-            (before_ms,),
-        )
+        with self._writing:
+            cursor = self._conn.execute(
+                self._q("UPDATE audit_records SET record = '' WHERE ts_ms < ? AND record <> ''"),
+                (before_ms,),
+            )
         return int(cursor.rowcount)
 
     def last_checkpoint(self, log: str) -> CheckpointRow | None:
@@ -128,6 +135,8 @@ class AuditTables:
 
     def close(self) -> None:
         self._conn.close()
+        if self._lock is not None:
+            self._lock.close()
 
 
 class RecordSink:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from grifo.errors import StoreUnavailableError
 from grifo.store.audit_sql import Connection
+from grifo.store.host_lock import HostLock
 
 T = TypeVar("T")
 
@@ -47,7 +48,8 @@ class RegisteredRow(NamedTuple):
 
 class RegistryTables:
     """The registry on a connection of its own (made by `connect`, again after a failure);
-    `ph` is the driver's placeholder, `now` the database's clock in ms as SQL."""
+    `ph` is the driver's placeholder, `now` the database's clock in ms as SQL; `lock`: SQLite's
+    writers take turns through it (see `host_lock.py`)."""
 
     def __init__(
         self,
@@ -55,12 +57,14 @@ class RegistryTables:
         ph: str,
         now: str,
         errors: tuple[type[Exception], ...],
+        lock: HostLock | None = None,
     ) -> None:
         self._connect = connect
         self._ph = ph
         self._now = now
         self._errors = errors
-        self._lock = threading.Lock()
+        self._host_lock = lock
+        self._lock: threading.Lock | HostLock = threading.Lock() if lock is None else lock
         self._conn: Connection | None = None
 
     def _run(self, sql: str, params: tuple[Any, ...], work: Callable[[Any], T]) -> T:
@@ -137,6 +141,8 @@ class RegistryTables:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
+        if self._host_lock is not None:
+            self._host_lock.close()
 
 
 def _changed(cursor: Any) -> bool:

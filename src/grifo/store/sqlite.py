@@ -7,11 +7,11 @@ ledger reads; ledger writes go through `ledger.py`.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
+from grifo.store.host_lock import HostLock
 from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredKey, StoredOutcome
 from grifo.store.registry_sql import REGISTRY_SCHEMA, SQLITE_NOW, RegistryTables
 from grifo.store.sqlite_budgets import BudgetTables
@@ -84,9 +84,14 @@ CREATE TABLE IF NOT EXISTS tenants (
 )
 
 
+# How long a statement waits for a lock held outside grifo's turns (`host_lock.py`): another
+# program on the file, or a checkpoint.
+BUSY_TIMEOUT_MS = 5000
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_MS)}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     migrate(conn)
@@ -118,31 +123,36 @@ class SqliteLedger:
 
     def __init__(self, path: Path) -> None:
         self._conn = connect(path)
+        self._lock = HostLock(path)
 
     def write_entries(self, entries: list[LedgerEntry]) -> None:
         """One transaction; an entry already present (same request id) is left as it is."""
-        self._conn.execute("BEGIN")
-        try:
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                entries,
-            )
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO ledger "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    entries,
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         self._conn.close()
+        self._lock.close()
 
 
 class StateDB(BudgetTables):
-    """Keys and ledger of one gateway, in `<state-dir>/grifo.db`."""
+    """Keys and ledger of one gateway, in `<state-dir>/grifo.db`. Every statement takes the
+    connection's turn (`host_lock.py`): several workers write this file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn = connect(path)
-        self._lock = threading.Lock()
+        self._lock = HostLock(path)
 
     def open_ledger(self) -> SqliteLedger:
         """A connection of its own for the ledger writer's thread."""
@@ -150,11 +160,13 @@ class StateDB(BudgetTables):
 
     def open_audit(self) -> AuditTables:
         """A connection of its own to the audit log's tables."""
-        return AuditTables(connect(self.path), "?")
+        return AuditTables(connect(self.path), "?", HostLock(self.path))
 
     def open_registry(self) -> RegistryTables:
         """The registry of points that joined, on a connection of its own."""
-        return RegistryTables(lambda: connect(self.path), "?", SQLITE_NOW, (sqlite3.Error,))
+        return RegistryTables(
+            lambda: connect(self.path), "?", SQLITE_NOW, (sqlite3.Error,), HostLock(self.path)
+        )
 
     # -- tenants made over the admin API ----------------------------------------------------------
     def put_tenant(self, name: str, config_json: str) -> bool:
@@ -308,3 +320,4 @@ class StateDB(BudgetTables):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        self._lock.close()

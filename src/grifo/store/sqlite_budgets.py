@@ -7,14 +7,14 @@ counted from the ledger the first time a scope is seen after a start.
 from __future__ import annotations
 
 import sqlite3
-import threading
 
+from grifo.store.host_lock import HostLock
 from grifo.store.records import Amount, BudgetCheck
 
 
 class BudgetTables:
     _conn: sqlite3.Connection
-    _lock: threading.Lock
+    _lock: HostLock
 
     def reset_reservations(self) -> None:
         """No request survives a restart: forget reservations and recount spending from the
