@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 from grifo.audit.record import AuditRow, CheckpointRow
@@ -59,7 +59,6 @@ class AuditTables:
         self._conn = conn
         self._ph = ph
         self._lock = lock
-        self._writing: AbstractContextManager[Any] = nullcontext() if lock is None else lock
         self._ignore = "INSERT OR IGNORE" if ph == "?" else "INSERT"
         self._conflict = "" if ph == "?" else " ON CONFLICT DO NOTHING"
 
@@ -68,7 +67,7 @@ class AuditTables:
 
     def _many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         if isinstance(self._conn, sqlite3.Connection):
-            with self._writing:
+            with self._lock or nullcontext():
                 self._conn.execute("BEGIN")
                 try:
                     self._conn.executemany(sql, rows)
@@ -98,7 +97,7 @@ class AuditTables:
     def prune(self, before_ms: int) -> int:
         """Drop the content of records older than `before_ms`, keeping their hashes (the chain
         and the Merkle tree stay verifiable); returns how many were pruned."""
-        with self._writing:
+        with self._lock or nullcontext():
             cursor = self._conn.execute(
                 self._q("UPDATE audit_records SET record = '' WHERE ts_ms < ? AND record <> ''"),
                 (before_ms,),

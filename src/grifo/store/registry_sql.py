@@ -63,8 +63,7 @@ class RegistryTables:
         self._ph = ph
         self._now = now
         self._errors = errors
-        self._host_lock = lock
-        self._lock: threading.Lock | HostLock = threading.Lock() if lock is None else lock
+        self._lock: threading.Lock | HostLock = lock or threading.Lock()
         self._conn: Connection | None = None
 
     def _run(self, sql: str, params: tuple[Any, ...], work: Callable[[Any], T]) -> T:
@@ -141,8 +140,8 @@ class RegistryTables:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
-        if self._host_lock is not None:
-            self._host_lock.close()
+        if isinstance(self._lock, HostLock):
+            self._lock.close()
 
 
 def _changed(cursor: Any) -> bool:
