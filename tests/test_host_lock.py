@@ -73,3 +73,22 @@ def test_the_lock_file_is_held_by_one_connection_at_a_time(tmp_path: Path) -> No
     assert os.stat(first.path).st_mode & 0o777 == 0o600
     first.close()
     second.close()
+
+
+def test_reads_do_not_wait_for_another_connections_write_turn(tmp_path: Path) -> None:
+    db = sqlite.StateDB(tmp_path / "grifo.db")
+    db.put_tenant("acme", "{}")
+    writer = HostLock(tmp_path / "grifo.db")  # another connection holding its turn
+    answers: list[object] = []
+
+    def read() -> None:
+        answers.extend([db.stored_tenants(), db.active_keys(), db.totals("tenant"), db.ledger()])
+
+    with writer:
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive()
+    assert answers == [[("acme", "{}")], [], [], []]
+    writer.close()
+    db.close()

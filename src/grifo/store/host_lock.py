@@ -19,19 +19,21 @@ from types import TracebackType
 
 class HostLock:
     """One connection's turn at writing `database` (a threading lock for the connection's own
-    threads, then the lock file `<database>-lock` for every other connection on this host)."""
+    threads, then the lock file `<database>-lock` for every other connection on this host).
+    A read takes `thread` only: WAL readers never wait for writers, and a long report must not
+    hold up every worker's writes."""
 
     def __init__(self, database: Path) -> None:
         self.path = Path(f"{database}-lock")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._thread = threading.Lock()
+        self.thread = threading.Lock()
 
     def __enter__(self) -> None:
-        self._thread.acquire()
+        self.thread.acquire()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
-            self._thread.release()
+            self.thread.release()
             raise
 
     def __exit__(
@@ -43,10 +45,10 @@ class HostLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
-            self._thread.release()
+            self.thread.release()
 
     def close(self) -> None:
-        with self._thread:
+        with self.thread:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

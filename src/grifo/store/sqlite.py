@@ -146,7 +146,7 @@ class SqliteLedger:
 
 
 class StateDB(BudgetTables):
-    """Keys and ledger of one gateway, in `<state-dir>/grifo.db`. Every statement takes the
+    """Keys and ledger of one gateway, in `<state-dir>/grifo.db`. Every write takes the
     connection's turn (`host_lock.py`): several workers write this file."""
 
     def __init__(self, path: Path) -> None:
@@ -193,7 +193,7 @@ class StateDB(BudgetTables):
 
     def stored_tenants(self) -> list[tuple[str, str]]:
         """(name, config JSON) of every stored tenant, by name."""
-        with self._lock:
+        with self._lock.thread:
             rows = self._conn.execute("SELECT name, config FROM tenants ORDER BY name").fetchall()
         return [(str(name), str(config)) for name, config in rows]
 
@@ -223,7 +223,7 @@ class StateDB(BudgetTables):
 
     def list_keys(self) -> list[tuple[str, str, int, int | None]]:
         """(key id, tenant, created ms, revoked ms or None) of every key, newest first."""
-        with self._lock:
+        with self._lock.thread:
             rows = self._conn.execute(
                 "SELECT id, tenant, created_ms, revoked_ms FROM api_keys ORDER BY created_ms DESC"
             ).fetchall()
@@ -231,7 +231,7 @@ class StateDB(BudgetTables):
 
     def active_keys(self) -> list[StoredKey]:
         """Every key not revoked (expired ones too: the key ring refuses them with a reason)."""
-        with self._lock:
+        with self._lock.thread:
             rows = self._conn.execute(
                 "SELECT id, tenant, sha256, role, expires_ms, models FROM api_keys "
                 "WHERE revoked_ms IS NULL ORDER BY id"
@@ -290,7 +290,7 @@ class StateDB(BudgetTables):
 
     # -- ledger (reads, for tests and tools) ----------------------------------------------------
     def spent_since(self, tenant: str, since_ms: int) -> int:
-        with self._lock:
+        with self._lock.thread:
             row = self._conn.execute(
                 "SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE tenant = ? AND ts_ms >= ?",
                 (tenant, since_ms),
@@ -303,7 +303,7 @@ class StateDB(BudgetTables):
         """(group, requests, prompt tokens, completion tokens, cost micro-USD) per group, of
         one tenant's requests or everyone's."""
         column = TOTAL_COLUMNS[by]  # a fixed name from a fixed set, never caller text
-        with self._lock:
+        with self._lock.thread:
             rows = self._conn.execute(
                 f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "  # noqa: S608
                 f"SUM(cost_micros) FROM ledger WHERE ts_ms >= ? AND (? IS NULL OR tenant = ?) "
@@ -313,7 +313,7 @@ class StateDB(BudgetTables):
         return [(str(g), int(n), int(p), int(c), int(m)) for g, n, p, c, m in rows]
 
     def ledger(self) -> list[LedgerEntry]:
-        with self._lock:
+        with self._lock.thread:
             rows = self._conn.execute("SELECT * FROM ledger ORDER BY ts_ms, request_id").fetchall()
         return [LedgerEntry._make(row) for row in rows]
 

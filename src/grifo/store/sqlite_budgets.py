@@ -171,7 +171,7 @@ class BudgetTables:
 
     def spent(self, scope: str, since_ms: int) -> Amount:
         """Micro-USD and tokens a `tenant:<name>` or `key:<id>` scope spent since `since_ms`."""
-        with self._lock:
+        with self._lock.thread:
             return self._ledger_spent(scope, since_ms)
 
     def _ledger_spent(self, scope: str, since_ms: int) -> Amount:
