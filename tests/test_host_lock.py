@@ -7,6 +7,8 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
+
 from grifo.audit.record import AuditRow
 from grifo.store import sqlite
 from grifo.store.host_lock import HostLock
@@ -92,3 +94,22 @@ def test_reads_do_not_wait_for_another_connections_write_turn(tmp_path: Path) ->
     assert answers == [[("acme", "{}")], [], [], []]
     writer.close()
     db.close()
+
+
+def test_a_transaction_that_raises_writes_nothing_and_lets_the_next_one_in(tmp_path: Path) -> None:
+    path = tmp_path / "grifo.db"
+    sqlite.StateDB(path).close()
+    conn, lock = sqlite.connect(path), HostLock(path)
+
+    def half_done() -> None:
+        with lock.transaction(conn):
+            conn.execute("INSERT INTO tenants VALUES ('half', '{}', 1)")
+            raise ValueError("midway")
+
+    with pytest.raises(ValueError, match="midway"):
+        half_done()
+    with lock.transaction(conn):
+        conn.execute("INSERT INTO tenants VALUES ('whole', '{}', 2)")
+    assert conn.execute("SELECT name FROM tenants").fetchall() == [("whole",)]
+    conn.close()
+    lock.close()

@@ -6,11 +6,13 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from grifo.store import sqlite as store
 from grifo.store.ledger import LedgerWriter, replay_spool
 from grifo.store.records import LedgerEntry
 from grifo.store.spool import segments
@@ -186,10 +188,6 @@ def test_a_current_database_opens_while_another_process_holds_the_write_lock(
     tmp_path: Path,
 ) -> None:
     """A worker of `serve --workers` starting while the others commit ledger batches."""
-    import sqlite3
-
-    from grifo.store import sqlite as store
-
     path = tmp_path / "grifo.db"
     StateDB(path).close()  # created and migrated
     writer = sqlite3.connect(path, isolation_level=None)

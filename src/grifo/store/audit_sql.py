@@ -67,14 +67,9 @@ class AuditTables:
 
     def _many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
         if isinstance(self._conn, sqlite3.Connection):
-            with self._lock or nullcontext():
-                self._conn.execute("BEGIN")
-                try:
-                    self._conn.executemany(sql, rows)
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
+            assert self._lock is not None, "SQLite's tables are opened with their lock"
+            with self._lock.transaction(self._conn):
+                self._conn.executemany(sql, rows)
             return
         conn: Any = self._conn
         with conn.transaction(), conn.cursor() as cursor:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -46,6 +49,20 @@ class HostLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self.thread.release()
+
+    @contextmanager
+    def transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """This connection's turn, then one transaction on `conn` (holding SQLite's write lock
+        from its start): committed when the block ends, rolled back if it raises."""
+        with self:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # not after a COMMIT that ended it as it failed
+                    conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self.thread:

@@ -127,18 +127,11 @@ class SqliteLedger:
 
     def write_entries(self, entries: list[LedgerEntry]) -> None:
         """One transaction; an entry already present (same request id) is left as it is."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "INSERT OR IGNORE INTO ledger "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    entries,
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock.transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                entries,
+            )
 
     def close(self) -> None:
         self._conn.close()
@@ -247,24 +240,20 @@ class StateDB(BudgetTables):
         An unfinished claim older than `stale_ms` (its gateway died) is taken over.
         """
         now = int(time.time() * 1000)
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute(
-                    "SELECT fingerprint, request_id, started_ms, status, headers, body, stream "
-                    "FROM idempotency WHERE tenant = ? AND key = ?",
-                    (tenant, key),
-                ).fetchone()
-                if row is None or (row[3] is None and now - row[2] > stale_ms):
-                    self._conn.execute(
-                        "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, "
-                        "request_id, started_ms) VALUES (?, ?, ?, ?, ?)",
-                        (tenant, key, fingerprint, request_id, now),
-                    )
-                    return None
-                return StoredOutcome(*row)
-            finally:
-                self._conn.execute("COMMIT")
+        with self._lock.transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT fingerprint, request_id, started_ms, status, headers, body, stream "
+                "FROM idempotency WHERE tenant = ? AND key = ?",
+                (tenant, key),
+            ).fetchone()
+            if row is None or (row[3] is None and now - row[2] > stale_ms):
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, "
+                    "request_id, started_ms) VALUES (?, ?, ?, ?, ?)",
+                    (tenant, key, fingerprint, request_id, now),
+                )
+                return None
+            return StoredOutcome(*row)
 
     def settle_key(
         self, tenant: str, key: str, status: int, headers: str, body: bytes, stream: bool

@@ -33,22 +33,16 @@ class BudgetTables:
         """`reserve` for each ask in order, all in one transaction: each scope's row is read
         once, the asks are decided against running totals, and each scope written once."""
         results: list[BudgetCheck | None] = []
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
-                for checks, worst in asks:
-                    rows = [self._row(usage, c) for c in checks]
-                    results.append(take(checks, rows, worst))
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ? "
-                    "WHERE scope = ? AND period_start_ms = ?",
-                    [(row[0], row[1], *key) for key, row in usage.items()],
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock.transaction(self._conn):
+            usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
+            for checks, worst in asks:
+                rows = [self._row(usage, c) for c in checks]
+                results.append(take(checks, rows, worst))
+            self._conn.executemany(
+                "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ? "
+                "WHERE scope = ? AND period_start_ms = ?",
+                [(row[0], row[1], *key) for key, row in usage.items()],
+            )
         return results
 
     def lease_many(
@@ -60,42 +54,35 @@ class BudgetTables:
         the scope keeps room for `share` more that size. Per lease: what it holds, and whether
         it could not grow. Only its worker writes a lease; a restart forgets them all."""
         answers: list[tuple[Amount, bool]] = []
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
-                for check, spent, keep, want, held in changes:
-                    row = self._row(usage, check)
-                    new = [min(keep.micros, held.micros), min(keep.tokens, held.tokens)]
-                    row[0] -= spent.micros + held.micros - new[0]
-                    row[1] -= spent.tokens + held.tokens - new[1]
-                    row[2] += spent.micros
-                    row[3] += spent.tokens
-                    grow = [max(want.micros - new[0], 0), max(want.tokens - new[1], 0)]
-                    tight = False
-                    if grow != [0, 0]:
-                        wanted = [new[0] + grow[0], new[1] + grow[1]]
-                        limits = (check.limit_micros, check.limit_tokens)
-                        if all(
-                            limit is None
-                            or limit - row[i] - row[i + 2] - grow[i] >= share * wanted[i]
-                            for i, limit in enumerate(limits)
-                        ):
-                            row[0] += grow[0]
-                            row[1] += grow[1]
-                            new = wanted
-                        else:
-                            tight = True
-                    answers.append((Amount(new[0], new[1]), tight))
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ?, "
-                    "spent_micros = ?, spent_tokens = ? WHERE scope = ? AND period_start_ms = ?",
-                    [(*row, *key) for key, row in usage.items()],
-                )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock.transaction(self._conn):
+            usage: dict[tuple[str, int], list[int]] = {}  # rm, rt, sm, st
+            for check, spent, keep, want, held in changes:
+                row = self._row(usage, check)
+                new = [min(keep.micros, held.micros), min(keep.tokens, held.tokens)]
+                row[0] -= spent.micros + held.micros - new[0]
+                row[1] -= spent.tokens + held.tokens - new[1]
+                row[2] += spent.micros
+                row[3] += spent.tokens
+                grow = [max(want.micros - new[0], 0), max(want.tokens - new[1], 0)]
+                tight = False
+                if grow != [0, 0]:
+                    wanted = [new[0] + grow[0], new[1] + grow[1]]
+                    limits = (check.limit_micros, check.limit_tokens)
+                    if all(
+                        limit is None or limit - row[i] - row[i + 2] - grow[i] >= share * wanted[i]
+                        for i, limit in enumerate(limits)
+                    ):
+                        row[0] += grow[0]
+                        row[1] += grow[1]
+                        new = wanted
+                    else:
+                        tight = True
+                answers.append((Amount(new[0], new[1]), tight))
+            self._conn.executemany(
+                "UPDATE budget_usage SET reserved_micros = ?, reserved_tokens = ?, "
+                "spent_micros = ?, spent_tokens = ? WHERE scope = ? AND period_start_ms = ?",
+                [(*row, *key) for key, row in usage.items()],
+            )
         return answers
 
     def _row(self, usage: dict[tuple[str, int], list[int]], check: BudgetCheck) -> list[int]:
@@ -120,19 +107,13 @@ class BudgetTables:
                 d[2] += r.tokens
                 d[3] += a.tokens
         rows = [(*d, *key) for key, d in deltas.items()]
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
-                    "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
-                    "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
-                    rows,
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock.transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE budget_usage SET reserved_micros = reserved_micros - ?, "
+                "spent_micros = spent_micros + ?, reserved_tokens = reserved_tokens - ?, "
+                "spent_tokens = spent_tokens + ? WHERE scope = ? AND period_start_ms = ?",
+                rows,
+            )
 
     def _usage(self, check: BudgetCheck) -> tuple[Amount, Amount]:
         """(reserved, spent) in a scope's period; spent is counted from the ledger the first
@@ -155,19 +136,13 @@ class BudgetTables:
     def save_usage(self, rows: dict[tuple[str, int], list[int]]) -> None:
         """Write counters kept elsewhere (a single process's, see `ProcessReservations`):
         `rows` maps (scope, period start) to reserved and spent micro-USD and tokens."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO budget_usage (scope, period_start_ms, "
-                    "reserved_micros, reserved_tokens, spent_micros, spent_tokens) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [(*key, *row) for key, row in rows.items()],
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock.transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO budget_usage (scope, period_start_ms, "
+                "reserved_micros, reserved_tokens, spent_micros, spent_tokens) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(*key, *row) for key, row in rows.items()],
+            )
 
     def spent(self, scope: str, since_ms: int) -> Amount:
         """Micro-USD and tokens a `tenant:<name>` or `key:<id>` scope spent since `since_ms`."""
