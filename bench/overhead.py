@@ -87,7 +87,9 @@ def start_gateway(
     `src/grifo` to run instead of the installed one."""
     env = {**os.environ, "GRIFO_BENCH_KEY": KEY}
     if source is not None:
-        env["PYTHONPATH"] = str(source / "src")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(source / "src"), os.environ.get("PYTHONPATH")) if p
+        )
     gateway = subprocess.Popen(
         [
             "taskset",

@@ -10,7 +10,9 @@ rig, not by the gateway. On a 2-CPU host only W=1 fits (gateway on CPU 1, wrk an
 CPU 0, as in `overhead.py`). Full pipeline on, as in `overhead.py`; the workers share one
 SQLite state database. Prints a markdown table; writes bench/results/workers-<time>.json.
 
-Usage: python bench/workers.py [--seconds 10] [--gateway-cpus K] [--workers 1,2,4]
+Usage: python bench/workers.py [--seconds 10] [--gateway-cpus K] [--workers 1,2,4] [--source DIR]
+(--source: a checkout whose `src/grifo` the gateway runs instead of this one's, to compare two
+revisions on the same host: run the bench once with each, alternately.)
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--gateway-cpus", type=int, default=max(1, cpus // 2))
     parser.add_argument("--workers", default="", help="comma-separated counts (default 1,2,4..)")
+    parser.add_argument("--source", type=Path, help="a checkout whose src/grifo to run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
@@ -89,7 +92,9 @@ def main() -> None:
             home = work / f"w{n}"
             home.mkdir()
             (home / "bench.yaml").write_text(CONFIG)
-            gateway = start_gateway(home, GATEWAY_PORT, n, cpus=cpu_list(gateway_cpus[:n]))
+            gateway = start_gateway(
+                home, GATEWAY_PORT, n, source=args.source, cpus=cpu_list(gateway_cpus[:n])
+            )
             try:
                 url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
                 connections = PER_WORKER_CONNECTIONS * n
@@ -110,7 +115,8 @@ def main() -> None:
             mock.send_signal(signal.SIGTERM)
         for mock in mocks:
             mock.wait(timeout=20)
-    report(results, counts, args.seconds, (gateway_cpus, wrk_cpus, mock_cpus))
+    source = str((args.source or ROOT.parent).resolve())
+    report(results, counts, args.seconds, (gateway_cpus, wrk_cpus, mock_cpus), source)
 
 
 def report(
@@ -118,6 +124,7 @@ def report(
     counts: list[int],
     seconds: int,
     split: tuple[range, range, range],
+    source: str,
 ) -> None:
     one = results[f"{counts[0]} workers"]["rps"] / counts[0]
     gateway_cpus, wrk_cpus, mock_cpus = split
@@ -125,7 +132,7 @@ def report(
         f"grifo workers, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs ({cpu_model()}), "
         f"wrk {seconds}s per test; gateway on CPUs {cpu_list(gateway_cpus)}, "
         f"wrk ({len(wrk_cpus)} threads) on {cpu_list(wrk_cpus)}, "
-        f"{len(mock_cpus)} mock process(es) on {cpu_list(mock_cpus)}",
+        f"{len(mock_cpus)} mock process(es) on {cpu_list(mock_cpus)}; grifo from {source}",
         "",
         "| run | connections | req/s | req/s per worker | x first row per worker | "
         "p50 ms | p99 ms | gateway CPU ms/req | non-2xx |",
@@ -147,7 +154,10 @@ def report(
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     (out / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
-        json.dumps({"cpus": os.cpu_count(), "cpu": cpu_model(), "runs": results}, indent=2)
+        json.dumps(
+            {"cpus": os.cpu_count(), "cpu": cpu_model(), "source": source, "runs": results},
+            indent=2,
+        )
     )
 
 
