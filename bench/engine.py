@@ -2,6 +2,10 @@
 
 Single stream: tokens/s of one 128-token completion (prefill included), best of 3.
 Concurrent: aggregate tokens/s with N simultaneous requests in the batching engine.
+Decode steps: llama.cpp alone (no grifo code), the median time of one `llama_decode` that
+advances one sequence by a token, and of one that advances N sequences by a token each, in a
+context set up as the engine's. N x the first over the second is the most that batching N
+sequences can gain over one on this host and model (the kernels' ceiling for the ratio above).
 Usage: python bench/engine.py [--threads 1] [--concurrency 8] [--tokens 128] [--quantization q4_0]
 (--quantization converts the packaged Q4_1 model once, as `engine.quantization` does; both the
 raw and the grifo runs then use the converted file.)
@@ -17,16 +21,20 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import statistics
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from llama_cpp import Llama
+from llama_cpp import _internals as internals
+from llama_cpp import llama_cpp as capi
 
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
-from grifo.point.engines.llama import requantized, resolve_model
+from grifo.point.engines.llama import model_params, requantized, resolve_model
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
@@ -66,6 +74,50 @@ def raw_single(path: str, threads: int, tokens: int) -> float:
     return best
 
 
+def decode_steps(path: str, threads: int, n: int, steps: int) -> tuple[float, float]:
+    """Median seconds of a `llama_decode` of 1 token (one sequence, `steps` tokens on from its
+    prompt) and of n tokens (n sequences, one each, the same span), in a context like the
+    engine's: n cache streams, the same threads. Greedy decoding's positions, no sampling."""
+    model: Any = internals.LlamaModel(path_model=path, params=model_params(capi), verbose=False)
+    params = capi.llama_context_default_params()
+    params.n_ctx = 2048 * n
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = n
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = False
+    ctx: Any = internals.LlamaContext(model=model, params=params, verbose=False)
+    batch: Any = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    prompts = []
+    for seq in range(n):  # each sequence gets its own prompt in its own cache stream
+        prompt = model.tokenize(PROMPTS[seq % len(PROMPTS)].encode(), True, False)
+        batch.reset()
+        batch.add_sequence(prompt, seq, False)
+        ctx.decode(batch)
+        prompts.append(len(prompt))
+    token = model.token_bos()
+
+    def phase(width: int) -> float:
+        """Median time of `steps` decodes advancing sequences 0..width-1 from their prompts."""
+        b, times = batch.batch, []
+        for seq in range(width):  # forget earlier phases' tokens
+            capi.llama_memory_seq_rm(ctx.memory, seq, prompts[seq], -1)
+        for step in range(steps):
+            for i in range(width):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, prompts[i] + step, 1, 1
+                b.seq_id[i][0] = i
+            b.n_tokens = width
+            start = time.perf_counter()
+            if capi.llama_decode(ctx.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    one, wide = phase(1), phase(n)
+    ctx.close()
+    model.close()
+    return one, wide
+
+
 def grifo_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
     params = SamplingParams(max_tokens=tokens, temperature=0)
     sinks = [Sink() for _ in range(n)]
@@ -91,6 +143,9 @@ def main() -> None:
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as isolated:
         raw = isolated.submit(raw_single, str(path), args.threads, args.tokens).result()
+        one, wide = isolated.submit(
+            decode_steps, str(path), args.threads, args.concurrency, args.tokens
+        ).result()
     engine = BatchedLlamaGenerator(
         path, model_id, context_length=2048, threads=args.threads, slots=args.concurrency
     )
@@ -109,6 +164,11 @@ def main() -> None:
     print(
         f"| grifo engine, {args.concurrency} concurrent (aggregate) | {concurrent:.1f} | "
         f"{concurrent / single:.2f} x grifo single |"
+    )
+    print(
+        f"| llama.cpp alone: one decode step of 1 token / of {args.concurrency} tokens "
+        f"| {1000 * one:.2f} ms / {1000 * wide:.2f} ms | "
+        f"{args.concurrency * one / wide:.2f} x at most (kernels' ceiling) |"
     )
 
 
