@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from llama_cpp import Llama
 
 from grifo.point.engines.base import Generation, SamplingParams
-from grifo.point.engines.batching import BatchedLlamaGenerator
+from grifo.point.engines.batching import BatchedLlamaGenerator, choose_slot
+from grifo.point.engines.llama import model_params
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
 
 pytestmark = pytest.mark.engine
@@ -195,7 +197,6 @@ class _FakeLlamaApi:
     [(b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False), (b"CPU : AVX2 = 1 |", True)],
 )
 def test_a_build_with_amx_kernels_loads_weights_unrepacked(info: bytes, repacked: bool) -> None:
-    from grifo.point.engines.llama import model_params
 
     assert model_params(_FakeLlamaApi(info)).use_extra_bufts is repacked
 
@@ -228,3 +229,63 @@ def test_a_shared_prefix_is_reused_and_answers_do_not_change(model: Path) -> Non
     assert first[2] > first[1]  # the second turn's prompt is cached too
     assert first[3] == 0  # it takes the other slot, keeping the conversation's
     assert first[4] > first[2]
+
+
+class _RecordingApi:
+    """llama.cpp's C API, recording the sequence ids of every batch the engine decodes."""
+
+    def __init__(self, capi: Any) -> None:
+        self._capi = capi
+        self.batches: list[list[int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._capi, name)
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        self.batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return int(self._capi.llama_decode(ctx, batch))
+
+
+def test_batches_go_in_slot_order_and_running_slots_stay_consecutive(model: Path) -> None:
+    """llama.cpp computes sequences of one batch together only in runs of consecutive ids in
+    increasing order (any other batch costs a pass over the weights per run)."""
+    engine = BatchedLlamaGenerator(model, "tiny", context_length=256, slots=4, batch_tokens=64)
+    recorder = _RecordingApi(engine._capi)
+    engine._capi = recorder
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0)
+        run_all(engine, ["hello world"], params)  # slot 0 is now the most recently used
+        recorder.batches.clear()
+        sinks = run_all(engine, prompts(4), params)
+    finally:
+        engine.close()
+    assert all(s.error is None for s in sinks)
+    assert recorder.batches
+    for ids in recorder.batches:
+        assert ids == sorted(ids), f"a batch out of slot order: {ids}"
+    assert [0, 1, 2, 3] in recorder.batches  # all four decoding in one run
+
+
+@pytest.mark.parametrize(
+    ("free", "shared", "last_used", "running", "expected"),
+    [
+        # a gap between running slots is filled first, even by a more recently used slot
+        ([1, 3], [0, 0], [5, 1], {0, 2}, (1, 0)),
+        # beside a running slot rather than apart from all (slot 3 is older)
+        ([1, 3], [0, 0], [5, 1], {0}, (1, 0)),
+        # nothing running: the least recently used slot
+        ([0, 1, 2], [0, 0, 0], [3, 1, 2], set(), (1, 0)),
+        # a reusable prefix wins over keeping the run together
+        ([1, 3], [0, 40], [1, 1], {0, 2}, (3, 40)),
+        # too short to be worth reusing: treated as nothing shared
+        ([1, 3], [0, 5], [1, 1], {0, 2}, (1, 0)),
+    ],
+)
+def test_choose_slot(
+    free: list[int],
+    shared: list[int],
+    last_used: list[int],
+    running: set[int],
+    expected: tuple[int, int],
+) -> None:
+    assert choose_slot(free, shared, last_used, running) == expected

@@ -9,10 +9,17 @@ A slot keeps what its last sequence left in the KV cache. A new request takes th
 whose cached tokens share the longest prefix with its prompt and prefills only the rest: the
 turns of a conversation, an agent's steps and requests with the same long system prompt reuse
 their prefix instead of computing it again (`prefix_cache=False` turns this off).
+
+Slot numbers are llama.cpp sequence ids, and each has its own cache stream. llama.cpp computes
+a batch of such sequences together only for runs of consecutive ids in increasing order; any
+other order, or a gap, splits the step into one pass over the weights per run (with 8 streams
+in reverse order a step cost as much as 8 one-token steps). So the batch is always in slot
+order, and a request with no prefix to reuse takes a free slot next to running ones.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import contextlib
 import functools
@@ -216,29 +223,29 @@ class BatchedLlamaGenerator:
             hold=StopHold(params.stop),
             prefilled=keep,
         )
-        self._active.append(seq)
+        bisect.insort(self._active, seq, key=lambda s: s.slot)  # the batch goes in slot order
         request.sink.started(generation)
 
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot sharing the longest cached prefix with `prompt` (at least
-        `_MIN_REUSE` tokens: a few common tokens, like the BOS, are not worth evicting another
-        conversation for), else the least recently used one, with its cache cut to that
-        prefix; and how many tokens it keeps (never the whole prompt: the last token is
+        """A free slot for `prompt` (`choose_slot`), with its cache cut to the prefix it
+        shares; and how many tokens it keeps (never the whole prompt: the last token is
         computed again for its logits)."""
-        best, common = self._free[0], -1
-        for slot in self._free:
-            shared = _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0
-            shared = shared if shared >= _MIN_REUSE else 0
-            if shared > common or (
-                shared == common and self._last_used[slot] < self._last_used[best]
-            ):
-                best, common = slot, shared
+        shared = [
+            _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0
+            for slot in self._free
+        ]
+        best, common = choose_slot(
+            self._free, shared, [self._last_used[s] for s in self._free], self._running()
+        )
         keep = min(common, len(prompt) - 1)
         self._capi.llama_memory_seq_rm(self._ctx.memory, best, keep, -1)
         self._cached[best] = []
         self._free.remove(best)
         self.reused_tokens += keep
         return best, keep
+
+    def _running(self) -> set[int]:
+        return {seq.slot for seq in self._active}
 
     def _render(self, messages: Sequence[dict[str, str]]) -> str:
         if self._formatter is None:
@@ -284,7 +291,10 @@ class BatchedLlamaGenerator:
                 self._advance(seq)
 
     def _fill_batch(self) -> int:
+        """Every decoding sequence's next token, and as much of waiting prompts as the batch
+        has room for after those, in slot order."""
         batch = self._batch.batch
+        room = self._batch_tokens - sum(1 for seq in self._active if seq.decoding)
         n = 0
         for seq in self._active:
             seq.batch_index = -1
@@ -294,16 +304,15 @@ class BatchedLlamaGenerator:
                 seq.batch_index = n
                 seq.decoded += 1  # if this decode fails, every sequence ends with its cache
                 n += 1
-        for seq in self._active:
-            if seq.decoding or n >= self._batch_tokens:
-                continue
-            end = min(len(seq.prompt), seq.prefilled + self._batch_tokens - n)
-            for pos in range(seq.prefilled, end):
-                self._put(batch, n, seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
-                n += 1
-            seq.prefilled = end
-            if end == len(seq.prompt):
-                seq.batch_index = n - 1
+            elif room > 0:
+                end = min(len(seq.prompt), seq.prefilled + room)
+                for pos in range(seq.prefilled, end):
+                    self._put(batch, n, seq.prompt[pos], pos, seq.slot, pos == len(seq.prompt) - 1)
+                    n += 1
+                room -= end - seq.prefilled
+                seq.prefilled = end
+                if end == len(seq.prompt):
+                    seq.batch_index = n - 1
         batch.n_tokens = n
         return n
 
@@ -363,6 +372,29 @@ class BatchedLlamaGenerator:
 
 
 _MIN_REUSE = 16
+
+
+def choose_slot(
+    free: Sequence[int], shared: Sequence[int], last_used: Sequence[int], running: set[int]
+) -> tuple[int, int]:
+    """(slot, tokens to reuse) for a new request, from the free slots with the prefix each
+    shares with its prompt and when each was last used, and the slots of running sequences.
+
+    The slot sharing the longest prefix, if at least `_MIN_REUSE` tokens (a few common tokens,
+    like the BOS, are not worth evicting another conversation for). Otherwise a slot next to
+    running ones, so that running slots stay one run of consecutive ids (llama.cpp batches only
+    those together): one between two running slots first, then one beside a running slot. Ties
+    go to the least recently used slot, whose cached prefix is the least likely to be asked
+    for again.
+    """
+    best, key = free[0], (-1, -1, 0)
+    for slot, common, used in zip(free, shared, last_used, strict=True):
+        common = common if common >= _MIN_REUSE else 0
+        neighbours = (slot - 1 in running) + (slot + 1 in running)
+        candidate = (common, neighbours, -used)
+        if candidate > key:
+            best, key = slot, candidate
+    return best, key[0]
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
