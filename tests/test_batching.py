@@ -11,7 +11,7 @@ import pytest
 from llama_cpp import Llama
 
 from grifo.point.engines.base import Generation, SamplingParams
-from grifo.point.engines.batching import BatchedLlamaGenerator, choose_slot
+from grifo.point.engines.batching import BatchedLlamaGenerator, Candidates, choose_slot
 from grifo.point.engines.llama import model_params
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
 
@@ -197,6 +197,7 @@ class _FakeLlamaApi:
     [(b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False), (b"CPU : AVX2 = 1 |", True)],
 )
 def test_a_build_with_amx_kernels_loads_weights_unrepacked(info: bytes, repacked: bool) -> None:
+    from grifo.point.engines.llama import model_params
 
     assert model_params(_FakeLlamaApi(info)).use_extra_bufts is repacked
 
@@ -289,3 +290,52 @@ def test_choose_slot(
     expected: tuple[int, int],
 ) -> None:
     assert choose_slot(free, shared, last_used, running) == expected
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=1, temperature=0.9, seed=11),
+        SamplingParams(max_tokens=1, temperature=1.3, seed=5, frequency_penalty=0.5),
+        SamplingParams(max_tokens=1, temperature=0, json_schema='{"type": "object"}'),
+    ],
+    ids=["greedy", "seeded", "penalties", "grammar"],
+)
+def test_candidates_pick_what_llama_sampler_sample_picks(
+    engine: BatchedLlamaGenerator, model: Path, params: SamplingParams
+) -> None:
+    """The engine's reused candidates array picks, step after step, the tokens that
+    llama.cpp's own `llama_sampler_sample` picks with an identical chain."""
+    from llama_cpp import _internals as internals
+    from llama_cpp import llama_cpp as capi
+
+    llm: Any = internals.LlamaModel(path_model=str(model), params=model_params(capi), verbose=False)
+    ctx_params = capi.llama_context_default_params()
+    ctx_params.n_ctx = 256
+    ctx: Any = internals.LlamaContext(model=llm, params=ctx_params, verbose=False)
+    batch: Any = internals.LlamaBatch(n_tokens=64, embd=0, n_seq_max=1, verbose=False)
+    prompt = llm.tokenize(b"the quick brown fox", True, False)
+    batch.set_batch(prompt, 0, False)  # logits of the last token only
+    ctx.decode(batch)
+    last = len(prompt) - 1
+    ours = engine._sampler(params)
+    theirs = engine._sampler(params)
+    if theirs is None:  # the engine runs no chain for plain greedy: compare with llama.cpp's
+        theirs = internals.LlamaSampler()
+        theirs.add_greedy()
+    candidates = Candidates(capi, capi.llama_vocab_n_tokens(llm.vocab))
+    try:
+        picked = []
+        for _ in range(24):  # the same logits each time: the chains' state must move alike
+            expected = capi.llama_sampler_sample(theirs.sampler, ctx.ctx, last)
+            assert candidates.sample(ours, ctx.ctx, last) == expected
+            picked.append(expected)
+        if params.temperature > 0:
+            assert len(set(picked)) > 1  # a real draw, not one fixed token
+    finally:
+        for chain in (theirs, ours):
+            if chain is not None:
+                chain.close()
+        ctx.close()
+        llm.close()

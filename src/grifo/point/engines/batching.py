@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import codecs
 import contextlib
+import ctypes
 import functools
 import queue
 import random
@@ -65,7 +66,7 @@ class _Sequence:
     generation: Generation
     prompt: list[int]
     limit: int
-    sampler: Any
+    sampler: Any  # a llama.cpp sampler chain; None: greedy, the most likely token
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
     )
@@ -119,6 +120,7 @@ class BatchedLlamaGenerator:
         self._batch = internals.LlamaBatch(
             n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False
         )
+        self._candidates = Candidates(capi, capi.llama_vocab_n_tokens(self._model.vocab))
         template = self._model.metadata().get("tokenizer.chat_template")
         self._formatter = (
             Jinja2ChatFormatter(
@@ -261,6 +263,8 @@ class BatchedLlamaGenerator:
             ) from None
 
     def _sampler(self, params: SamplingParams) -> Any:
+        if params.temperature <= 0 and params.json_schema is None:
+            return None  # greedy: no chain to run
         sampler = self._internals.LlamaSampler()
         if params.json_schema is not None:  # first: the others choose among allowed tokens
             sampler.add_grammar(self._model, _grammar(params.json_schema))
@@ -328,7 +332,7 @@ class BatchedLlamaGenerator:
         if seq.request.sink.cancelled:
             self._finish(seq, "cancelled")
             return
-        token = self._capi.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, seq.batch_index)
+        token = self._candidates.sample(seq.sampler, self._ctx.ctx, seq.batch_index)
         if self._capi.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, "stop")
             return
@@ -359,8 +363,9 @@ class BatchedLlamaGenerator:
             self._cached[seq.slot] = []
         self._uses += 1
         self._last_used[seq.slot] = self._uses
-        with contextlib.suppress(Exception):
-            seq.sampler.close()
+        if seq.sampler is not None:
+            with contextlib.suppress(Exception):
+                seq.sampler.close()
         self._active.remove(seq)
         self._free.append(seq.slot)
         seq.request.sink.finished(error)
@@ -372,6 +377,48 @@ class BatchedLlamaGenerator:
 
 
 _MIN_REUSE = 16
+
+
+class Candidates:
+    """Picks a sequence's next token from its logits, reusing one candidates array.
+
+    `llama_sampler_sample` fills a freshly allocated array of every token's (id, logit, p)
+    for each token it picks: with SmolLM2's 49,152-token vocabulary, 590 KB of new pages and
+    ~150 µs a token, ~1.2 ms of every step of 8 sequences. Here the array is allocated once and
+    refilled from the logits with numpy; a greedy pick is numpy's argmax (the first of equal
+    logits, as llama.cpp's greedy sampler picks), with no sampler chain at all.
+    """
+
+    def __init__(self, capi: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self._np, self._capi, self._n_vocab = np, capi, n_vocab
+        token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        assert token_data.itemsize == ctypes.sizeof(capi.llama_token_data)
+        fresh = np.zeros(n_vocab, dtype=token_data)  # every id in order, p = 0
+        fresh["id"] = np.arange(n_vocab, dtype=np.int32)
+        array = fresh.copy()
+        self._data = array.ctypes.data_as(capi.llama_token_data_p)
+        # Plain float32 views: numpy copies structured arrays field by field, 12x slower.
+        self._fresh, self._array = (a.view(np.float32).reshape(n_vocab, 3) for a in (fresh, array))
+        self._cur = capi.llama_token_data_array(data=self._data, size=n_vocab)
+
+    def sample(self, chain: Any, ctx: Any, index: int) -> int:
+        """The token picked by `chain` (None: greedy) from the logits of batch row `index`."""
+        pointer = self._capi.llama_get_logits_ith(ctx, index)
+        logits = self._np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        if chain is None:
+            return int(logits.argmax())
+        self._np.copyto(self._array, self._fresh)
+        self._array[:, 1] = logits
+        cur = self._cur  # samplers sort, shrink and may repoint it: reset every time
+        cur.data, cur.size, cur.selected, cur.sorted = self._data, self._n_vocab, -1, False
+        self._capi.llama_sampler_apply(chain.sampler, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise RuntimeError("the sampler chain picked no token")
+        token = int(cur.data[cur.selected].id)
+        self._capi.llama_sampler_accept(chain.sampler, token)
+        return token
 
 
 def choose_slot(
