@@ -17,6 +17,15 @@ __all__ = ["pg_schema", "redis_prefix"]  # fixtures for every test module
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Points started by tests (in this process or as subprocesses) keep what they remember,
+    like measured engine thread counts, in a directory of the test session's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRIFO_CACHE_DIR", str(tmp_path_factory.mktemp("grifo-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _root_logging() -> Iterator[None]:
     """`grifo.cli.main` run in-process points the root logger at the sys.stderr of that

@@ -39,6 +39,19 @@ grifo: an OpenAI-compatible inference fabric. It decides for every request where
 """
 
 
+def _threads(value: str) -> int | str:
+    """`--threads`: a count of at least 1, or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grifo", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         help="llama_cpp (embedded), fake (tests) or proxy (an existing OpenAI-compatible server)",
     )
     point.add_argument("--model", default="smollm2", help="packaged model name or .gguf path")
-    point.add_argument("--threads", type=int, default=1)
+    point.add_argument(
+        "--threads", type=_threads, default="auto", help="engine threads, or auto (default)"
+    )
     point.add_argument("--upstream-url", help="for --engine proxy: http://host:port")
     point.add_argument(
         "--ray",

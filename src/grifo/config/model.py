@@ -37,7 +37,9 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     kind: Literal["llama_cpp", "fake", "proxy"] = "llama_cpp"
     model: str = "smollm2"
     model_id: str | None = None
-    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = "auto"
+    """llama_cpp: threads per engine; `auto`: the count that decodes fastest on this host,
+    measured at the point's first start and remembered (engines/threads.py)."""
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
     quantization: Literal["as-is", "q4_0", "q8_0"] = "as-is"

@@ -21,7 +21,8 @@ class RayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     max_replicas: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
     target_ongoing_requests: Annotated[float, msgspec.Meta(gt=0, le=4096)] = 2.0
     replica_cpus: Annotated[float, msgspec.Meta(ge=0, le=1024)] | None = None
-    """CPUs Ray reserves for each replica (default: the engine's `threads`)."""
+    """CPUs Ray reserves for each replica (default: the engine's `threads`; 1 where they are
+    `auto`)."""
 
     def __post_init__(self) -> None:
         if self.min_replicas > self.max_replicas:

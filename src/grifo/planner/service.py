@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from grifo.config.model import EngineConfig, PointConfig
+from grifo.point.engines.threads import available_cpus
 
 CALIBRATION_VERSION = 1
 
@@ -101,7 +102,8 @@ def default_model(point: PointConfig) -> ServiceModel:
         delay = engine.token_delay_ms
         return ServiceModel(1.0, 1e7, 1000 / delay if delay else 1e5, 0.0, slots)
     if engine is not None and engine.kind == "llama_cpp":
-        return ServiceModel(5.0, 400.0 * engine.threads, 40.0 * engine.threads, 0.6, slots)
+        threads = available_cpus() if engine.threads == "auto" else engine.threads
+        return ServiceModel(5.0, 400.0 * threads, 40.0 * threads, 0.6, slots)
     return ServiceModel(20.0, 2000.0, 50.0, 0.8, slots)
 
 

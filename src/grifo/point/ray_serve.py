@@ -228,10 +228,10 @@ class RayEngine:
                 ray.init(address=cfg.address)
             self._connected = True
         serve.start(proxy_location="Disabled")  # no HTTP proxy: only the point calls it
-        target, cpus = cfg.target_ongoing_requests, cfg.replica_cpus
+        target = cfg.target_ongoing_requests
         deployment = serve.deployment(
             name="engine",
-            ray_actor_options={"num_cpus": self.engine.threads if cpus is None else cpus},
+            ray_actor_options={"num_cpus": self.replica_cpus()},
             max_ongoing_requests=max(self.engine.parallel, math.ceil(2 * target)),
             autoscaling_config={
                 "min_replicas": cfg.min_replicas,
@@ -243,6 +243,13 @@ class RayEngine:
         handle = serve.run(deployment.bind(self.engine), name=self.app_name, route_prefix=None)
         model_id, context_length = handle.describe.remote().result(timeout_s=_START_TIMEOUT_S)
         return RayGenerator(handle, model_id, context_length)
+
+    def replica_cpus(self) -> float:
+        """CPUs Ray reserves per replica: `replica_cpus`, else the engine's threads (one where
+        they are `auto`: the replica measures its own count on whatever node it lands)."""
+        if self.config.replica_cpus is not None:
+            return self.config.replica_cpus
+        return 1 if self.engine.threads == "auto" else self.engine.threads
 
     def replicas(self) -> dict[str, int]:
         """Serve's replica counts of the engine deployment, by state (RUNNING, STARTING...)."""

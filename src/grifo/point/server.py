@@ -32,6 +32,7 @@ def build_engines(
     engine: EngineConfig,
 ) -> tuple[Generator | BatchGenerator | None, Embedder | None]:
     generator: Generator | BatchGenerator | None
+    threads = 1 if engine.threads == "auto" else engine.threads  # the embedder's too
     if engine.kind == "fake":
         from grifo.point.engines.fake import FakeGenerator
 
@@ -43,8 +44,8 @@ def build_engines(
         from grifo.point.engines.llama import requantized, resolve_model
 
         path, default_id = resolve_model(engine.model)
+        cache = Path(os.environ.get("GRIFO_CACHE_DIR") or Path.home() / ".cache" / "grifo")
         if engine.quantization != "as-is":
-            cache = Path(os.environ.get("GRIFO_CACHE_DIR") or Path.home() / ".cache" / "grifo")
             path = requantized(path, engine.quantization, cache / "models")
         generator = BatchedLlamaGenerator(
             path,
@@ -53,12 +54,14 @@ def build_engines(
             threads=engine.threads,
             slots=engine.parallel,
             prefix_cache=engine.prefix_cache,
+            thread_choices=cache / "threads.json",
         )
+        threads = generator.threads
     embedder: Embedder | None = None
     if engine.embeddings == "minilm":
         from grifo.point.engines.minilm import MiniLMEmbedder
 
-        embedder = MiniLMEmbedder(threads=engine.threads)
+        embedder = MiniLMEmbedder(threads=threads)
     elif engine.embeddings == "fake":
         from grifo.point.engines.fake import FakeEmbedder
 

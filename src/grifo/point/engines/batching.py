@@ -24,9 +24,12 @@ import codecs
 import contextlib
 import ctypes
 import functools
+import logging
 import queue
 import random
+import statistics
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +38,10 @@ from typing import Any, Literal, Protocol
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
+from grifo.point.engines.threads import ThreadChoices, available_cpus, candidates, choose, measure
 
 Kind = Literal["chat", "completion"]
+log = logging.getLogger(__name__)
 
 
 class GenerationSink(Protocol):
@@ -91,11 +96,15 @@ class BatchedLlamaGenerator:
         model_id: str,
         *,
         context_length: int = 2048,
-        threads: int = 1,
+        threads: int | Literal["auto"] = 1,
         slots: int = 4,
         batch_tokens: int = 512,
         prefix_cache: bool = True,
+        thread_choices: Path | None = None,
     ) -> None:
+        """`threads="auto"`: the count that decodes a full batch fastest here (`threads.py`),
+        measured at start unless `thread_choices` (a JSON file) remembers it for this model,
+        batch width and CPU count."""
         from llama_cpp import _internals as internals
         from llama_cpp import llama_cpp as capi
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -114,12 +123,18 @@ class BatchedLlamaGenerator:
         params.n_ctx = context_length * slots
         params.n_batch = params.n_ubatch = batch_tokens
         params.n_seq_max = slots
-        params.n_threads = params.n_threads_batch = threads
+        cpus = available_cpus()
+        params.n_threads = params.n_threads_batch = cpus if threads == "auto" else threads
         params.kv_unified = False  # one cache stream per slot: sequences do not share prefixes
         self._ctx = internals.LlamaContext(model=self._model, params=params, verbose=False)
         self._batch = internals.LlamaBatch(
             n_tokens=batch_tokens, embd=0, n_seq_max=1, verbose=False
         )
+        self.measured: dict[int, float] = {}  # threads: seconds of a full batch step
+        if threads == "auto":
+            choices = ThreadChoices(thread_choices) if thread_choices else None
+            threads = self._auto_threads(model_path, cpus, choices)
+        self.threads = threads
         self._candidates = Candidates(capi, capi.llama_vocab_n_tokens(self._model.vocab))
         template = self._model.metadata().get("tokenizer.chat_template")
         self._formatter = (
@@ -166,6 +181,35 @@ class BatchedLlamaGenerator:
         self._thread.join(10)
         for part in (self._batch, self._ctx, self._model):
             part.close()
+
+    def _auto_threads(self, model: Path, cpus: int, choices: ThreadChoices | None) -> int:
+        key = ThreadChoices.key(model, self.slots, cpus)
+        chosen = choices.get(key) if choices else None
+        if chosen is None:
+            self.measured = measure(self._step_seconds, candidates(cpus))
+            chosen = choose(self.measured)
+            if choices:
+                choices.put(key, chosen)
+        self._capi.llama_set_n_threads(self._ctx.ctx, chosen, chosen)
+        log.info("engine threads: %d of %d CPUs (measured: %s)", chosen, cpus, self.measured)
+        return chosen
+
+    def _step_seconds(self, threads: int) -> float:
+        """Median time of a step decoding one token in every slot with `threads` threads
+        (before the engine thread starts; the tokens are dropped from the cache after)."""
+        self._capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        batch, token, times = self._batch.batch, self._model.token_bos(), []
+        for step in range(8):
+            for slot in range(self.slots):
+                self._put(batch, slot, token, step, slot, True)
+            batch.n_tokens = self.slots
+            start = time.perf_counter()
+            if self._capi.llama_decode(self._ctx.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while timing thread counts")
+            if step >= 2:  # the first steps warm caches and start the thread team
+                times.append(time.perf_counter() - start)
+        self._capi.llama_memory_clear(self._ctx.memory, True)
+        return statistics.median(times)
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:

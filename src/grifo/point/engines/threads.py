@@ -1,0 +1,89 @@
+"""How many threads a llama.cpp engine decodes with when its config says `threads: auto`.
+
+The count that decodes fastest on this host, measured once: a host with many free cores wants
+many (SmolLM2 on 16 cores: 45 tokens/s on 1 thread, ~290 on 16), a small or busy one few (on
+2 shared cores 1 thread was steadier than 2). The engine times a full batch step (every slot
+decoding) with each candidate count; the answer is remembered in a small JSON file per model
+file, batch width and CPU count, so later starts on the same host skip the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARGIN = 0.05
+"""More threads must be this much faster than fewer to be chosen: threads that buy a few percent
+take CPU that the gateway and other points on the host would use better."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity), not all the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def candidates(cpus: int) -> list[int]:
+    """Thread counts worth trying on `cpus` CPUs: powers of two below it, and all of them."""
+    counts = [1 << i for i in range(cpus.bit_length()) if 1 << i < cpus]
+    return [*counts, max(cpus, 1)]
+
+
+def measure(step_seconds: Callable[[int], float], options: Sequence[int]) -> dict[int, float]:
+    """Each option's step time, smallest count first."""
+    return {n: step_seconds(n) for n in sorted(options)}
+
+
+def choose(times: dict[int, float]) -> int:
+    """The count with the shortest step, where a larger count must beat the best smaller one by
+    `MARGIN`."""
+    best = min(times)
+    for n in sorted(times):
+        if times[n] < times[best] * (1 - MARGIN):
+            best = n
+    return best
+
+
+class ThreadChoices:
+    """Measured choices, one JSON object in `path`: {key: threads}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def key(model: Path, width: int, cpus: int) -> str:
+        stat = model.stat()
+        return (
+            f"{model.resolve()}:{stat.st_size:x}:{int(stat.st_mtime):x}:width={width}:cpus={cpus}"
+        )
+
+    def get(self, key: str) -> int | None:
+        try:
+            value = json.loads(self.path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) and value >= 1 else None
+
+    def put(self, key: str, threads: int) -> None:
+        """Written under a temporary name and renamed: concurrent points never read half."""
+        try:
+            choices = json.loads(self.path.read_text())
+            if not isinstance(choices, dict):
+                choices = {}
+        except (OSError, ValueError):
+            choices = {}
+        choices[key] = threads
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
+            partial.replace(self.path)
+        except OSError as exc:  # a read-only cache only costs a measurement at the next start
+            log.warning("could not remember the engine's thread count in %s: %s", self.path, exc)
