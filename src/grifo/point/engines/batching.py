@@ -196,7 +196,9 @@ class BatchedLlamaGenerator:
 
     def _step_seconds(self, threads: int) -> float:
         """Median time of a step decoding one token in every slot with `threads` threads
-        (before the engine thread starts; the tokens are dropped from the cache after)."""
+        (before the engine thread starts; the tokens are dropped from the cache after): six
+        steps after two warm-ups (caches, the thread team), fewer for a model slow enough that
+        they would take over a second."""
         self._capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
         batch, token, times = self._batch.batch, self._model.token_bos(), []
         for step in range(8):
@@ -206,8 +208,10 @@ class BatchedLlamaGenerator:
             start = time.perf_counter()
             if self._capi.llama_decode(self._ctx.ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed while timing thread counts")
-            if step >= 2:  # the first steps warm caches and start the thread team
+            if step >= 2:
                 times.append(time.perf_counter() - start)
+                if len(times) >= 2 and sum(times) > 1.0:
+                    break
         self._capi.llama_memory_clear(self._ctx.memory, True)
         return statistics.median(times)
 
