@@ -11,7 +11,12 @@ import pytest
 from llama_cpp import Llama
 
 from grifo.point.engines.base import Generation, SamplingParams
-from grifo.point.engines.batching import BatchedLlamaGenerator, Candidates, choose_slot
+from grifo.point.engines.batching import (
+    BatchedLlamaGenerator,
+    Candidates,
+    beside,
+    choose_slot,
+)
 from grifo.point.engines.llama import model_params
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
 
@@ -339,3 +344,59 @@ def test_candidates_pick_what_llama_sampler_sample_picks(
                 chain.close()
         ctx.close()
         llm.close()
+
+
+@pytest.mark.parametrize(
+    ("slot", "free", "last_used", "running", "expected"),
+    [
+        (0, [0, 2], [1, 5], {3}, 2),  # apart from the running slot: next to it instead
+        (0, [0, 1, 4], [1, 5, 2], {2, 3}, 4),  # beside either end: the less recently used
+        (0, [0, 2, 4], [1, 5, 9], {3, 5}, 4),  # between two running slots first
+        (2, [0, 2], [1, 5], {3}, None),  # already beside a running slot
+        (0, [0, 1], [1, 5], set(), None),  # nothing running: nothing to stay next to
+        (0, [0, 5], [1, 5], {2, 3}, None),  # no free slot beside the running ones
+    ],
+)
+def test_beside(
+    slot: int, free: list[int], last_used: list[int], running: set[int], expected: int | None
+) -> None:
+    assert beside(slot, free, last_used, running) == expected
+
+
+def test_a_reused_prefix_apart_from_running_slots_is_copied_beside_them(model: Path) -> None:
+    """A conversation's next turn finds its prefix in a slot apart from the one running: the
+    prefix is copied next to it, the two decode in one run of consecutive sequence ids, the
+    prefix is still reused, and the answer is the one computed without any cache."""
+    base = " ".join(TINY_WORDS * 2)
+    follow_up = base + " the quick brown fox"
+    params = SamplingParams(max_tokens=6, temperature=0)
+    fresh = BatchedLlamaGenerator(
+        model, "tiny", context_length=256, slots=4, batch_tokens=64, prefix_cache=False
+    )
+    try:
+        expected = run_all(fresh, [follow_up], params)[0].wait()
+    finally:
+        fresh.close()
+    engine = BatchedLlamaGenerator(model, "tiny", context_length=256, slots=4, batch_tokens=64)
+    recorder = _RecordingApi(engine._capi)
+    engine._capi = recorder
+    try:
+        assert engine._copy_worth_it
+        run_all(engine, [base], params)  # slot 0 holds the conversation
+        for text in prompts(2):  # slots 1 and 2 are used after it
+            run_all(engine, [text], params)
+        recorder.batches.clear()
+        long, turn = Sink(), Sink()
+        engine.submit("completion", "hello", SamplingParams(max_tokens=200, temperature=0), long)
+        engine.submit("completion", follow_up, params, turn)  # while slot 3 runs
+        answer = turn.wait()
+        long.wait()
+    finally:
+        engine.close()
+    assert answer == expected
+    assert turn.generation is not None
+    assert turn.generation.cached_tokens >= 2 * len(TINY_WORDS)
+    assert engine.relocated == 1
+    pairs = [ids for ids in recorder.batches if len(ids) == 2 and len(set(ids)) == 2]
+    assert pairs, "the two requests never decoded together"
+    assert all(ids == [2, 3] for ids in pairs), pairs

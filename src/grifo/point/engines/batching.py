@@ -153,6 +153,12 @@ class BatchedLlamaGenerator:
         self._last_used = [0] * slots
         self._uses = 0
         self.reused_tokens = 0  # prompt tokens taken from the cache instead of computed
+        self.relocated = 0  # reused prefixes copied beside the running slots
+        model = self._model.model
+        layers, heads = capi.llama_model_n_layer(model), capi.llama_model_n_head(model)
+        kv_width = capi.llama_model_n_embd(model) // heads * capi.llama_model_n_head_kv(model)
+        stream_bytes = 2 * layers * kv_width * 2 * context_length  # K and V, f16
+        self._copy_worth_it = stream_bytes < capi.llama_model_size(model)
         self._active: list[_Sequence] = []
         self._thread = threading.Thread(target=self._run, name="grifo-batch", daemon=True)
         self._thread.start()
@@ -279,15 +285,26 @@ class BatchedLlamaGenerator:
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
         """A free slot for `prompt` (`choose_slot`), with its cache cut to the prefix it
         shares; and how many tokens it keeps (never the whole prompt: the last token is
-        computed again for its logits)."""
+        computed again for its logits).
+
+        A reused prefix sitting apart from the running slots is copied to a free slot beside
+        them (`beside`) when a cache stream is smaller than the weights: the copy costs less
+        than one extra pass over the weights, which every step of a split batch pays. The
+        source slot keeps its cache for later requests."""
+        running, free = self._running(), self._free
+        used = [self._last_used[slot] for slot in free]
         shared = [
-            _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0
-            for slot in self._free
+            _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0 for slot in free
         ]
-        best, common = choose_slot(
-            self._free, shared, [self._last_used[s] for s in self._free], self._running()
-        )
+        best, common = choose_slot(free, shared, used, running)
         keep = min(common, len(prompt) - 1)
+        target = beside(best, free, used, running) if keep and self._copy_worth_it else None
+        if target is not None:
+            # Between cache streams llama.cpp copies only whole sequences: a partial range
+            # fails an assertion that aborts the process.
+            self._capi.llama_memory_seq_cp(self._ctx.memory, best, target, -1, -1)
+            self.relocated += 1
+            best = target
         self._capi.llama_memory_seq_rm(self._ctx.memory, best, keep, -1)
         self._cached[best] = []
         self._free.remove(best)
@@ -425,6 +442,23 @@ class BatchedLlamaGenerator:
 
 
 _MIN_REUSE = 16
+
+
+def beside(
+    slot: int, free: Sequence[int], last_used: Sequence[int], running: set[int]
+) -> int | None:
+    """Where to copy a reused prefix from `slot` so that running slots stay one run of
+    consecutive ids: None if `slot` is beside a running one already (or nothing runs, or no
+    free slot is beside one); else the free slot with the most running neighbours, the least
+    recently used among equals."""
+    if not running or slot - 1 in running or slot + 1 in running:
+        return None
+    best, key = None, (0, 0)
+    for other, used in zip(free, last_used, strict=True):
+        neighbours = (other - 1 in running) + (other + 1 in running)
+        if neighbours and (neighbours, -used) > key:
+            best, key = other, (neighbours, -used)
+    return best
 
 
 class Candidates:
