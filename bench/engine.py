@@ -2,6 +2,8 @@
 
 Single stream: tokens/s of one 128-token completion (prefill included), best of 3.
 Concurrent: aggregate tokens/s with N simultaneous requests in the batching engine.
+Turn: aggregate tokens/s of one request running and a conversation's next turn whose prefix is
+cached in a slot apart from it (the engine copies the prefix beside the running slot).
 Decode steps: llama.cpp alone (no grifo code), the median time of one `llama_decode` that
 advances one sequence by a token, and of one that advances N sequences by a token each, in a
 context set up as the engine's. N x the first over the second is the most that batching N
@@ -118,16 +120,41 @@ def decode_steps(path: str, threads: int, n: int, steps: int) -> tuple[float, fl
     return one, wide
 
 
-def grifo_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
-    params = SamplingParams(max_tokens=tokens, temperature=0)
-    sinks = [Sink() for _ in range(n)]
+def aggregate(engine: BatchedLlamaGenerator, texts: list[str], params: SamplingParams) -> float:
+    """Tokens/s of all `texts` submitted at once, until the last one finishes."""
+    sinks = [Sink() for _ in texts]
     start = time.perf_counter()
-    for i, sink in enumerate(sinks):
-        engine.submit("completion", PROMPTS[i % len(PROMPTS)], params, sink)
+    for text, sink in zip(texts, sinks, strict=True):
+        engine.submit("completion", text, params, sink)
     for sink in sinks:
         sink.done.wait()
     elapsed = time.perf_counter() - start
     return sum(s.generation.completion_tokens for s in sinks if s.generation) / elapsed
+
+
+def grifo_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    return aggregate(engine, texts, SamplingParams(max_tokens=tokens, temperature=0))
+
+
+def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int) -> float:
+    """Aggregate tokens/s of a request running in one slot and a conversation's next turn whose
+    prefix is cached in a slot apart from it: 4 slots, a fresh engine each time, best of 3."""
+    conversation = " ".join(PROMPTS * 6)
+    short, full = SamplingParams(max_tokens=8, temperature=0), SamplingParams(tokens, 0)
+    best = 0.0
+    for _ in range(3):
+        engine = BatchedLlamaGenerator(
+            path, model_id, context_length=2048, threads=threads, slots=4
+        )
+        try:
+            for text in (conversation, PROMPTS[1], PROMPTS[2]):  # slots 0, 1 and 2, in turn
+                aggregate(engine, [text], short)
+            turn = [PROMPTS[3], conversation + " And then,"]  # slot 3 runs; slot 0 is reused
+            best = max(best, aggregate(engine, turn, full))
+        finally:
+            engine.close()
+    return best
 
 
 def main() -> None:
@@ -154,6 +181,7 @@ def main() -> None:
         concurrent = max(grifo_run(engine, args.concurrency, args.tokens) for _ in range(2))
     finally:
         engine.close()
+    turn = turn_beside_running(path, model_id, args.threads, args.tokens)
     print(
         f"SmolLM2-135M {args.quantization}, {args.threads} thread(s), {args.tokens} tokens, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}\n"
@@ -164,6 +192,10 @@ def main() -> None:
     print(
         f"| grifo engine, {args.concurrency} concurrent (aggregate) | {concurrent:.1f} | "
         f"{concurrent / single:.2f} x grifo single |"
+    )
+    print(
+        f"| grifo engine, 1 running + 1 turn reusing a prefix cached apart (aggregate) | "
+        f"{turn:.1f} | {turn / single:.2f} x grifo single |"
     )
     print(
         f"| llama.cpp alone: one decode step of 1 token / of {args.concurrency} tokens "
