@@ -400,3 +400,34 @@ def test_a_reused_prefix_apart_from_running_slots_is_copied_beside_them(model: P
     pairs = [ids for ids in recorder.batches if len(ids) == 2 and len(set(ids)) == 2]
     assert pairs, "the two requests never decoded together"
     assert all(ids == [2, 3] for ids in pairs), pairs
+
+
+def test_a_gap_left_by_an_early_finish_is_closed(model: Path) -> None:
+    """Four sequences in slots 0 to 3; the one in slot 1 finishes early. With nothing waiting
+    to take slot 1, the sequence in slot 3 moves there (its cache copied whole), the three go on
+    decoding as one run in slot order, and every answer is the one computed alone."""
+    texts = prompts(4)
+    limits = [40, 3, 40, 40]
+    alone = BatchedLlamaGenerator(model, "tiny", context_length=256, slots=1, batch_tokens=64)
+    try:
+        expected = [
+            run_all(alone, [t], SamplingParams(max_tokens=n, temperature=0))[0].wait()
+            for t, n in zip(texts, limits, strict=True)
+        ]
+    finally:
+        alone.close()
+    engine = BatchedLlamaGenerator(model, "tiny", context_length=256, slots=4, batch_tokens=64)
+    recorder = _RecordingApi(engine._capi)
+    engine._capi = recorder
+    sinks = [Sink() for _ in texts]
+    try:
+        for text, limit, sink in zip(texts, limits, sinks, strict=True):
+            engine.submit("completion", text, SamplingParams(max_tokens=limit, temperature=0), sink)
+        answers = [sink.wait() for sink in sinks]
+    finally:
+        engine.close()
+    assert answers == expected
+    assert engine.relocated == 1
+    triples = [ids for ids in recorder.batches if len(ids) == 3 and len(set(ids)) == 3]
+    assert triples, "the three long sequences never decoded without the short one"
+    assert all(ids == [0, 1, 2] for ids in triples), triples

@@ -227,9 +227,31 @@ class BatchedLlamaGenerator:
             if not self._admit(block=not self._active):
                 break
             if self._active:
+                if self._copy_worth_it and self._inbox.empty():
+                    self._close_gaps()  # nothing waiting would fill them
                 self._step()
         for seq in list(self._active):
             self._finish(seq, "cancelled")
+
+    def _close_gaps(self) -> None:
+        """Moves the sequence in the highest running slot into a free slot below it while the
+        running slots are not one run of consecutive ids (a sequence that finished early left a
+        gap): the cache stream is copied whole and the old slot emptied. Copying a stream costs
+        less than the extra pass over the weights that every step of a split batch pays."""
+        while True:
+            slots = [seq.slot for seq in self._active]
+            gaps = [slot for slot in self._free if slots[0] < slot < slots[-1]]
+            if not gaps:
+                return
+            seq, target = self._active[-1], min(gaps)
+            self._capi.llama_memory_seq_cp(self._ctx.memory, seq.slot, target, -1, -1)
+            self._capi.llama_memory_seq_rm(self._ctx.memory, seq.slot, -1, -1)
+            self._cached[seq.slot] = self._cached[target] = []
+            self._free.remove(target)
+            self._free.append(seq.slot)
+            seq.slot = target
+            self._active.sort(key=lambda s: s.slot)
+            self.relocated += 1
 
     def _admit(self, block: bool) -> bool:
         """Start waiting requests while slots are free; False once the engine is closing."""
