@@ -2,6 +2,7 @@
 
 Single stream: tokens/s of one 128-token completion (prefill included), best of 3.
 Concurrent: aggregate tokens/s with N simultaneous requests in the batching engine.
+Uneven: the same, the requests asking for 1/N, 2/N, ... all of the tokens in shuffled order.
 Turn: aggregate tokens/s of one request running and a conversation's next turn whose prefix is
 cached in a slot apart from it (the engine copies the prefix beside the running slot).
 Decode steps: llama.cpp alone (no grifo code), the median time of one `llama_decode` that
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import statistics
 import threading
 import time
@@ -137,6 +139,22 @@ def grifo_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
     return aggregate(engine, texts, SamplingParams(max_tokens=tokens, temperature=0))
 
 
+def uneven_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
+    """Aggregate tokens/s of n requests asking for 1/n, 2/n, ... all of `tokens`, in a fixed
+    shuffled order (short ones finish amid longer ones, leaving gaps among the running slots)."""
+    shares = list(range(1, n + 1))
+    random.Random(0).shuffle(shares)
+    sinks = [Sink() for _ in range(n)]
+    start = time.perf_counter()
+    for i, sink in enumerate(sinks):
+        params = SamplingParams(max_tokens=max(1, tokens * shares[i] // n), temperature=0)
+        engine.submit("completion", PROMPTS[i % len(PROMPTS)], params, sink)
+    for sink in sinks:
+        sink.done.wait()
+    elapsed = time.perf_counter() - start
+    return sum(s.generation.completion_tokens for s in sinks if s.generation) / elapsed
+
+
 def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int) -> float:
     """Aggregate tokens/s of a request running in one slot and a conversation's next turn whose
     prefix is cached in a slot apart from it: 4 slots, a fresh engine each time, best of 3."""
@@ -179,6 +197,7 @@ def main() -> None:
     try:
         single = max(grifo_run(engine, 1, args.tokens) for _ in range(3))
         concurrent = max(grifo_run(engine, args.concurrency, args.tokens) for _ in range(2))
+        uneven = max(uneven_run(engine, args.concurrency, args.tokens) for _ in range(2))
     finally:
         engine.close()
     turn = turn_beside_running(path, model_id, args.threads, args.tokens)
@@ -192,6 +211,10 @@ def main() -> None:
     print(
         f"| grifo engine, {args.concurrency} concurrent (aggregate) | {concurrent:.1f} | "
         f"{concurrent / single:.2f} x grifo single |"
+    )
+    print(
+        f"| grifo engine, {args.concurrency} concurrent asking for 1/{args.concurrency} to all "
+        f"of the tokens (aggregate) | {uneven:.1f} | {uneven / single:.2f} x grifo single |"
     )
     print(
         f"| grifo engine, 1 running + 1 turn reusing a prefix cached apart (aggregate) | "
