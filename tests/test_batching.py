@@ -11,13 +11,10 @@ import pytest
 from llama_cpp import Llama
 
 from grifo.point.engines.base import Generation, SamplingParams
-from grifo.point.engines.batching import (
-    BatchedLlamaGenerator,
-    Candidates,
-    beside,
-    choose_slot,
-)
+from grifo.point.engines.batching import BatchedLlamaGenerator
 from grifo.point.engines.llama import model_params
+from grifo.point.engines.sampling import Candidates
+from grifo.point.engines.slots import beside, choose_slot
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
 
 pytestmark = pytest.mark.engine

@@ -14,7 +14,9 @@ Slot numbers are llama.cpp sequence ids, and each has its own cache stream. llam
 a batch of such sequences together only for runs of consecutive ids in increasing order; any
 other order, or a gap, splits the step into one pass over the weights per run (with 8 streams
 in reverse order a step cost as much as 8 one-token steps). So the batch is always in slot
-order, and a request with no prefix to reuse takes a free slot next to running ones.
+order, a request takes a slot next to running ones (`slots.py`), a reused prefix cached apart
+from them is copied beside them, and a gap left by a sequence that finished early is closed by
+moving the last one into it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import bisect
 import codecs
 import contextlib
-import ctypes
 import functools
 import logging
 import queue
@@ -38,6 +39,8 @@ from typing import Any, Literal, Protocol
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
+from grifo.point.engines.sampling import Candidates
+from grifo.point.engines.slots import beside, choose_slot, shared_prefix
 from grifo.point.engines.threads import ThreadChoices, available_cpus, candidates, choose, measure
 
 Kind = Literal["chat", "completion"]
@@ -153,7 +156,7 @@ class BatchedLlamaGenerator:
         self._last_used = [0] * slots
         self._uses = 0
         self.reused_tokens = 0  # prompt tokens taken from the cache instead of computed
-        self.relocated = 0  # reused prefixes copied beside the running slots
+        self.relocated = 0  # cache streams copied to keep the running slots one run
         model = self._model.model
         layers, heads = capi.llama_model_n_layer(model), capi.llama_model_n_head(model)
         kv_width = capi.llama_model_n_embd(model) // heads * capi.llama_model_n_head_kv(model)
@@ -316,7 +319,7 @@ class BatchedLlamaGenerator:
         running, free = self._running(), self._free
         used = [self._last_used[slot] for slot in free]
         shared = [
-            _shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0 for slot in free
+            shared_prefix(self._cached[slot], prompt) if self._prefix_cache else 0 for slot in free
         ]
         best, common = choose_slot(free, shared, used, running)
         keep = min(common, len(prompt) - 1)
@@ -461,104 +464,6 @@ class BatchedLlamaGenerator:
         if token < 0:
             return ""
         return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
-
-
-_MIN_REUSE = 16
-
-
-def beside(
-    slot: int, free: Sequence[int], last_used: Sequence[int], running: set[int]
-) -> int | None:
-    """Where to copy a reused prefix from `slot` so that running slots stay one run of
-    consecutive ids: None if `slot` is beside a running one already (or nothing runs, or no
-    free slot is beside one); else the free slot with the most running neighbours, the least
-    recently used among equals."""
-    if not running or slot - 1 in running or slot + 1 in running:
-        return None
-    best, key = None, (0, 0)
-    for other, used in zip(free, last_used, strict=True):
-        neighbours = (other - 1 in running) + (other + 1 in running)
-        if neighbours and (neighbours, -used) > key:
-            best, key = other, (neighbours, -used)
-    return best
-
-
-class Candidates:
-    """Picks a sequence's next token from its logits, reusing one candidates array.
-
-    `llama_sampler_sample` fills a freshly allocated array of every token's (id, logit, p)
-    for each token it picks: with SmolLM2's 49,152-token vocabulary, 590 KB of new pages and
-    ~150 µs a token, ~1.2 ms of every step of 8 sequences. Here the array is allocated once and
-    refilled from the logits with numpy; a greedy pick is numpy's argmax (the first of equal
-    logits, as llama.cpp's greedy sampler picks), with no sampler chain at all.
-    """
-
-    def __init__(self, capi: Any, n_vocab: int) -> None:
-        import numpy as np
-
-        self._np, self._capi, self._n_vocab = np, capi, n_vocab
-        token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        assert token_data.itemsize == ctypes.sizeof(capi.llama_token_data)
-        fresh = np.zeros(n_vocab, dtype=token_data)  # every id in order, p = 0
-        fresh["id"] = np.arange(n_vocab, dtype=np.int32)
-        array = fresh.copy()
-        self._data = array.ctypes.data_as(capi.llama_token_data_p)
-        # Plain float32 views: numpy copies structured arrays field by field, 12x slower.
-        self._fresh, self._array = (a.view(np.float32).reshape(n_vocab, 3) for a in (fresh, array))
-        self._cur = capi.llama_token_data_array(data=self._data, size=n_vocab)
-
-    def sample(self, chain: Any, ctx: Any, index: int) -> int:
-        """The token picked by `chain` (None: greedy) from the logits of batch row `index`."""
-        pointer = self._capi.llama_get_logits_ith(ctx, index)
-        logits = self._np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        if chain is None:
-            return int(logits.argmax())
-        self._np.copyto(self._array, self._fresh)
-        self._array[:, 1] = logits
-        cur = self._cur  # samplers sort, shrink and may repoint it: reset every time
-        cur.data, cur.size, cur.selected, cur.sorted = self._data, self._n_vocab, -1, False
-        self._capi.llama_sampler_apply(chain.sampler, ctypes.byref(cur))
-        if not 0 <= cur.selected < cur.size:
-            raise RuntimeError("the sampler chain picked no token")
-        token = int(cur.data[cur.selected].id)
-        self._capi.llama_sampler_accept(chain.sampler, token)
-        return token
-
-
-def choose_slot(
-    free: Sequence[int], shared: Sequence[int], last_used: Sequence[int], running: set[int]
-) -> tuple[int, int]:
-    """(slot, tokens to reuse) for a new request, from the free slots with the prefix each
-    shares with its prompt and when each was last used, and the slots of running sequences.
-
-    The slot sharing the longest prefix, if at least `_MIN_REUSE` tokens (a few common tokens,
-    like the BOS, are not worth evicting another conversation for). Otherwise a slot next to
-    running ones, so that running slots stay one run of consecutive ids (llama.cpp batches only
-    those together): one between two running slots first, then one beside a running slot. Ties
-    go to the least recently used slot, whose cached prefix is the least likely to be asked
-    for again.
-    """
-    best, key = free[0], (-1, -1, 0)
-    for slot, common, used in zip(free, shared, last_used, strict=True):
-        common = common if common >= _MIN_REUSE else 0
-        neighbours = (slot - 1 in running) + (slot + 1 in running)
-        candidate = (common, neighbours, -used)
-        if candidate > key:
-            best, key = slot, candidate
-    return best, key[0]
-
-
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists (binary search over C-speed slice
-    comparisons)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @functools.lru_cache(maxsize=64)
