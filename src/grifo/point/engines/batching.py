@@ -156,7 +156,8 @@ class BatchedLlamaGenerator:
         self._last_used = [0] * slots
         self._uses = 0
         self.reused_tokens = 0  # prompt tokens taken from the cache instead of computed
-        self.relocated = 0  # cache streams copied to keep the running slots one run
+        self.prefix_copies = 0  # reused prefixes copied beside the running slots
+        self.gap_moves = 0  # running sequences moved into a gap left by an early finish
         model = self._model.model
         layers, heads = capi.llama_model_n_layer(model), capi.llama_model_n_head(model)
         kv_width = capi.llama_model_n_embd(model) // heads * capi.llama_model_n_head_kv(model)
@@ -254,7 +255,7 @@ class BatchedLlamaGenerator:
             self._free.append(seq.slot)
             seq.slot = target
             self._active.sort(key=lambda s: s.slot)
-            self.relocated += 1
+            self.gap_moves += 1
 
     def _admit(self, block: bool) -> bool:
         """Start waiting requests while slots are free; False once the engine is closing."""
@@ -328,7 +329,7 @@ class BatchedLlamaGenerator:
             # Between cache streams llama.cpp copies only whole sequences: a partial range
             # fails an assertion that aborts the process.
             self._capi.llama_memory_seq_cp(self._ctx.memory, best, target, -1, -1)
-            self.relocated += 1
+            self.prefix_copies += 1
             best = target
         self._capi.llama_memory_seq_rm(self._ctx.memory, best, keep, -1)
         self._cached[best] = []
