@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +110,24 @@ def test_minilm_embeddings_through_the_gateway(tmp_path: Path) -> None:
 
     assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2]) + 0.3
     assert result.usage.prompt_tokens > 10
+
+
+def test_point_metrics_show_the_engine_at_work(llama_fabric: Fabric) -> None:
+    """The point's /metrics report the engine's threads (measured: `threads: auto`), the
+    prompt tokens it reused from a cached prefix, and its cache copies."""
+    client = llama_fabric.client("demo-eu")
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 3)
+    for _ in range(2):  # the second request reuses the first one's prompt
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    url = llama_fabric.point_url("frankfurt-regional")
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("grifo_point_engine_")
+    }
+    assert values["grifo_point_engine_threads"] >= 1
+    assert values["grifo_point_engine_reused_prompt_tokens_total"] >= 16
+    assert 'grifo_point_engine_cache_copies_total{reason="prefix"}' in values
+    assert 'grifo_point_engine_cache_copies_total{reason="gap"}' in values

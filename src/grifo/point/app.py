@@ -27,7 +27,7 @@ from grifo.errors import (
 from grifo.http.message import Request, Response, StreamResponse
 from grifo.point.agent_runs import AgentRuns
 from grifo.point.engines.base import Generation, Generator, SamplingParams
-from grifo.point.metrics import PointMetrics
+from grifo.point.metrics import EngineStats, PointMetrics
 from grifo.point.runner import BatchGenerator, EngineRunner, GenerationJob, Kind, Payload
 from grifo.telemetry.tracing import Tracing
 from grifo.wire import responses
@@ -73,6 +73,9 @@ class PointApp:
         self.signer = signer
         self.tracing = tracing  # an engine span per generation, under the gateway's attempt
         self.metrics = PointMetrics()
+        engine: object = runner.generator  # a batching llama.cpp engine counts its slots' work
+        if isinstance(engine, EngineStats):
+            self.metrics.watch_engine(engine)
         self._ident_headers = [
             (b"x-grifo-point", identity.name.encode()),
             (b"x-grifo-jurisdiction", identity.jurisdiction.encode()),
