@@ -14,7 +14,7 @@ from llama_cpp import Llama
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
 from grifo.point.engines.llama import model_params
-from grifo.point.engines.sampling import Candidates
+from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
 
@@ -322,8 +322,8 @@ def test_candidates_pick_what_llama_sampler_sample_picks(
     batch.set_batch(prompt, 0, False)  # logits of the last token only
     ctx.decode(batch)
     last = len(prompt) - 1
-    ours = engine._sampler(params)
-    theirs = engine._sampler(params)
+    ours = chain(internals, llm, params)
+    theirs = chain(internals, llm, params)
     if theirs is None:  # the engine runs no chain for plain greedy: compare with llama.cpp's
         theirs = internals.LlamaSampler()
         theirs.add_greedy()
@@ -337,9 +337,9 @@ def test_candidates_pick_what_llama_sampler_sample_picks(
         if params.temperature > 0:
             assert len(set(picked)) > 1  # a real draw, not one fixed token
     finally:
-        for chain in (theirs, ours):
-            if chain is not None:
-                chain.close()
+        for sampler in (theirs, ours):
+            if sampler is not None:
+                sampler.close()
         ctx.close()
         llm.close()
 

@@ -24,13 +24,9 @@ from __future__ import annotations
 import bisect
 import codecs
 import contextlib
-import functools
 import logging
 import queue
-import random
-import statistics
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +35,16 @@ from typing import Any, Literal, Protocol
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
-from grifo.point.engines.sampling import Candidates
+from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot, shared_prefix
-from grifo.point.engines.threads import ThreadChoices, available_cpus, candidates, choose, measure
+from grifo.point.engines.threads import (
+    StepTimer,
+    ThreadChoices,
+    available_cpus,
+    candidates,
+    choose,
+    measure,
+)
 
 Kind = Literal["chat", "completion"]
 log = logging.getLogger(__name__)
@@ -196,34 +199,16 @@ class BatchedLlamaGenerator:
         key = ThreadChoices.key(model, self.slots, cpus)
         chosen = choices.get(key) if choices else None
         if chosen is None:
-            self.measured = measure(self._step_seconds, candidates(cpus))
+            timer = StepTimer(
+                self._capi, self._ctx, self._batch.batch, self.slots, self._model.token_bos()
+            )
+            self.measured = measure(timer.seconds, candidates(cpus))
             chosen = choose(self.measured)
             if choices:
                 choices.put(key, chosen)
         self._capi.llama_set_n_threads(self._ctx.ctx, chosen, chosen)
         log.info("engine threads: %d of %d CPUs (measured: %s)", chosen, cpus, self.measured)
         return chosen
-
-    def _step_seconds(self, threads: int) -> float:
-        """Median time of a step decoding one token in every slot with `threads` threads
-        (before the engine thread starts; the tokens are dropped from the cache after): six
-        steps after two warm-ups (caches, the thread team), fewer for a model slow enough that
-        they would take over a second."""
-        self._capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
-        batch, token, times = self._batch.batch, self._model.token_bos(), []
-        for step in range(8):
-            for slot in range(self.slots):
-                self._put(batch, slot, token, step, slot, True)
-            batch.n_tokens = self.slots
-            start = time.perf_counter()
-            if self._capi.llama_decode(self._ctx.ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed while timing thread counts")
-            if step >= 2:
-                times.append(time.perf_counter() - start)
-                if len(times) >= 2 and sum(times) > 1.0:
-                    break
-        self._capi.llama_memory_clear(self._ctx.memory, True)
-        return statistics.median(times)
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -292,7 +277,7 @@ class BatchedLlamaGenerator:
                 param="messages" if request.kind == "chat" else "prompt",
             )
         params = request.params
-        sampler = self._sampler(params)  # may refuse the request: before a slot is taken
+        sampler = chain(self._internals, self._model, params)  # may refuse it: before a slot
         slot, keep = self._take_slot(prompt)
         generation = Generation(prompt_tokens=len(prompt), pieces=iter(()), cached_tokens=keep)
         seq = _Sequence(
@@ -352,27 +337,6 @@ class BatchedLlamaGenerator:
             raise InvalidRequestError(
                 f"the model's chat template rejected the messages: {exc}"
             ) from None
-
-    def _sampler(self, params: SamplingParams) -> Any:
-        if params.temperature <= 0 and params.json_schema is None:
-            return None  # greedy: no chain to run
-        sampler = self._internals.LlamaSampler()
-        if params.json_schema is not None:  # first: the others choose among allowed tokens
-            sampler.add_grammar(self._model, _grammar(params.json_schema))
-        if params.temperature <= 0:
-            sampler.add_greedy()
-            return sampler
-        if params.presence_penalty or params.frequency_penalty:
-            sampler.add_penalties(
-                self._model.n_vocab(), 64, 1.0, params.frequency_penalty, params.presence_penalty
-            )
-        sampler.add_top_k(40)
-        sampler.add_top_p(params.top_p, 1)
-        sampler.add_min_p(0.05, 1)
-        sampler.add_temp(params.temperature)
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sampler.add_dist(seed & 0xFFFFFFFF)
-        return sampler
 
     def _step(self) -> None:
         n = self._fill_batch()
@@ -465,14 +429,3 @@ class BatchedLlamaGenerator:
         if token < 0:
             return ""
         return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
-
-
-@functools.lru_cache(maxsize=64)
-def _grammar(json_schema: str) -> Any:
-    """llama.cpp's grammar for a JSON Schema (converted once per schema)."""
-    from llama_cpp.llama_grammar import LlamaGrammar
-
-    try:
-        return LlamaGrammar.from_json_schema(json_schema, verbose=False)
-    except Exception as exc:  # the converter rejects schema features it does not support
-        raise InvalidRequestError(f"the output schema is not supported: {exc}") from None

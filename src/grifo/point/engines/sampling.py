@@ -1,9 +1,40 @@
-"""Picking a sequence's next token from llama.cpp's logits."""
+"""Picking a sequence's next token from llama.cpp's logits: the sampler chain a request's
+settings call for, and the candidates array it runs on."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import random
 from typing import Any
+
+from grifo.errors import InvalidRequestError
+from grifo.point.engines.base import SamplingParams
+
+
+def chain(internals: Any, model: Any, params: SamplingParams) -> Any:
+    """llama.cpp's sampler chain for `params` (llama-cpp-python's `internals`, the engine's
+    model); None for plain greedy decoding, which needs none (`Candidates` takes the argmax).
+    Refuses a JSON schema llama.cpp cannot turn into a grammar."""
+    if params.temperature <= 0 and params.json_schema is None:
+        return None
+    sampler = internals.LlamaSampler()
+    if params.json_schema is not None:  # first: the others choose among allowed tokens
+        sampler.add_grammar(model, _grammar(params.json_schema))
+    if params.temperature <= 0:
+        sampler.add_greedy()
+        return sampler
+    if params.presence_penalty or params.frequency_penalty:
+        sampler.add_penalties(
+            model.n_vocab(), 64, 1.0, params.frequency_penalty, params.presence_penalty
+        )
+    sampler.add_top_k(40)
+    sampler.add_top_p(params.top_p, 1)
+    sampler.add_min_p(0.05, 1)
+    sampler.add_temp(params.temperature)
+    seed = params.seed if params.seed is not None else random.getrandbits(32)
+    sampler.add_dist(seed & 0xFFFFFFFF)
+    return sampler
 
 
 class Candidates:
@@ -46,3 +77,14 @@ class Candidates:
         token = int(cur.data[cur.selected].id)
         self._capi.llama_sampler_accept(chain.sampler, token)
         return token
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar(json_schema: str) -> Any:
+    """llama.cpp's grammar for a JSON Schema (converted once per schema)."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+    except Exception as exc:  # the converter rejects schema features it does not support
+        raise InvalidRequestError(f"the output schema is not supported: {exc}") from None

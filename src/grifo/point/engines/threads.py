@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,38 @@ def candidates(cpus: int) -> list[int]:
     """Thread counts worth trying on `cpus` CPUs: powers of two below it, and all of them."""
     counts = [1 << i for i in range(cpus.bit_length()) if 1 << i < cpus]
     return [*counts, max(cpus, 1)]
+
+
+class StepTimer:
+    """Times a step decoding one token in each of `width` sequences of a llama.cpp context,
+    before its engine starts (the tokens are dropped from the cache after)."""
+
+    def __init__(self, capi: Any, ctx: Any, batch: Any, width: int, token: int) -> None:
+        self._capi, self._ctx, self._batch = capi, ctx, batch
+        self._width, self._token = width, token
+
+    def seconds(self, threads: int) -> float:
+        """Median of six steps after two warm-ups (caches, the thread team), fewer for a model
+        slow enough that they would take over a second."""
+        capi, batch, times = self._capi, self._batch, []
+        capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        token = capi.llama_vocab_bos(
+            capi.llama_model_get_vocab(capi.llama_get_model(self._ctx.ctx))
+        )
+        for step in range(8):
+            for seq in range(self._width):
+                batch.token[seq], batch.pos[seq], batch.n_seq_id[seq] = token, step, 1
+                batch.seq_id[seq][0], batch.logits[seq] = seq, True
+            batch.n_tokens = self._width
+            start = time.perf_counter()
+            if capi.llama_decode(self._ctx.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while timing thread counts")
+            if step >= 2:
+                times.append(time.perf_counter() - start)
+                if len(times) >= 2 and sum(times) > 1.0:
+                    break
+        capi.llama_memory_clear(self._ctx.memory, True)
+        return statistics.median(times)
 
 
 def measure(step_seconds: Callable[[int], float], options: Sequence[int]) -> dict[int, float]:
