@@ -159,3 +159,23 @@ def test_ray_reserves_cpus_per_replica(
     engine = msgspec.convert({"threads": threads}, EngineConfig)
     ray = RayEngine("app", engine, RayConfig(replica_cpus=replica_cpus))
     assert ray.replica_cpus() == reserved
+
+
+@pytest.mark.engine
+def test_a_remembered_count_is_what_decoding_uses(tmp_path: Path) -> None:
+    """The context starts with every CPU; a remembered count of 1 must replace that."""
+    from llama_cpp import llama_cpp as capi
+
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", seed=5)
+    remembered = tmp_path / "threads.json"
+    ThreadChoices(remembered).put(ThreadChoices.key(model, 2, available_cpus()), 1)
+    engine = BatchedLlamaGenerator(
+        model, "tiny", context_length=128, slots=2, threads="auto", thread_choices=remembered
+    )
+    try:
+        assert (engine.threads, engine.measured) == (1, {})
+        assert capi.llama_n_threads(engine._ctx.ctx) == 1
+        assert capi.llama_n_threads_batch(engine._ctx.ctx) == 1
+        assert _generate(engine, "hello world")
+    finally:
+        engine.close()

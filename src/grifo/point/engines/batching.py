@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import codecs
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -37,17 +36,9 @@ from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
 from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot, shared_prefix
-from grifo.point.engines.threads import (
-    StepTimer,
-    ThreadChoices,
-    available_cpus,
-    candidates,
-    choose,
-    measure,
-)
+from grifo.point.engines.threads import StepTimer, ThreadChoices, available_cpus, pick_threads
 
 Kind = Literal["chat", "completion"]
-log = logging.getLogger(__name__)
 
 
 class GenerationSink(Protocol):
@@ -138,8 +129,12 @@ class BatchedLlamaGenerator:
         )
         self.measured: dict[int, float] = {}  # threads: seconds of a full batch step
         if threads == "auto":
+            bos = self._model.token_bos()
+            timer = StepTimer(capi, self._ctx, self._batch.batch, slots, bos)
+            key = ThreadChoices.key(model_path, slots, cpus)
             choices = ThreadChoices(thread_choices) if thread_choices else None
-            threads = self._auto_threads(model_path, cpus, choices)
+            threads, self.measured = pick_threads(timer, cpus, key, choices)
+            capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
         self.threads = threads
         self._candidates = Candidates(capi, capi.llama_vocab_n_tokens(self._model.vocab))
         template = self._model.metadata().get("tokenizer.chat_template")
@@ -194,21 +189,6 @@ class BatchedLlamaGenerator:
         self._thread.join(10)
         for part in (self._batch, self._ctx, self._model):
             part.close()
-
-    def _auto_threads(self, model: Path, cpus: int, choices: ThreadChoices | None) -> int:
-        key = ThreadChoices.key(model, self.slots, cpus)
-        chosen = choices.get(key) if choices else None
-        if chosen is None:
-            timer = StepTimer(
-                self._capi, self._ctx, self._batch.batch, self.slots, self._model.token_bos()
-            )
-            self.measured = measure(timer.seconds, candidates(cpus))
-            chosen = choose(self.measured)
-            if choices:
-                choices.put(key, chosen)
-        self._capi.llama_set_n_threads(self._ctx.ctx, chosen, chosen)
-        log.info("engine threads: %d of %d CPUs (measured: %s)", chosen, cpus, self.measured)
-        return chosen
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:

@@ -1,7 +1,7 @@
 """How many threads a llama.cpp engine decodes with when its config says `threads: auto`.
 
 The count that decodes fastest on this host, measured once: a host with many free cores wants
-many (SmolLM2 on 16 cores: 45 tokens/s on 1 thread, ~290 on 16), a small or busy one few (on
+many (SmolLM2 on 16 cores: 43-45 tokens/s on 1 thread, 280-330 on 16), a small or busy one few (on
 2 shared cores 1 thread was steadier than 2). The engine times a full batch step (every slot
 decoding) with each candidate count; the answer is remembered in a small JSON file per model
 file, batch width and CPU count, so later starts on the same host skip the measurement.
@@ -122,3 +122,19 @@ class ThreadChoices:
             partial.replace(self.path)
         except OSError as exc:  # a read-only cache only costs a measurement at the next start
             log.warning("could not remember the engine's thread count in %s: %s", self.path, exc)
+
+
+def pick_threads(
+    timer: StepTimer, cpus: int, key: str, choices: ThreadChoices | None
+) -> tuple[int, dict[int, float]]:
+    """The remembered count for `key`, else the fastest measured with `timer` (remembered
+    from then on); and the step times measured (empty when remembered)."""
+    known = choices.get(key) if choices else None
+    if known is not None:
+        return known, {}
+    measured = measure(timer.seconds, candidates(cpus))
+    chosen = choose(measured)
+    if choices:
+        choices.put(key, chosen)
+    log.info("engine threads: %d of %d CPUs (step seconds: %s)", chosen, cpus, measured)
+    return chosen, measured
