@@ -4,6 +4,7 @@ names every kind of tampering."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import http.client
 import json
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from grifo.audit import merkle
-from grifo.audit.record import GENESIS, AuditRecord, canonical, decode, entry_hash
+from grifo.audit.record import GENESIS, AuditRecord, canonical, decode, entry_hash, tenant_key
 from grifo.audit.setup import gateway_name, signer
 from grifo.audit.signing import (
     CheckpointError,
@@ -251,6 +252,29 @@ def test_a_stream_ends_with_its_attestation(fabric: Fabric) -> None:
     assert claims.jurisdiction in {"PE", "BR"}
     record = fabric.audit_record(claims.request_id)
     assert record.received_ms <= record.first_token_ms <= record.done_ms  # when output began
+
+
+def test_a_tenant_can_prove_what_it_sent_and_received(fabric: Fabric) -> None:
+    """The record's HMACs are HMAC-SHA-256 of the bodies as they crossed the wire, under the
+    tenant's key: each request's own, though the log keys a tenant's HMAC once."""
+    port = int(fabric.url.rsplit(":", 1)[1])
+    key = tenant_key((fabric.state_dir / "audit-hmac.key").read_bytes(), "demo-latam")
+    for text in ("first", "second, longer than the first"):
+        body = json.dumps({"model": CHAT, "messages": [{"role": "user", "content": text}]})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body,
+            {"authorization": f"Bearer {fabric.keys['demo-latam']}"},
+        )
+        response = conn.getresponse()
+        answer = response.read()
+        conn.close()
+        assert response.status == 200, answer
+        record = fabric.audit_record(response.headers["x-request-id"])
+        assert record.input_hmac == hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+        assert record.output_hmac == hmac.new(key, answer, hashlib.sha256).hexdigest()
 
 
 def test_a_whole_answer_has_no_first_token_time(fabric: Fabric) -> None:

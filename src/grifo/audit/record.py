@@ -32,8 +32,6 @@ from typing import NamedTuple
 
 import msgspec
 
-from grifo.audit.merkle import leaf_hash
-
 GENESIS = "0" * 64
 
 
@@ -87,10 +85,6 @@ def entry_hash(prev_hash: str, canonical_bytes: bytes) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + canonical_bytes).hexdigest()
 
 
-def content_hmac(key: bytes, data: bytes) -> str:
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
-
-
 def tenant_key(master: bytes, tenant: str) -> bytes:
     """The tenant's own HMAC key, derived from the gateway's audit secret."""
     return hmac.new(master, b"grifo-audit-tenant\0" + tenant.encode(), hashlib.sha256).digest()
@@ -107,20 +101,6 @@ class AuditRow(NamedTuple):
     record: str
     entry_hash: str
     leaf_hash: str
-
-    @classmethod
-    def of(cls, record: AuditRecord) -> AuditRow:
-        data = canonical(record)
-        return cls(
-            record.log,
-            record.seq,
-            record.request_id,
-            record.tenant,
-            record.done_ms,
-            data.decode(),
-            entry_hash(record.prev_hash, data),
-            leaf_hash(data).hex(),
-        )
 
 
 class CheckpointRow(NamedTuple):
