@@ -1,0 +1,318 @@
+"""The gateway's pipeline alone: CPU per request with no socket between client, gateway and
+point, for two source trees side by side.
+
+`overhead.py` and `ab.py` measure the whole gateway under wrk, where this VM's drift
+(bench/README.md) hides changes of a few percent. Here `GatewayApp.handle` is called directly
+with requests built in memory, 64 at a time (`asyncio.gather`), and the point's connection pool
+answers every POST at once with the mock point's canned completion (its health checks still go
+to `mock_point.py` over HTTP): what is left is the pipeline of `service.py` (key, policy,
+placement, admission, dispatch, metering to the ledger, audit record and attestation,
+metrics). Each tree runs in a process of its own, started afresh every round; the trees take
+turns, and the result is the median over rounds of B over A. `loop` is the event loop's thread
+alone (`time.thread_time`); `all` adds the ledger's and the audit log's writer threads.
+
+Usage: python bench/pipeline.py A [B] [--rounds 6] [--audit on|off] [--body-kb 0]
+       python bench/pipeline.py A --pieces   (what some stages cost alone, called in a loop)
+
+A and B as in `ab.py`: git revisions or directories holding `src/grifo` (B defaults to the
+working tree); both run on this checkout's virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from overhead import start_mock
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, BATCHES, REPEATS = 64, 100, 9  # per measure: 6,400 requests; the median of 9 measures
+
+
+def chat_body(kb: int) -> bytes:
+    """`overhead.py`'s request, or a conversation of about `kb` KiB (an agent's context)."""
+    from overhead import BODY
+
+    if kb <= 0:
+        return BODY.encode()
+    turn = "The quick brown fox jumps over the lazy dog. " * 20
+    messages: list[dict[str, str]] = []
+    while sum(len(m["content"]) for m in messages) < kb * 1024:
+        role = "user" if len(messages) % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": f"{turn}(turn {len(messages)})"})
+    return json.dumps({"model": "mock-chat", "messages": messages, "max_tokens": 64}).encode()
+
+
+async def child(audit: str, pieces: bool, body_kb: int) -> dict[str, float]:
+    """In a process running one tree: the pipeline's CPU per request (microseconds)."""
+    import mock_point
+    import uvloop  # noqa: F401  (grifo's loop; imported as `grifo serve` does)
+    from overhead import CONFIG, KEY
+
+    from grifo import serve
+    from grifo.api.app import GatewayApp
+    from grifo.config.load import load_config
+    from grifo.http.client import UpstreamResponse
+    from grifo.http.message import Request
+
+    body = chat_body(body_kb)
+    work = Path(tempfile.mkdtemp(prefix="grifo-pipeline-"))
+    config = CONFIG
+    if audit == "off":
+        config = config.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
+    (work / "bench.yaml").write_text(config)
+    os.environ["GRIFO_BENCH_KEY"] = KEY
+    running = await serve.start(load_config(work / "bench.yaml"), work / "state", "127.0.0.1", 0)
+    pool = running.gateway.pools["mock"]
+    over_http = pool.request
+    identity = {name.lower(): value for name, value in mock_point.IDENT}
+
+    async def request(method: str, path: str, **kwargs: Any) -> UpstreamResponse:
+        if method != "POST":  # health and load checks: the mock point answers
+            return await over_http(method, path, **kwargs)
+        answer = UpstreamResponse(None)  # type: ignore[arg-type]  (no connection behind it)
+        answer.status, answer.headers = 200, dict(identity)
+        answer._feed(mock_point.CHAT)
+        answer._finish()
+        await asyncio.sleep(0)  # a point answers in a later turn of the loop
+        return answer
+
+    pool.request = request  # type: ignore[method-assign]
+    app = GatewayApp(running.gateway)
+    headers = {
+        b"host": b"127.0.0.1",
+        b"authorization": f"Bearer {KEY}".encode(),
+        b"content-type": b"application/json",
+        b"content-length": str(len(body)).encode(),
+    }
+
+    async def batch() -> None:
+        answers = await asyncio.gather(
+            *(
+                app.handle(Request("POST", "/v1/chat/completions", "", dict(headers), body))
+                for _ in range(BATCH)
+            )
+        )
+        failed = [a.status for a in answers if a.status != 200]
+        assert not failed, failed
+
+    for _ in range(BATCHES // 2):
+        await batch()
+    serve._settle_heap()  # as `grifo serve` does once started
+    if pieces:
+        stage_costs(running.gateway, body)
+        await running.stop(0.5)
+        return {}
+    loop_us, all_us = [], []
+    for _ in range(REPEATS):
+        thread, process = time.thread_time(), time.process_time()
+        for _ in range(BATCHES):
+            await batch()
+        requests = BATCH * BATCHES
+        loop_us.append((time.thread_time() - thread) / requests * 1e6)
+        all_us.append((time.process_time() - process) / requests * 1e6)
+    await running.stop(0.5)
+    return {"loop": statistics.median(loop_us), "all": statistics.median(all_us)}
+
+
+def stage_costs(gateway: Any, raw: bytes) -> None:
+    """What some stages of a request cost alone, called in a loop (best of 5, microseconds):
+    where the pipeline's time goes, in pieces."""
+    import timeit
+
+    import mock_point
+    from overhead import KEY
+
+    from grifo.exchange import Exchange
+    from grifo.metering.usage import usage_of
+    from grifo.store.records import LedgerEntry
+    from grifo.wire import requests as wire
+
+    point = gateway.points[0]
+    principal = gateway.keys.authenticate(f"Bearer {KEY}".encode())
+    body = wire.decode_for("/v1/chat/completions", raw)
+    ex = Exchange("req-1", "/v1/chat/completions", time.monotonic_ns(), principal, "mock-chat")
+    ex.point, ex.body, ex.answer = point, raw, mock_point.CHAT
+    entry = LedgerEntry(
+        "req-1", 0, "bench", "bench-1", "/v1/chat/completions", "mock-chat", "mock", "PE",
+        16, 64, 5, "ok", "point", 0.5,
+    )  # fmt: skip
+    chat = "/v1/chat/completions"
+
+    def metrics() -> None:
+        gateway.metrics.observe(chat, "mock", "mock-chat", 200, (0.001, None), 64)
+        gateway.metrics.meter("bench", "bench-1", "mock", "mock-chat", (16, 64), 5)
+
+    stages: list[tuple[str, Any, int]] = [
+        ("key lookup", lambda: gateway.keys.authenticate(f"Bearer {KEY}".encode()), 20_000),
+        ("body decoded, duplicate keys refused", lambda: wire.decode_for(chat, raw), 20_000),
+        ("placement", lambda: gateway._place(body, None, 64, None, None), 20_000),
+        ("usage read from the answer", lambda: usage_of(mock_point.CHAT), 20_000),
+        ("metrics (answer and meter)", metrics, 20_000),
+        ("ledger entry to spool and queue", lambda: gateway.ledger.record(entry), 5_000),
+    ]
+    audit = gateway.audit
+    if audit is not None:
+        usage = (ex, point, (16, 64), "ok", 5)
+        record = audit.append(*usage)
+        claims = [msgspec_encode(audit.claims(record))] * 8
+        attester = gateway.answers.attester
+        stages += [
+            ("audit record (HMACs, chain, spool)", lambda: audit.append(*usage), 5_000),
+            ("attestation of an answer alone", lambda: attester._tokens(claims[:1]), 2_000),
+            ("attestations of 8 answers, per answer", lambda: attester._tokens(claims), 250),
+        ]
+    for name, call, number in stages:
+        per_call = min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
+        if name.endswith("per answer"):
+            per_call /= 8
+        print(f"| {name} | {per_call:.2f} |")
+
+
+def msgspec_encode(value: Any) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(value)
+
+
+def run_tree(tree: Path, audit: str, seed: int, body_kb: int) -> dict[str, float]:
+    """One measure of `tree` in a new process; `seed` fixes its string hashing (dictionary
+    layouts move timings by several percent between processes), the same for A and B."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(ROOT / "bench")]),
+        "PYTHONHASHSEED": str(seed),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--audit", audit, "--body-kb", str(body_kb)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("a", nargs="?")
+    parser.add_argument("b", nargs="?", default=str(ROOT), help="default: the working tree")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--audit", choices=["on", "off"], default="on")
+    parser.add_argument("--body-kb", type=int, default=0, help="chat bodies of this size")
+    parser.add_argument("--pieces", action="store_true", help="time stages of one tree (A)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import uvloop
+
+        result = uvloop.run(child(args.audit, args.pieces, args.body_kb))
+        if not args.pieces:
+            print(json.dumps(result))
+        return
+    if args.a is None:
+        parser.error("give the revision or tree to compare with")
+    from ab import checkout
+
+    work = Path(tempfile.mkdtemp(prefix="grifo-pipeline-"))
+    if args.pieces:
+        pieces(checkout(args.a, work / "tree-A"), args.audit, args.body_kb)
+        return
+    trees = {
+        name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", args.a), ("B", args.b))
+    }
+    mock = start_mock()
+    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    try:
+        for round_ in range(args.rounds):
+            order = ("A", "B") if round_ % 2 == 0 else ("B", "A")
+            for name in order:
+                results[name].append(run_tree(trees[name], args.audit, round_, args.body_kb))
+    finally:
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=10)
+        for name, tree in trees.items():
+            if tree == work / f"tree-{name}":
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                    capture_output=True,
+                )
+    report(args, results)
+
+
+def pieces(tree: Path, audit: str, body_kb: int) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(ROOT / "bench")]),
+        "PYTHONHASHSEED": "0",
+    }
+    mock = start_mock()
+    try:
+        print(
+            f"stages of a request alone, audit {audit}, body {len(chat_body(body_kb)):,} bytes, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}"
+        )
+        print()
+        print("| stage | us per call |")
+        print("|---|---:|")
+        sys.stdout.flush()
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--pieces",
+                "--audit",
+                audit,
+                "--body-kb",
+                str(body_kb),
+            ],
+            env=env,
+            check=True,
+        )
+    finally:
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=10)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+    pairs = list(zip(results["A"], results["B"], strict=True))
+    b_name = "working tree" if args.b == str(ROOT) else args.b
+    print(
+        f"pipeline CPU per request, audit {args.audit}, "
+        f"body {len(chat_body(args.body_kb)):,} bytes, {args.rounds} rounds, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}: A {args.a}, B {b_name}"
+    )
+    print()
+    print("| thread(s) | A us/request | B us/request | B/A |")
+    print("|---|---:|---:|---:|")
+    for key, label in (("loop", "event loop"), ("all", "all (with writer threads)")):
+        a = statistics.median(r[key] for r in results["A"])
+        b = statistics.median(r[key] for r in results["B"])
+        ratio = statistics.median(rb[key] / ra[key] for ra, rb in pairs)
+        print(f"| {label} | {a:.1f} | {b:.1f} | x{ratio:.3f} |")
+    print()
+    print(
+        "per round (A, B loop us): "
+        + ", ".join(f"{a['loop']:.1f}/{b['loop']:.1f}" for a, b in pairs)
+    )
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    name = out / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    name.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
