@@ -79,19 +79,22 @@ def all_proofs(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
     if not leaves:
         return EMPTY_ROOT, []
     paths: list[list[bytes]] = [[] for _ in leaves]
+    return _subtree(leaves, paths, 0, len(leaves)), paths
 
-    def build(lo: int, hi: int) -> bytes:
-        if hi - lo == 1:
-            return leaves[lo]
-        split = lo + _split(hi - lo)
-        left, right = build(lo, split), build(split, hi)
-        for i in range(lo, split):
-            paths[i].append(right)
-        for i in range(split, hi):
-            paths[i].append(left)
-        return node_hash(left, right)
 
-    return build(0, len(leaves)), paths
+def _subtree(leaves: Sequence[bytes], paths: list[list[bytes]], lo: int, hi: int) -> bytes:
+    """The root of leaves[lo:hi], adding each node's sibling to the paths below it. Not a
+    closure: a recursive one refers to itself, and the cycle would keep every batch's proofs
+    for the garbage collector instead of freeing them at once."""
+    if hi - lo == 1:
+        return leaves[lo]
+    split = lo + _split(hi - lo)
+    left, right = _subtree(leaves, paths, lo, split), _subtree(leaves, paths, split, hi)
+    for i in range(lo, split):
+        paths[i].append(right)
+    for i in range(split, hi):
+        paths[i].append(left)
+    return node_hash(left, right)
 
 
 class CompactRange:

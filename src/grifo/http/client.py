@@ -127,7 +127,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._response: UpstreamResponse | None = None
         self._got_bytes = False
@@ -147,9 +147,13 @@ class _Connection(asyncio.Protocol):
         if self._response is not None:
             self._response._finish(PointProtocolError("the point closed the connection mid-body"))
             self._response = None
+        self._parser = None  # it holds our callbacks: no cycle left for the garbage collector
+        self._transport = None
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
+        if self._parser is None:  # closed
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -172,6 +176,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None:
             return
+        assert self._parser is not None  # parser callbacks run while it is fed
         response.status = self._parser.get_status_code()
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
@@ -182,6 +187,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response, self._response = self._response, None
+        assert self._parser is not None
         keep_alive = self._parser.should_keep_alive()
         if response is not None:
             response._finish()

@@ -63,7 +63,7 @@ class HttpProtocol(asyncio.Protocol):
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._client = ""
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
@@ -103,6 +103,10 @@ class HttpProtocol(asyncio.Protocol):
         self._writable.set()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        # The parser holds this protocol's callbacks and the transport holds the protocol: let
+        # go of both, so a closed connection is freed at once, not by the garbage collector.
+        self._parser = None
+        self._transport = None
 
     def eof_received(self) -> bool:
         # A client that stops sending has gone (HTTP clients do not half-close): closing makes
@@ -116,7 +120,7 @@ class HttpProtocol(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._parser is None:
             return
         try:
             self._parser.feed_data(data)
@@ -158,6 +162,7 @@ class HttpProtocol(asyncio.Protocol):
             self._headers[key] = value
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None  # parser callbacks run while it is fed
         if self._parser.should_upgrade():
             # CONNECT, or `Upgrade` with `Connection: upgrade`: refused here, before the request
             # could reach the handler (llhttp reports an upgrade only after the whole message).
@@ -187,6 +192,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        assert self._parser is not None
         url = self._url.decode("latin-1")
         path, _, query = url.partition("?")
         request = Request(

@@ -152,6 +152,7 @@ class Answering:
 
         async def on_close(completed: bool) -> None:
             ex.cancel_deadline()
+            relay.detach()  # `meter` above refers to the relay: no cycle left behind
             if done_early:
                 point.closing_streams -= 1
             else:
