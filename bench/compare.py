@@ -1,4 +1,5 @@
-"""Gateways side by side in one run: direct, nginx, grifo and LiteLLM proxy, same mock point.
+"""Gateways side by side in one run: direct, nginx, grifo and LiteLLM proxy, same mock point;
+and grifo's HTTP layer alone (`bare_proxy.py`), the floor under grifo's row.
 
 Each gateway runs alone on CPU 1 (`taskset`), started just before its tests and stopped after;
 wrk, the mock point and the streaming client share CPU 0. Direct (wrk -> mock) is measured first
@@ -6,7 +7,7 @@ and last; gateway numbers are "added" over the mean of the two. LiteLLM is insta
 into bench/.litellm-venv (bounded; if it fails, the reason is printed in its row). Prints a markdown
 table and writes bench/results/compare-<time>.json.
 
-Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx]
+Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx,grifo-http]
 """
 
 from __future__ import annotations
@@ -303,6 +304,9 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
                 f"nginx -p {n} -c {n}/nginx.conf -e {n}/error.log",
                 {"nginx.conf": NGINX_CONF.format(d=n, mock=mock, port=args.nginx_port)},
                 prepare=ensure_nginx),
+        Gateway("grifo-http", args.grifo_http_port, "none", "/health", 30,
+                f"{sys.executable} {ROOT / 'bare_proxy.py'} {args.grifo_http_port} {mock}",
+                whole_tree=False),
         Gateway("grifo", args.grifo_port, KEY, "/readyz", 60,
                 f"{sys.executable} -m grifo serve --config {g}/bench.yaml --state-dir {g}/state",
                 {"bench.yaml": grifo_yaml}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
@@ -407,8 +411,11 @@ def report(results: dict[str, Result], seconds: int, load: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="per test (default 10)")
-    parser.add_argument("--skip", default="", help="comma-separated: nginx,grifo,litellm")
-    for name, port in (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903)):
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: nginx,grifo-http,grifo,litellm"
+    )
+    ports = (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903))
+    for name, port in (*ports, ("grifo-http", 18904)):
         parser.add_argument(f"--{name}-port", type=int, default=port)
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "curl"):
