@@ -11,7 +11,7 @@ metrics). Each tree runs in a process of its own, started afresh every round; th
 turns, and the result is the median over rounds of B over A. `loop` is the event loop's thread
 alone (`time.thread_time`); `all` adds the ledger's and the audit log's writer threads.
 
-Usage: python bench/pipeline.py A [B] [--rounds 6] [--audit on|off] [--body-kb 0]
+Usage: python bench/pipeline.py A [B] [--rounds 10] [--audit on|off] [--body-kb 0]
        python bench/pipeline.py A --pieces   (what some stages cost alone, called in a loop)
 
 A and B as in `ab.py`: git revisions or directories holding `src/grifo` (B defaults to the
@@ -208,7 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("a", nargs="?")
     parser.add_argument("b", nargs="?", default=str(ROOT), help="default: the working tree")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--audit", choices=["on", "off"], default="on")
     parser.add_argument("--body-kb", type=int, default=0, help="chat bodies of this size")
     parser.add_argument("--pieces", action="store_true", help="time stages of one tree (A)")
