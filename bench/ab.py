@@ -17,6 +17,8 @@ import argparse
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from overhead import CONFIG
@@ -37,10 +39,31 @@ def checkout(revision: str, into: Path) -> Path:
     return into
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+@contextmanager
+def checkouts(a: str, b: str, work: Path) -> Iterator[dict[str, Path]]:
+    """Trees "A" and "B" for revisions `a` and `b` (see `checkout`); worktrees made for them
+    under `work` are removed on the way out."""
+    trees = {name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", a), ("B", b))}
+    try:
+        yield trees
+    finally:
+        for name, tree in trees.items():
+            if tree == work / f"tree-{name}":
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                    check=False,
+                    capture_output=True,
+                )
+
+
+def add_revisions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a")
     parser.add_argument("b", nargs="?", default=str(ROOT), help="default: the working tree")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_revisions(parser)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--audit", choices=["on", "off"], default="on")
@@ -50,20 +73,9 @@ def main() -> None:
     config = CONFIG
     if args.audit == "off":
         config = config.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
-    trees = {
-        name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", args.a), ("B", args.b))
-    }
-    try:
+    with checkouts(args.a, args.b, work) as trees:
         variants = [Variant(name, config, tree) for name, tree in trees.items()]
         rates = take_turns(variants, work, args.rounds, args.seconds, connections=args.connections)
-    finally:
-        for name, tree in trees.items():
-            if tree == work / f"tree-{name}":
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                    check=False,
-                    capture_output=True,
-                )
     pairs = list(zip(rates["A"], rates["B"], strict=True))
     rps = statistics.median(b.rps / a.rps for a, b in pairs)
     cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in pairs)

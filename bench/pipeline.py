@@ -223,32 +223,22 @@ def main() -> None:
         return
     if args.a is None:
         parser.error("give the revision or tree to compare with")
-    from ab import checkout
+    from ab import checkouts
 
     work = Path(tempfile.mkdtemp(prefix="grifo-pipeline-"))
-    if args.pieces:
-        pieces(checkout(args.a, work / "tree-A"), args.audit, args.body_kb)
-        return
-    trees = {
-        name: checkout(rev, work / f"tree-{name}") for name, rev in (("A", args.a), ("B", args.b))
-    }
-    mock = start_mock()
-    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-    try:
-        for round_ in range(args.rounds):
-            order = ("A", "B") if round_ % 2 == 0 else ("B", "A")
-            for name in order:
-                results[name].append(run_tree(trees[name], args.audit, round_, args.body_kb))
-    finally:
-        mock.send_signal(signal.SIGTERM)
-        mock.wait(timeout=10)
-        for name, tree in trees.items():
-            if tree == work / f"tree-{name}":
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                    check=False,
-                    capture_output=True,
-                )
+    with checkouts(args.a, args.b, work) as trees:
+        if args.pieces:
+            pieces(trees["A"], args.audit, args.body_kb)
+            return
+        mock = start_mock()
+        results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+        try:
+            for round_ in range(args.rounds):
+                for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
+                    results[name].append(run_tree(trees[name], args.audit, round_, args.body_kb))
+        finally:
+            mock.send_signal(signal.SIGTERM)
+            mock.wait(timeout=10)
     report(args, results)
 
 

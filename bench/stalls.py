@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ab import checkout
+from ab import add_revisions, checkouts
 from compare import stream_load
 from overhead import CONFIG, GATEWAY_PORT, KEY, LUA, run_wrk, start_mock, wait_http
 
@@ -65,30 +65,22 @@ def measure(tree: Path, seconds: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("a")
-    parser.add_argument("b", nargs="?", default=str(ROOT), help="default: the working tree")
+    add_revisions(parser)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=6)
     args = parser.parse_args()
     os.sched_setaffinity(0, {0})  # the streaming client shares CPU 0 with wrk and the mock
     work = Path(tempfile.mkdtemp(prefix="grifo-stalls-"))
-    trees = {n: checkout(rev, work / f"tree-{n}") for n, rev in (("A", args.a), ("B", args.b))}
-    mock = start_mock()
     rows: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-    try:
-        for round_ in range(args.rounds):
-            for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-                rows[name].append(measure(trees[name], args.seconds))
-    finally:
-        mock.send_signal(signal.SIGTERM)
-        mock.wait(timeout=10)
-        for name, tree in trees.items():
-            if tree == work / f"tree-{name}":
-                subprocess.run(
-                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
-                    check=False,
-                    capture_output=True,
-                )
+    with checkouts(args.a, args.b, work) as trees:
+        mock = start_mock()
+        try:
+            for round_ in range(args.rounds):
+                for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
+                    rows[name].append(measure(trees[name], args.seconds))
+        finally:
+            mock.send_signal(signal.SIGTERM)
+            mock.wait(timeout=10)
     each = f"{args.seconds} s of 32 streams, then {args.seconds} s of wrk"
     print(f"event-loop stalls, {args.rounds} rounds of {each}")
     print()
