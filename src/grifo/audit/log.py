@@ -226,8 +226,8 @@ def _head(open_tables: Callable[[], AuditTables], name: str) -> tuple[CompactRan
 
 
 def _hmac_of(key: hmac.HMAC, content: bytes | None) -> str:
-    """`record.content_hmac` of `content` under the tenant's key, from a copy of its HMAC
-    (already keyed: about half the cost of keying one per call)."""
+    """HMAC-SHA-256 of `content` under the tenant's key (`key`, keyed once: a copy of it costs
+    about half as much as keying a new one for each call)."""
     if content is None:
         return ""
     mac = key.copy()
