@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 
-from tests.support.fabric import CHAT, Fabric
+from tests.support.fabric import CHAT, Fabric, post_chat
 
 STREAMS = 512
 
@@ -24,20 +24,8 @@ def _dechunk(body: bytes) -> bytes:
 
 
 async def _stream(port: int, key: str, i: int) -> str:
-    body = json.dumps(
-        {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": f"s{i} ok"}]}
-    ).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
-            b"authorization: Bearer " + key.encode() + b"\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        raw = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    body = {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": f"s{i} ok"}]}
+    raw = await post_chat(port, key, body)
     head, _, chunked = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     text = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response
 from grifo.http.server import HttpServer
 from tests.conftest import Runner
-from tests.support.fabric import CHAT, Fabric
+from tests.support.fabric import CHAT, Fabric, post_chat
 
 
 def _ours(garbage: list[object]) -> list[str]:
@@ -95,19 +94,7 @@ def test_closed_connections_need_no_collection(run: Runner) -> None:
 
 
 async def _post(port: int, key: str, body: dict[str, object]) -> bytes:
-    """One request on a connection of its own (`connection: close`); the raw response."""
-    data = json.dumps(body).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
-            b"authorization: Bearer " + key.encode() + b"\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(data)).encode() + b"\r\n\r\n" + data
-        )
-        raw = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    raw = await post_chat(port, key, body)
     assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
     return raw
 

@@ -149,6 +149,23 @@ class Fabric:
         check_ledger_invariants(self.state_dir)
 
 
+async def post_chat(port: int, key: str, body: dict[str, Any]) -> bytes:
+    """A chat completion on a connection of its own (`connection: close`), written by hand:
+    the raw response, head and (chunked) body as they came."""
+    data = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
+            b"authorization: Bearer " + key.encode() + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+        )
+        return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 def check_ledger_invariants(state_dir: Path) -> None:
     """After every run on a SQLite state: no reservation left open, every budget's spending
     equal to its ledger entries, no request billed twice (the ledger's key) or left unaudited."""
