@@ -319,17 +319,16 @@ class BatchedLlamaGenerator:
             ) from None
 
     def _step(self) -> None:
-        n = self._fill_batch()
+        self._fill_batch()
         if self._capi.llama_decode(self._ctx.ctx, self._batch.batch) != 0:
             for seq in list(self._active):
                 self._finish(seq, "error", RuntimeError("llama_decode failed"))
             return
-        del n
         for seq in list(self._active):
             if seq.batch_index >= 0:
                 self._advance(seq)
 
-    def _fill_batch(self) -> int:
+    def _fill_batch(self) -> None:
         """Every decoding sequence's next token, and as much of waiting prompts as the batch
         has room for after those, in slot order."""
         batch = self._batch.batch
@@ -353,7 +352,6 @@ class BatchedLlamaGenerator:
                 if end == len(seq.prompt):
                     seq.batch_index = n - 1
         batch.n_tokens = n
-        return n
 
     @staticmethod
     def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
