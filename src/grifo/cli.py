@@ -16,15 +16,21 @@ from grifo.api import cli as fabric_cli
 from grifo.audit.cli import add_parser as add_audit_parser
 from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
-from grifo.config.model import EngineConfig, GrifoConfig, PointConfig, StoreConfig
+from grifo.config.model import EngineConfig, GrifoConfig, PointConfig
 from grifo.errors import StoreUnavailableError
+from grifo.metering.cli import (
+    add_budgets_parser,
+    add_usage_parser,
+    open_state,
+    run_budgets,
+    run_usage,
+)
 from grifo.planner import cli as plan_cli
 from grifo.registry import cli as registry_cli
 from grifo.security.certs import add_parser as add_certs_parser
 from grifo.security.certs import run as run_certs
 from grifo.security.keys_cli import add_parser as add_keys_parser
 from grifo.security.keys_cli import run as run_keys
-from grifo.store.select import StateStore
 from grifo.telemetry import logs
 
 _DESCRIPTION = """\
@@ -152,36 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a topology file")
     check.add_argument("config", type=Path)
 
-    usage = sub.add_parser(
-        "usage",
-        help="spending totals from the ledger",
-        description="Requests, tokens and cost (micro-USD) from the ledger in the state "
-        "directory (or the PostgreSQL database of --config), grouped by tenant, key, point, "
-        "model or jurisdiction.",
-    )
-    usage.add_argument("--state-dir", type=Path, default=None)
-    usage.add_argument("--config", type=Path, help="read the ledger from this config's store")
-    usage.add_argument(
-        "--by", choices=["tenant", "key", "point", "model", "jurisdiction"], default="tenant"
-    )
-    usage.add_argument(
-        "--period",
-        choices=["day", "month", "all"],
-        default="month",
-        help="the current UTC day or month, or everything (default month)",
-    )
-    usage.add_argument("--json", action="store_true", help="one JSON object per group")
-
+    add_usage_parser(sub)
     add_keys_parser(sub)
 
-    budgets = sub.add_parser(
-        "budgets",
-        help="budget burn rates and when each runs out",
-        description="For every tenant budget in the config: spent this period, the last hour's "
-        "spending rate, the spend projected to the period end, and when the budget runs out.",
-    )
-    budgets.add_argument("--config", type=Path, required=True)
-    budgets.add_argument("--state-dir", type=Path, default=None)
+    add_budgets_parser(sub)
     add_audit_parser(sub)
     add_certs_parser(sub)
     index_cli.add_parser(sub)
@@ -208,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": _serve,
         "point": _point,
-        "usage": _usage,
-        "budgets": _budgets,
-        "keys": lambda a: run_keys(a, _open_state(a)),
+        "usage": run_usage,
+        "budgets": run_budgets,
+        "keys": lambda a: run_keys(a, open_state(a)),
         "audit": run_audit,
         "certs": run_certs,
         "index": index_cli.run,
@@ -337,70 +317,3 @@ def _point(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def _usage(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
-    if args.config is None and not (state_dir / "grifo.db").is_file():
-        print(f"grifo: no ledger in {state_dir}", file=sys.stderr)
-        return 1
-    now = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    since = {"day": now, "month": now.replace(day=1), "all": None}[args.period]
-    db = _open_state(args)
-    try:
-        rows = db.totals(args.by, int(since.timestamp() * 1000) if since else 0)
-    finally:
-        db.close()
-    if args.json:
-        for group, n, prompt, completion, cost in rows:
-            line = {
-                args.by: group,
-                "requests": n,
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "cost_micros": cost,
-            }
-            print(msgspec.json.encode(line).decode())
-        return 0
-    print(f"{args.by:<24} {'requests':>10} {'prompt tok':>12} {'output tok':>12} {'cost USD':>14}")
-    for group, n, prompt, completion, cost in rows:
-        usd = f"{cost // 1_000_000}.{cost % 1_000_000:06d}"
-        print(f"{group:<24} {n:>10,} {prompt:>12,} {completion:>12,} {usd:>14}")
-    return 0
-
-
-def _budgets(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    from grifo.admission.burn import burn_rates
-
-    config = load_config(args.config)
-    db = _open_state(args)
-    try:
-        burns = burn_rates(
-            db, {t.name: t.budget for t in config.tenants if t.budget}, dt.datetime.now(dt.UTC)
-        )
-    finally:
-        db.close()
-    print(
-        f"{'tenant':<20} {'limit':>12} {'spent':>12} {'per hour':>12} {'projected':>12}  runs out"
-    )
-    for b in burns:
-        when = b.runs_out_at.strftime("%Y-%m-%d %H:%M UTC") if b.runs_out_at else "-"
-        print(
-            f"{b.tenant:<20} {b.limit_micros:>12,} {b.spent_micros:>12,} "
-            f"{b.rate_micros_per_hour:>12,} {b.projected_micros:>12,}  {when}"
-        )
-    print("(micro-USD)")
-    return 0
-
-
-def _open_state(args: argparse.Namespace) -> StateStore:
-    """The state database of --config's `gateway.store` (SQLite in --state-dir by default)."""
-    from grifo.store.select import open_state
-
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
-    store = load_config(args.config).gateway.store if args.config else StoreConfig()
-    return open_state(store, state_dir)
