@@ -11,7 +11,12 @@ metrics). Each tree runs in a process of its own, started afresh every round; th
 turns, and the result is the median over rounds of B over A. `loop` is the event loop's thread
 alone (`time.thread_time`); `all` adds the ledger's and the audit log's writer threads.
 
-Usage: python bench/pipeline.py A [B] [--rounds 10] [--audit on|off] [--body-kb 0]
+With `--stream` every request asks for a stream and the pool answers with the mock point's 22
+SSE events (a role and content chunk, 18 content chunks, the last with its finish reason, the
+usage chunk and `[DONE]`), each its own read, fed one loop turn apart; the measure is per
+stream, its body read to the end as the HTTP server would and then closed.
+
+Usage: python bench/pipeline.py A [B] [--rounds 10] [--audit on|off] [--body-kb 0] [--stream]
        python bench/pipeline.py A --pieces   (what some stages cost alone, called in a loop)
 
 A and B as in `ab.py`: git revisions or directories holding `src/grifo` (B defaults to the
@@ -53,19 +58,64 @@ def chat_body(kb: int) -> bytes:
     return json.dumps({"model": "mock-chat", "messages": messages, "max_tokens": 64}).encode()
 
 
-async def child(audit: str, pieces: bool, body_kb: int) -> dict[str, float]:
-    """In a process running one tree: the pipeline's CPU per request (microseconds)."""
+def stream_events() -> list[bytes]:
+    """The SSE events of `mock_point.py`'s streamed answer, one per read."""
     import mock_point
+
+    middle = [mock_point.MIDDLE] * (mock_point.STREAM_CHUNKS - 2)
+    return [mock_point.FIRST, *middle, mock_point.LAST, mock_point.USAGE, mock_point.DONE]
+
+
+def answering(over_http: Any, stream: bool) -> Any:
+    """The point's pool `request`, answering every POST without a socket: the mock point's
+    whole answer, or its stream's events fed one per loop turn (as reads would come); health
+    and load checks still go to `mock_point.py` over HTTP."""
+    import mock_point
+
+    from grifo.http.client import UpstreamResponse
+
+    identity = {name.lower(): value for name, value in mock_point.IDENT}
+    events = stream_events()
+
+    async def request(method: str, path: str, **kwargs: Any) -> UpstreamResponse:
+        if method != "POST":
+            result: UpstreamResponse = await over_http(method, path, **kwargs)
+            return result
+        answer = UpstreamResponse(None)  # type: ignore[arg-type]
+        answer.status, answer.headers = 200, dict(identity)
+        await asyncio.sleep(0)  # a point answers in a later turn of the loop
+        if not stream:
+            answer._feed(mock_point.CHAT)
+            answer._finish()
+            return answer
+        loop = asyncio.get_running_loop()
+
+        def feed(i: int) -> None:
+            if i == len(events):
+                answer._finish()
+            else:
+                answer._feed(events[i])
+                loop.call_soon(feed, i + 1)
+
+        feed(0)
+        return answer
+
+    return request
+
+
+async def child(audit: str, pieces: bool, body_kb: int, stream: bool) -> dict[str, float]:
+    """In a process running one tree: the pipeline's CPU per request (microseconds)."""
     import uvloop  # noqa: F401  (grifo's loop; imported as `grifo serve` does)
     from overhead import CONFIG, KEY
 
     from grifo import serve
     from grifo.api.app import GatewayApp
     from grifo.config.load import load_config
-    from grifo.http.client import UpstreamResponse
-    from grifo.http.message import Request
+    from grifo.http.message import Request, StreamResponse
 
     body = chat_body(body_kb)
+    if stream:
+        body = json.dumps({**json.loads(body), "stream": True}).encode()
     work = Path(tempfile.mkdtemp(prefix="grifo-pipeline-"))
     config = CONFIG
     if audit == "off":
@@ -74,20 +124,7 @@ async def child(audit: str, pieces: bool, body_kb: int) -> dict[str, float]:
     os.environ["GRIFO_BENCH_KEY"] = KEY
     running = await serve.start(load_config(work / "bench.yaml"), work / "state", "127.0.0.1", 0)
     pool = running.gateway.pools["mock"]
-    over_http = pool.request
-    identity = {name.lower(): value for name, value in mock_point.IDENT}
-
-    async def request(method: str, path: str, **kwargs: Any) -> UpstreamResponse:
-        if method != "POST":  # health and load checks: the mock point answers
-            return await over_http(method, path, **kwargs)
-        answer = UpstreamResponse(None)  # type: ignore[arg-type]  (no connection behind it)
-        answer.status, answer.headers = 200, dict(identity)
-        answer._feed(mock_point.CHAT)
-        answer._finish()
-        await asyncio.sleep(0)  # a point answers in a later turn of the loop
-        return answer
-
-    pool.request = request  # type: ignore[method-assign]
+    pool.request = answering(pool.request, stream)  # type: ignore[method-assign]
     app = GatewayApp(running.gateway)
     headers = {
         b"host": b"127.0.0.1",
@@ -96,14 +133,20 @@ async def child(audit: str, pieces: bool, body_kb: int) -> dict[str, float]:
         b"content-length": str(len(body)).encode(),
     }
 
-    async def batch() -> None:
-        answers = await asyncio.gather(
-            *(
-                app.handle(Request("POST", "/v1/chat/completions", "", dict(headers), body))
-                for _ in range(BATCH)
-            )
+    async def one() -> int:
+        response = await app.handle(
+            Request("POST", "/v1/chat/completions", "", dict(headers), body)
         )
-        failed = [a.status for a in answers if a.status != 200]
+        if isinstance(response, StreamResponse):  # read and closed as the HTTP server does
+            async for _ in response.body:
+                pass
+            if response.on_close is not None:
+                await response.on_close(True)
+        return response.status
+
+    async def batch() -> None:
+        statuses = await asyncio.gather(*(one() for _ in range(BATCH)))
+        failed = [status for status in statuses if status != 200]
         assert not failed, failed
 
     for _ in range(BATCHES // 2):
@@ -185,7 +228,7 @@ def msgspec_encode(value: Any) -> bytes:
     return msgspec.json.encode(value)
 
 
-def run_tree(tree: Path, audit: str, seed: int, body_kb: int) -> dict[str, float]:
+def run_tree(tree: Path, audit: str, seed: int, body_kb: int, stream: bool) -> dict[str, float]:
     """One measure of `tree` in a new process; `seed` fixes its string hashing (dictionary
     layouts move timings by several percent between processes), the same for A and B."""
     env = {
@@ -194,7 +237,16 @@ def run_tree(tree: Path, audit: str, seed: int, body_kb: int) -> dict[str, float
         "PYTHONHASHSEED": str(seed),
     }
     out = subprocess.run(
-        [sys.executable, __file__, "--child", "--audit", audit, "--body-kb", str(body_kb)],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--audit",
+            audit,
+            "--body-kb",
+            str(body_kb),
+            *(["--stream"] if stream else []),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -212,12 +264,13 @@ def main() -> None:
     parser.add_argument("--audit", choices=["on", "off"], default="on")
     parser.add_argument("--body-kb", type=int, default=0, help="chat bodies of this size")
     parser.add_argument("--pieces", action="store_true", help="time stages of one tree (A)")
+    parser.add_argument("--stream", action="store_true", help="streamed answers, per stream")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import uvloop
 
-        result = uvloop.run(child(args.audit, args.pieces, args.body_kb))
+        result = uvloop.run(child(args.audit, args.pieces, args.body_kb, args.stream))
         if not args.pieces:
             print(json.dumps(result))
         return
@@ -235,7 +288,8 @@ def main() -> None:
         try:
             for round_ in range(args.rounds):
                 for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-                    results[name].append(run_tree(trees[name], args.audit, round_, args.body_kb))
+                    result = run_tree(trees[name], args.audit, round_, args.body_kb, args.stream)
+                    results[name].append(result)
         finally:
             mock.send_signal(signal.SIGTERM)
             mock.wait(timeout=10)
@@ -280,13 +334,14 @@ def pieces(tree: Path, audit: str, body_kb: int) -> None:
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
     pairs = list(zip(results["A"], results["B"], strict=True))
     b_name = "working tree" if args.b == str(ROOT) else args.b
+    unit = "stream" if args.stream else "request"
     print(
-        f"pipeline CPU per request, audit {args.audit}, "
+        f"pipeline CPU per {unit}, audit {args.audit}, "
         f"body {len(chat_body(args.body_kb)):,} bytes, {args.rounds} rounds, "
         f"{time.strftime('%Y-%m-%d %H:%M')}: A {args.a}, B {b_name}"
     )
     print()
-    print("| thread(s) | A us/request | B us/request | B/A |")
+    print(f"| thread(s) | A us/{unit} | B us/{unit} | B/A |")
     print("|---|---:|---:|---:|")
     for key, label in (("loop", "event loop"), ("all", "all (with writer threads)")):
         a = statistics.median(r[key] for r in results["A"])
