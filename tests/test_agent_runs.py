@@ -334,8 +334,8 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
     """A step whose tool is named `usage` (or whose text mentions it) is still a step, and
     only the run's last event is metered."""
     import asyncio
-    from collections.abc import AsyncIterator
 
+    from grifo.http.client import UpstreamResponse
     from grifo.metering.relay import StreamRelay
     from grifo.metering.usage import Usage
 
@@ -351,12 +351,9 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
     body += b"data: [DONE]\n\ndata: [DONE]\n\n"  # a second one must not count again
 
-    class Upstream:
-        headers: dict[bytes, bytes] = {}
-
-        async def iter_body(self) -> AsyncIterator[bytes]:
-            yield body
-
+    upstream = UpstreamResponse(None)  # type: ignore[arg-type]  # the body, no connection
+    upstream._feed(body)
+    upstream._finish()
     metered: list[Usage] = []
     steps: list[bytes] = []
 
@@ -364,7 +361,7 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
         metered.append(usage)
         return 7
 
-    relay = StreamRelay(Upstream(), True, meter, lambda ok: None)  # type: ignore[arg-type]
+    relay = StreamRelay(upstream, True, meter, lambda ok: None)
     relay.on_step = steps.append
     ends: list[bool] = []
     relay.on_end = lambda: ends.append(True)  # the point's in-flight count drops here

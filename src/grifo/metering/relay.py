@@ -64,8 +64,10 @@ class StreamRelay:
 
     async def body(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
+        response = self._response
         try:
-            async for data in self._response.iter_body():
+            # `next_chunk` rather than `iter_body()`: one generator fewer to resume per event
+            while (data := await response.next_chunk()) is not None:
                 out = [self._event(e) for e in splitter.feed(data)]
                 if any(out):
                     yield b"".join(out)
@@ -81,6 +83,8 @@ class StreamRelay:
                 self._point_outcome(False)
             error = exc if isinstance(exc, GrifoError) else PointProtocolError(str(exc))
             yield b"data: " + error.envelope() + b"\n\n"
+        finally:
+            response.close()  # a client that left mid-stream: the point's connection goes too
 
     def _event(self, event: bytes) -> bytes:
         if self.first_event_ns is None:
