@@ -163,7 +163,8 @@ class Answering:
                 status = "point_failed" if relay.broken else status
                 status = "deadline_exceeded" if ex.deadline_hit else status
                 ex.first_token_ns = relay.first_output_ns or 0
-                self.meter(ex, relay.usage_so_far(), status, "estimated")
+                # The stream is over: no one is left to hand an attestation to, so none is signed.
+                self.meter(ex, relay.usage_so_far(), status, "estimated", sign=False)
             latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
             first = relay.first_event_ns
             ttft_s = None if first is None else (first - ex.received_ns) / 1e9
