@@ -3,10 +3,12 @@ names every kind of tampering."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import http.client
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from grifo.audit.verify import export, verify
 from grifo.config.load import parse_config
 from grifo.store.audit_sql import iter_logs
 from grifo.store.sqlite import StateDB
-from tests.support.fabric import CHAT, Fabric, topology_yaml
+from tests.support.fabric import CHAT, Fabric, post_chat, topology_yaml
 
 
 def leaves(n: int) -> list[bytes]:
@@ -252,6 +254,29 @@ def test_a_stream_ends_with_its_attestation(fabric: Fabric) -> None:
     assert claims.jurisdiction in {"PE", "BR"}
     record = fabric.audit_record(claims.request_id)
     assert record.received_ms <= record.first_token_ms <= record.done_ms  # when output began
+
+
+def test_streams_are_attested_by_the_batch_signer_each_for_itself(fabric: Fabric) -> None:
+    """A stream's attestation comes from the same per-turn batches as whole answers (streams
+    that end together share a signature), and still proves its own request's claims."""
+    attester = fabric.running.gateway.answers.attester
+    assert attester is not None
+    signed = attester.signed
+    key, port = fabric.keys["demo-latam"], fabric.running.port
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+
+    async def streams() -> list[bytes]:
+        return await asyncio.gather(*(post_chat(port, key, body) for _ in range(8)))
+
+    public = signer(parse_config(topology_yaml(), "test"), fabric.state_dir).public_key
+    for raw in asyncio.run(streams()):
+        request_id = re.search(rb"\r\nx-request-id: (\S+)\r\n", raw)
+        token = re.search(rb"\n: x-grifo-attestation (\S+)\n\n", raw)
+        assert request_id is not None, raw[:400]
+        assert token is not None, raw[-400:]
+        claims = verify_attestation(token.group(1).decode(), public)
+        assert claims.request_id == request_id.group(1).decode()
+    assert attester.signed == signed + 8
 
 
 def test_a_tenant_can_prove_what_it_sent_and_received(fabric: Fabric) -> None:

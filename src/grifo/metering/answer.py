@@ -132,9 +132,16 @@ class Answering:
         def meter(usage: Usage, status: str, source: str) -> int:
             ex.point_receipt = relay.point_receipt  # the point sends it before its usage
             ex.first_token_ns = relay.first_output_ns or 0
-            return self.meter(ex, usage, status, source)
+            return self.meter(ex, usage, status, source, sign=False)
 
-        relay = StreamRelay(response, include_usage, meter, point_outcome, lambda: ex.attestation)
+        async def attestation() -> str | None:
+            """The stream's attestation, signed with the other answers of its loop turn."""
+            if ex.claims is None or self.attester is None:
+                return None
+            ex.attestation = await self.attester.attest(ex.claims)
+            return ex.attestation
+
+        relay = StreamRelay(response, include_usage, meter, point_outcome, attestation)
         relay.prompt_tokens = relay.prompt_tokens or ex.prompt_estimate
         if ex.endpoint == AGENT_RUNS_PATH:
             relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
@@ -186,7 +193,8 @@ class Answering:
         self, ex: Exchange, usage: Usage, status: str, source: str, *, sign: bool = True
     ) -> int:
         """Bill, record and audit the request; `sign=False` leaves the attestation's claims
-        in `ex.claims` for the caller to have signed with others (`whole`)."""
+        in `ex.claims` for the caller to have signed with others (`whole`, and a stream's
+        last comment)."""
         point = ex.point
         assert point is not None
         busy_ns = self.leave_point(ex)

@@ -10,7 +10,7 @@ closes with its attestation as an SSE comment (`: x-grifo-attestation <token>`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grifo.audit.signing import RECEIPT_COMMENT
 from grifo.dispatch.first_token import carries_output
@@ -29,7 +29,7 @@ class StreamRelay:
         include_usage: bool,
         meter: Meter,
         point_outcome: Callable[[bool], None],
-        attestation: Callable[[], str | None] = lambda: None,
+        attestation: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self._response = response
         self._attestation = attestation
@@ -74,7 +74,7 @@ class StreamRelay:
             if rest := splitter.rest():
                 yield rest  # an unterminated last event passes through as it came
             self._point_outcome(True)
-            if token := self._attestation():
+            if self._attestation is not None and (token := await self._attestation()):
                 # An SSE comment after the last event: clients skip it, auditors can read it.
                 yield b": x-grifo-attestation " + token.encode() + b"\n\n"
         except (GrifoError, ValueError) as exc:
