@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
+from grifo.point.engines.chat_template import ChatTemplate
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
 from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot, shared_prefix
@@ -104,7 +105,6 @@ class BatchedLlamaGenerator:
         batch width and CPU count."""
         from llama_cpp import _internals as internals
         from llama_cpp import llama_cpp as capi
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         # llama-cpp-python's low-level wrappers are untyped.
         self._capi: Any = capi
@@ -137,16 +137,7 @@ class BatchedLlamaGenerator:
             capi.llama_set_n_threads(self._ctx.ctx, threads, threads)
         self.threads = threads
         self._candidates = Candidates(capi, capi.llama_vocab_n_tokens(self._model.vocab))
-        template = self._model.metadata().get("tokenizer.chat_template")
-        self._formatter = (
-            Jinja2ChatFormatter(
-                template=template,
-                eos_token=self._text(self._model.token_eos()),
-                bos_token=self._text(self._model.token_bos()),
-            )
-            if template
-            else None
-        )
+        self._template = ChatTemplate(self._model, model_id)
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._free = list(range(slots))
         self._prefix_cache = prefix_cache
@@ -244,7 +235,7 @@ class BatchedLlamaGenerator:
     def _start(self, request: _Request) -> None:
         if request.kind == "chat":
             assert not isinstance(request.payload, str)
-            text = self._render(request.payload)
+            text = self._template.render(request.payload)
         else:
             assert isinstance(request.payload, str)
             text = request.payload
@@ -304,19 +295,6 @@ class BatchedLlamaGenerator:
 
     def _running(self) -> set[int]:
         return {seq.slot for seq in self._active}
-
-    def _render(self, messages: Sequence[dict[str, str]]) -> str:
-        if self._formatter is None:
-            raise InvalidRequestError(
-                f"model {self.model_id} has no chat template; use /v1/completions",
-                code="chat_not_supported",
-            )
-        try:
-            return str(self._formatter(messages=list(messages)).prompt)  # type: ignore[arg-type]
-        except Exception as exc:  # the template may reject a message sequence
-            raise InvalidRequestError(
-                f"the model's chat template rejected the messages: {exc}"
-            ) from None
 
     def _step(self) -> None:
         self._fill_batch()
@@ -402,8 +380,3 @@ class BatchedLlamaGenerator:
         self._active.remove(seq)
         self._free.append(seq.slot)
         seq.request.sink.finished(error)
-
-    def _text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return str(self._model.detokenize([token], special=True).decode("utf-8", "replace"))
