@@ -18,7 +18,7 @@ import pytest
 
 from grifo.agent.tools.base import EgressRefusedError, ToolArgumentsError, ToolError
 from grifo.agent.tools.http_tool import HttpTool
-from grifo.config.model import HttpToolConfig
+from grifo.config.tools import HttpToolConfig
 from grifo.security.certs import init_ca, issue
 from grifo.security.egress import egress_refusal, resolve_allowed
 from tests.conftest import Runner

@@ -23,7 +23,7 @@ import uvloop
 
 from grifo.agent.tools.base import Tool, ToolError
 from grifo.agent.tools.mcp_tool import McpServer
-from grifo.config.model import McpServerConfig
+from grifo.config.tools import McpServerConfig
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
 SERVER = Path(__file__).parent / "support" / "mcp_server.py"

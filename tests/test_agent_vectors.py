@@ -22,7 +22,7 @@ from grifo.agent.tools.index import (
 )
 from grifo.agent.tools.vectors import VectorSearchTool, format_passages
 from grifo.cli import main
-from grifo.config.model import VectorToolConfig
+from grifo.config.tools import VectorToolConfig
 from grifo.point.engines.base import Embedder, EmbeddingResult
 from grifo.point.engines.fake import FakeEmbedder
 

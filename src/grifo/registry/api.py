@@ -25,8 +25,9 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
+from grifo.config.base import Name, Tier
 from grifo.config.load import parse_point_url, point_problems
-from grifo.config.model import Name, PointConfig, Prices, Tier
+from grifo.config.model import PointConfig, Prices
 from grifo.errors import (
     AuthenticationError,
     ConflictError,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from grifo.agent.tools.base import Tool
-from grifo.config.model import ToolsConfig
+from grifo.config.tools import ToolsConfig
 from grifo.point.engines.base import Embedder
 
 if TYPE_CHECKING:

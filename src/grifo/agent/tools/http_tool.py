@@ -26,7 +26,7 @@ import jsonschema  # type: ignore[import-untyped,unused-ignore]
 from jsonschema.exceptions import best_match  # type: ignore[import-untyped,unused-ignore]
 
 from grifo.agent.tools.base import JsonObject, ToolArgumentsError, ToolError, ToolResult, ToolSpec
-from grifo.config.model import HttpToolConfig
+from grifo.config.tools import HttpToolConfig
 from grifo.errors import GrifoError, PointUnavailableError
 from grifo.http.client import ConnectionPool, UpstreamResponse
 from grifo.security.egress import resolve_allowed

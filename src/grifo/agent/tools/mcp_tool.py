@@ -26,7 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from grifo.agent.tools.base import Tool, ToolArgumentsError, ToolError, ToolResult, ToolSpec
-from grifo.config.model import McpServerConfig
+from grifo.config.tools import McpServerConfig
 
 log = logging.getLogger("grifo.agent.mcp")
 

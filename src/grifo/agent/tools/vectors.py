@@ -30,7 +30,7 @@ from grifo.agent.tools.index import (
     search,
     text_files,
 )
-from grifo.config.model import VectorToolConfig
+from grifo.config.tools import VectorToolConfig
 from grifo.point.engines.base import Embedder
 
 __all__ = ["VectorSearchTool", "add_parser", "format_passages", "run"]
