@@ -31,6 +31,7 @@ from grifo.security.certs import add_parser as add_certs_parser
 from grifo.security.certs import run as run_certs
 from grifo.security.keys_cli import add_parser as add_keys_parser
 from grifo.security.keys_cli import run as run_keys
+from grifo.store.select import resolve_state_dir
 from grifo.telemetry import logs
 
 _DESCRIPTION = """\
@@ -239,7 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config) if args.config else default_config()
     port = args.port if args.port is not None else config.gateway.port
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir = resolve_state_dir(args.state_dir)
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     try:
@@ -305,7 +306,7 @@ def _point(args: argparse.Namespace) -> int:
         from grifo.point.ray_serve import with_ray
 
         point = with_ray(point, args.ray, args.ray_replicas)
-    state_dir = Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir = resolve_state_dir()
     key_file = args.key_file or state_dir / "points" / f"{point.name}.pem"
     join = None
     if args.register:

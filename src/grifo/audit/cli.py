@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 
 from grifo.config.model import GrifoConfig
+from grifo.store.select import resolve_state_dir
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -143,7 +143,7 @@ def _config(args: argparse.Namespace) -> tuple[GrifoConfig, Path]:
     from grifo.config.load import default_config, load_config
 
     config = load_config(args.config) if args.config else default_config()
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir = resolve_state_dir(args.state_dir)
     return config, state_dir
 
 

@@ -4,7 +4,6 @@ ledger of a gateway's state store."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import msgspec
 
 from grifo.config.load import load_config
 from grifo.config.model import StoreConfig
-from grifo.store.select import StateStore
+from grifo.store.select import StateStore, resolve_state_dir
 
 
 def add_usage_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,7 +50,7 @@ def add_budgets_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 def run_usage(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir = resolve_state_dir(args.state_dir)
     if args.config is None and not (state_dir / "grifo.db").is_file():
         print(f"grifo: no ledger in {state_dir}", file=sys.stderr)
         return 1
@@ -110,6 +109,6 @@ def open_state(args: argparse.Namespace) -> StateStore:
     """The state database of --config's `gateway.store` (SQLite in --state-dir by default)."""
     from grifo.store.select import open_state
 
-    state_dir = args.state_dir or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+    state_dir = resolve_state_dir(args.state_dir)
     store = load_config(args.config).gateway.store if args.config else StoreConfig()
     return open_state(store, state_dir)

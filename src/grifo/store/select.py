@@ -14,6 +14,11 @@ from grifo.store.records import Amount, LedgerEntry, StoredKey, StoredOutcome
 from grifo.store.registry_sql import RegistryTables
 
 
+def resolve_state_dir(given: Path | None = None) -> Path:
+    """The state directory: `given` (a `--state-dir`), else $GRIFO_STATE_DIR, else ./.grifo."""
+    return given or Path(os.environ.get("GRIFO_STATE_DIR") or ".grifo")
+
+
 class StateStore(Protocol):
     """Keys, idempotency keys and ledger reads; both `StateDB` and `PostgresDB` are one."""
 
