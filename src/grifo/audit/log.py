@@ -163,10 +163,6 @@ class AuditLog:
             self.checkpoint()
         return record
 
-    def attest(self, record: AuditRecord) -> str:
-        """The signed statement of where `record`'s request ran (`x-grifo-attestation`)."""
-        return self.signer.attest(self.claims(record))
-
     def claims(self, record: AuditRecord) -> Claims:
         """What the attestation of `record`'s request states."""
         return Claims(

@@ -78,7 +78,7 @@ class Answering:
             ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
             if ex.endpoint == AGENT_RUNS_PATH:
                 record_whole_run(payload, step_recorder(self.audit, self.metrics, ex, ex.point))
-            cost = self.meter(ex, usage, "ok", "point", sign=False)
+            cost = self.meter(ex, usage, "ok", "point")
             if ex.endpoint == AGENT_RUNS_PATH:  # as a streamed run's usage event says it
                 payload = with_cost(payload, cost)
         else:
@@ -132,7 +132,7 @@ class Answering:
         def meter(usage: Usage, status: str, source: str) -> int:
             ex.point_receipt = relay.point_receipt  # the point sends it before its usage
             ex.first_token_ns = relay.first_output_ns or 0
-            return self.meter(ex, usage, status, source, sign=False)
+            return self.meter(ex, usage, status, source)
 
         async def attestation() -> str | None:
             """The stream's attestation, signed with the other answers of its loop turn."""
@@ -170,8 +170,9 @@ class Answering:
                 status = "point_failed" if relay.broken else status
                 status = "deadline_exceeded" if ex.deadline_hit else status
                 ex.first_token_ns = relay.first_output_ns or 0
-                # The stream is over: no one is left to hand an attestation to, so none is signed.
-                self.meter(ex, relay.usage_so_far(), status, "estimated", sign=False)
+                # The stream is over: no one is left to hand an attestation to, so none is
+                # signed (its claims stay unused).
+                self.meter(ex, relay.usage_so_far(), status, "estimated")
             latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
             first = relay.first_event_ns
             ttft_s = None if first is None else (first - ex.received_ns) / 1e9
@@ -189,12 +190,10 @@ class Answering:
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
 
-    def meter(
-        self, ex: Exchange, usage: Usage, status: str, source: str, *, sign: bool = True
-    ) -> int:
-        """Bill, record and audit the request; `sign=False` leaves the attestation's claims
-        in `ex.claims` for the caller to have signed with others (`whole`, and a stream's
-        last comment)."""
+    def meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
+        """Bill, record and audit the request; the attestation's claims are left in
+        `ex.claims`, for the caller to have signed with the other answers of its loop turn
+        (`whole`, and a stream's last comment)."""
         point = ex.point
         assert point is not None
         busy_ns = self.leave_point(ex)
@@ -245,10 +244,7 @@ class Answering:
                 ex, point, (usage.prompt_tokens, usage.completion_tokens), status, cost
             )
             if self.config.audit.attest:
-                if sign:
-                    ex.attestation = self.audit.attest(record)
-                else:
-                    ex.claims = self.audit.claims(record)
+                ex.claims = self.audit.claims(record)
         self.metrics.meter(
             ex.principal.tenant,
             ex.principal.key_id,
