@@ -6,14 +6,15 @@ import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from llama_cpp import Llama
+from llama_cpp import llama_cpp as capi
 
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
-from grifo.point.engines.llama import model_params
+from grifo.point.engines.llama import GpuOffloadUnavailableError, model_params
 from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
@@ -183,11 +184,15 @@ def test_requantized_model_is_cached_and_serves(model: Path, tmp_path: Path, qua
 class _FakeLlamaApi:
     """Stands in for llama.cpp's C API where only its build report matters."""
 
-    def __init__(self, system_info: bytes) -> None:
+    def __init__(self, system_info: bytes, gpu: bool = False) -> None:
         self._info = system_info
+        self._gpu = gpu
 
     def llama_print_system_info(self) -> bytes:
         return self._info
+
+    def llama_supports_gpu_offload(self) -> bool:
+        return self._gpu
 
     def llama_model_default_params(self) -> object:
         from llama_cpp import llama_cpp as capi
@@ -203,6 +208,48 @@ def test_a_build_with_amx_kernels_loads_weights_unrepacked(info: bytes, repacked
     from grifo.point.engines.llama import model_params
 
     assert model_params(_FakeLlamaApi(info)).use_extra_bufts is repacked
+
+
+@pytest.mark.parametrize(("layers", "n_gpu_layers"), [(0, 0), (5, 5), ("all", -1)])
+def test_gpu_layers_reach_llama_cpp_on_a_build_with_a_gpu_backend(
+    layers: int | Literal["all"], n_gpu_layers: int
+) -> None:
+    params = model_params(_FakeLlamaApi(b"CUDA : ARCHS = 900 |", gpu=True), layers)
+    assert params.n_gpu_layers == n_gpu_layers
+
+
+GPU_BUILD = bool(capi.llama_supports_gpu_offload())
+
+
+@pytest.mark.skipif(GPU_BUILD, reason="this llama-cpp-python has a GPU backend")
+def test_gpu_layers_on_a_build_without_a_gpu_backend_refuse_to_start(model: Path) -> None:
+    with pytest.raises(GpuOffloadUnavailableError, match="CMAKE_ARGS=-DGGML_CUDA=on"):
+        BatchedLlamaGenerator(model, "tiny", context_length=256, gpu_layers="all")
+    cpu = BatchedLlamaGenerator(model, "tiny", context_length=256, gpu_layers=0)
+    assert cpu.gpu_layers == 0
+    cpu.close()
+
+
+@pytest.mark.skipif(not GPU_BUILD, reason="needs llama-cpp-python built with a GPU backend")
+def test_a_gpu_engine_batches_and_answers_as_the_cpu_one(model: Path) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0)
+    texts = prompts(10)
+    cpu = BatchedLlamaGenerator(model, "tiny", context_length=256, slots=1, batch_tokens=64)
+    try:
+        expected = [s.wait() for s in run_all(cpu, texts, params)]
+    finally:
+        cpu.close()
+    gpu = BatchedLlamaGenerator(
+        model, "tiny", context_length=256, slots=4, batch_tokens=64, gpu_layers="all"
+    )
+    try:
+        assert gpu.gpu_layers == capi.llama_model_n_layer(gpu._model.model) > 0
+        sinks = run_all(gpu, texts, params)
+    finally:
+        gpu.close()
+    assert all(s.generation and s.generation.completion_tokens == 12 for s in sinks)
+    # Float noise on near-tied logits of this random model may move a late token (see above).
+    assert sum(s.wait() == e for s, e in zip(sinks, expected, strict=True)) >= 8
 
 
 def test_a_shared_prefix_is_reused_and_answers_do_not_change(model: Path) -> None:

@@ -144,6 +144,16 @@ BAD: list[tuple[str, str, list[str]]] = [
     ),
     ("key of a missing tenant", "points:\n" + point() + _key("ghost"), ["$.keys[0].tenant"]),
     (
+        "negative GPU layers",
+        "points:\n" + point(url=None, extra="    engine: {gpu_layers: -1}\n"),
+        ["$.points[0].engine.gpu_layers"],
+    ),
+    (
+        "GPU layers neither a count nor all",
+        "points:\n" + point(url=None, extra="    engine: {gpu_layers: most}\n"),
+        ["$.points[0].engine.gpu_layers"],
+    ),
+    (
         "sub-micro input price",
         "points:\n" + point(extra="    prices:\n      default: {input_usd_per_1m: 0.0000001}\n"),
         ["$.points[0].prices.default.input_usd_per_1m"],
@@ -175,6 +185,14 @@ def test_bad_config_names_the_field(text: str, needles: list[str]) -> None:
     assert message.startswith("bad.yaml: ")
     for needle in needles:
         assert needle in message
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("all", "all"), ("12", 12), ("0", 0)])
+def test_gpu_layers_is_a_count_or_all(value: str, parsed: object) -> None:
+    text = "points:\n" + point(url=None, extra=f"    engine: {{gpu_layers: {value}}}\n")
+    engine = parse_config(text, "gpu.yaml").points[0].engine
+    assert engine is not None
+    assert engine.gpu_layers == parsed
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llama_cpp import Llama
+from llama_cpp import Llama, llama_cpp
 
+from grifo.config.model import EngineConfig, PointConfig
+from grifo.supervisor import PointStartError, start_point
 from tests.support.fabric import Fabric, topology_yaml
 from tests.support.tiny_gguf import write_tiny_gguf
 
@@ -128,6 +131,33 @@ def test_point_metrics_show_the_engine_at_work(llama_fabric: Fabric) -> None:
         if line.startswith("grifo_point_engine_")
     }
     assert values["grifo_point_engine_threads"] >= 1
+    assert values["grifo_point_engine_gpu_layers"] == 0  # `gpu_layers` unset: all on the CPU
     assert values["grifo_point_engine_reused_prompt_tokens_total"] >= 16
     assert 'grifo_point_engine_cache_copies_total{reason="prefix"}' in values
     assert 'grifo_point_engine_cache_copies_total{reason="gap"}' in values
+
+
+@pytest.mark.skipif(
+    bool(llama_cpp.llama_supports_gpu_offload()), reason="this llama-cpp-python has a GPU backend"
+)
+def test_a_point_asked_for_gpu_layers_on_a_cpu_build_says_why_it_did_not_start(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """No traceback in the point's log and no silent fallback to the CPU: the supervisor's
+    error (what `grifo serve` prints) carries the point's one-line reason."""
+    config = PointConfig(
+        name="gpu-edge",
+        site="s",
+        region="r",
+        jurisdiction="DE",
+        tier="edge",
+        engine=EngineConfig(model=str(tiny_model), gpu_layers="all", embeddings="none"),
+    )
+    with pytest.raises(PointStartError) as info:
+        asyncio.run(start_point(config, tmp_path / "logs", timeout_s=60))
+    message = str(info.value)
+    assert message.startswith("point gpu-edge did not start (point gpu-edge cannot start: ")
+    assert "gpu_layers is 'all' but this llama-cpp-python has no GPU backend" in message
+    assert "CMAKE_ARGS=-DGGML_CUDA=on" in message
+    log = (tmp_path / "logs" / "gpu-edge.log").read_text()
+    assert "Traceback" not in log

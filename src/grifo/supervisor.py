@@ -78,8 +78,21 @@ async def start_point(
         listening = msgspec.json.decode(line, type=_Listening)
     except (TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
         await stop_process(process)
-        raise PointStartError(f"point {config.name} did not start; see {log_path}") from None
+        reason = _last_word(log_path)
+        raise PointStartError(
+            f"point {config.name} did not start{f' ({reason})' if reason else ''}; see {log_path}"
+        ) from None
     return LocalPoint(config, process, listening.port, log_path)
+
+
+def _last_word(log_path: Path) -> str:
+    """The point's own last message in its log (`grifo: ...`), if its last line is one."""
+    with contextlib.suppress(OSError), log_path.open("rb") as log:
+        log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+        lines = log.read().decode(errors="replace").strip().splitlines()
+        if lines and lines[-1].startswith("grifo: "):
+            return lines[-1].removeprefix("grifo: ")
+    return ""
 
 
 async def start_points(

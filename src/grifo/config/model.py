@@ -36,6 +36,10 @@ class EngineConfig(Base, kw_only=True, frozen=True):
     measured at the point's first start and remembered (engines/threads.py)."""
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
     """llama_cpp: sequences decoded together (continuous batching); each gets context_length."""
+    gpu_layers: Annotated[int, msgspec.Meta(ge=0, le=100_000)] | Literal["all"] = 0
+    """llama_cpp: model layers offloaded to the GPU (`all`: every one); needs llama-cpp-python
+    built with a GPU backend (`CMAKE_ARGS=-DGGML_CUDA=on`). The point refuses to start when the
+    build has none rather than run on the CPU at a fraction of the speed asked for."""
     quantization: Literal["as-is", "q4_0", "q8_0"] = "as-is"
     """llama_cpp: convert the model once (cached in $GRIFO_CACHE_DIR or ~/.cache/grifo)."""
     prefix_cache: bool = True

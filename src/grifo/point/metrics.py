@@ -57,6 +57,7 @@ class EngineStats(Protocol):
     """What a batching llama.cpp engine counts (`engines.batching`)."""
 
     threads: int
+    gpu_layers: int
     reused_tokens: int
     prefix_copies: int
     gap_moves: int
@@ -70,6 +71,11 @@ class _EngineCollector(Collector):
         engine = self._engine
         yield GaugeMetricFamily(
             "grifo_point_engine_threads", "Threads the engine decodes with", engine.threads
+        )
+        yield GaugeMetricFamily(
+            "grifo_point_engine_gpu_layers",
+            "Model layers the engine runs on the GPU (0: all on the CPU)",
+            engine.gpu_layers,
         )
         yield CounterMetricFamily(
             "grifo_point_engine_reused_prompt_tokens",

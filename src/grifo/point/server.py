@@ -55,6 +55,7 @@ def build_engines(
             slots=engine.parallel,
             prefix_cache=engine.prefix_cache,
             thread_choices=cache / "threads.json",
+            gpu_layers=engine.gpu_layers,
         )
         threads = generator.threads
     embedder: Embedder | None = None

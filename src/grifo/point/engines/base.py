@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot start as configured with what this host has installed (a model
+    package, a GPU build): the point says why in one line and exits."""
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingResult:
     """Vectors for a batch of texts, in input order, and the real number of tokens they used."""

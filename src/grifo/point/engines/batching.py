@@ -99,10 +99,12 @@ class BatchedLlamaGenerator:
         batch_tokens: int = 512,
         prefix_cache: bool = True,
         thread_choices: Path | None = None,
+        gpu_layers: int | Literal["all"] = 0,
     ) -> None:
         """`threads="auto"`: the count that decodes a full batch fastest here (`threads.py`),
         measured at start unless `thread_choices` (a JSON file) remembers it for this model,
-        batch width and CPU count."""
+        batch width and CPU count. `gpu_layers`: layers offloaded to the GPU (`all`: every one;
+        `GpuOffloadUnavailableError` when this llama.cpp build has no GPU backend)."""
         from llama_cpp import _internals as internals
         from llama_cpp import llama_cpp as capi
 
@@ -114,8 +116,10 @@ class BatchedLlamaGenerator:
         self.slots = slots
         self._batch_tokens = batch_tokens
         self._model: Any = self._internals.LlamaModel(
-            path_model=str(model_path), params=model_params(capi), verbose=False
+            path_model=str(model_path), params=model_params(capi, gpu_layers), verbose=False
         )
+        layers = capi.llama_model_n_layer(self._model.model)
+        self.gpu_layers = layers if gpu_layers == "all" else min(gpu_layers, layers)
         params = capi.llama_context_default_params()
         params.n_ctx = context_length * slots
         params.n_batch = params.n_ubatch = batch_tokens

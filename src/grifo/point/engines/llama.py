@@ -11,9 +11,10 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from grifo.errors import InvalidRequestError
+from grifo.point.engines.base import EngineUnavailableError
 
 PACKAGED_MODELS = {
     # name: (package, file inside it, default model id)
@@ -21,8 +22,12 @@ PACKAGED_MODELS = {
 }
 
 
-class ModelFileMissingError(RuntimeError):
+class ModelFileMissingError(EngineUnavailableError):
     """The GGUF file for a configured model is not installed."""
+
+
+class GpuOffloadUnavailableError(EngineUnavailableError):
+    """GPU layers are configured, but this llama.cpp build has no GPU backend."""
 
 
 def resolve_model(model: str) -> tuple[Path, str]:
@@ -47,14 +52,24 @@ def resolve_model(model: str) -> tuple[Path, str]:
 log = logging.getLogger(__name__)
 
 
-def model_params(capi: Any) -> Any:
-    """llama.cpp model parameters, with repacked weights unless this build has AMX kernels.
+def model_params(capi: Any, gpu_layers: int | Literal["all"] = 0) -> Any:
+    """llama.cpp model parameters: `gpu_layers` offloaded (`all`: every layer), and repacked
+    weights unless this build has AMX kernels.
 
     llama.cpp's AMX matrix kernels crash on first use on some Sapphire Rapids machines
     (ggml-org/llama.cpp#20824). The Makefile builds without them; a build that has them (a
     `-march=native` build on such a machine) loads weights unrepacked, slower but sound.
     """
     params = capi.llama_model_default_params()
+    if gpu_layers:
+        if not capi.llama_supports_gpu_offload():
+            raise GpuOffloadUnavailableError(
+                f"gpu_layers is {gpu_layers!r} but this llama-cpp-python has no GPU backend; "
+                "reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (or set gpu_layers: 0)"
+            )
+        params.n_gpu_layers = -1 if gpu_layers == "all" else gpu_layers
+    else:
+        params.n_gpu_layers = 0
     if b"AMX_INT8 = 1" in capi.llama_print_system_info():
         log.warning(
             "this llama.cpp build has AMX kernels, which can crash: weight repacking is off. "

@@ -15,7 +15,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from grifo.point.engines.base import EmbeddingResult
+from grifo.point.engines.base import EmbeddingResult, EngineUnavailableError
 
 DIMENSIONS = 384
 MAX_SEQ_LENGTH = 256
@@ -31,7 +31,7 @@ Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
 
 
-class ModelFilesMissingError(Exception):
+class ModelFilesMissingError(EngineUnavailableError):
     """The packaged MiniLM model or tokenizer is not installed (or is damaged)."""
 
 
