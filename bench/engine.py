@@ -10,6 +10,7 @@ advances one sequence by a token, and of one that advances N sequences by a toke
 context set up as the engine's. N x the first over the second is the most that batching N
 sequences can gain over one on this host and model (the kernels' ceiling for the ratio above).
 Usage: python bench/engine.py [--threads 1] [--concurrency 8] [--tokens 128] [--quantization q4_0]
+                              [--gpu-layers all]
 (--quantization converts the packaged Q4_1 model once, as `engine.quantization` does; both the
 raw and the grifo runs then use the converted file.)
 
@@ -64,9 +65,14 @@ class Sink:
         self.done.set()
 
 
-def raw_single(path: str, threads: int, tokens: int) -> float:
+def raw_single(path: str, threads: int, tokens: int, gpu_layers: int) -> float:
     llm = Llama(
-        model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False
+        model_path=path,
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=gpu_layers,
+        verbose=False,
     )
     best = 0.0
     for i in range(3):
@@ -78,11 +84,14 @@ def raw_single(path: str, threads: int, tokens: int) -> float:
     return best
 
 
-def decode_steps(path: str, threads: int, n: int, steps: int) -> tuple[float, float]:
+def decode_steps(
+    path: str, threads: int, n: int, steps: int, gpu_layers: int
+) -> tuple[float, float]:
     """Median seconds of a `llama_decode` of 1 token (one sequence, `steps` tokens on from its
     prompt) and of n tokens (n sequences, one each, the same span), in a context like the
     engine's: n cache streams, the same threads. Greedy decoding's positions, no sampling."""
-    model: Any = internals.LlamaModel(path_model=path, params=model_params(capi), verbose=False)
+    params = model_params(capi, gpu_layers)
+    model: Any = internals.LlamaModel(path_model=path, params=params, verbose=False)
     params = capi.llama_context_default_params()
     params.n_ctx = 2048 * n
     params.n_batch = params.n_ubatch = 512
@@ -155,7 +164,7 @@ def uneven_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
     return sum(s.generation.completion_tokens for s in sinks if s.generation) / elapsed
 
 
-def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int) -> float:
+def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int, gpu: int) -> float:
     """Aggregate tokens/s of a request running in one slot and a conversation's next turn whose
     prefix is cached in a slot apart from it: 4 slots, a fresh engine each time, best of 3."""
     conversation = " ".join(PROMPTS * 6)
@@ -163,7 +172,12 @@ def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int) ->
     best = 0.0
     for _ in range(3):
         engine = BatchedLlamaGenerator(
-            path, model_id, context_length=2048, threads=threads, slots=4
+            path,
+            model_id,
+            context_length=2048,
+            threads=threads,
+            slots=4,
+            gpu_layers="all" if gpu < 0 else gpu,
         )
         try:
             for text in (conversation, PROMPTS[1], PROMPTS[2]):  # slots 0, 1 and 2, in turn
@@ -181,18 +195,27 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--quantization", choices=["as-is", "q4_0", "q8_0"], default="as-is")
+    parser.add_argument(
+        "--gpu-layers", default="0", help="layers offloaded to the GPU, or all (a GPU build)"
+    )
     args = parser.parse_args()
+    gpu = -1 if args.gpu_layers == "all" else int(args.gpu_layers)
     path, model_id = resolve_model("smollm2")
     if args.quantization != "as-is":
         path = requantized(path, args.quantization, Path.home() / ".cache" / "grifo" / "models")
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as isolated:
-        raw = isolated.submit(raw_single, str(path), args.threads, args.tokens).result()
+        raw = isolated.submit(raw_single, str(path), args.threads, args.tokens, gpu).result()
         one, wide = isolated.submit(
-            decode_steps, str(path), args.threads, args.concurrency, args.tokens
+            decode_steps, str(path), args.threads, args.concurrency, args.tokens, gpu
         ).result()
     engine = BatchedLlamaGenerator(
-        path, model_id, context_length=2048, threads=args.threads, slots=args.concurrency
+        path,
+        model_id,
+        context_length=2048,
+        threads=args.threads,
+        slots=args.concurrency,
+        gpu_layers="all" if gpu < 0 else gpu,
     )
     try:
         single = max(grifo_run(engine, 1, args.tokens) for _ in range(3))
@@ -200,10 +223,10 @@ def main() -> None:
         uneven = max(uneven_run(engine, args.concurrency, args.tokens) for _ in range(2))
     finally:
         engine.close()
-    turn = turn_beside_running(path, model_id, args.threads, args.tokens)
+    turn = turn_beside_running(path, model_id, args.threads, args.tokens, gpu)
     print(
         f"SmolLM2-135M {args.quantization}, {args.threads} thread(s), {args.tokens} tokens, "
-        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}\n"
+        f"GPU layers {args.gpu_layers}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}\n"
     )
     print("| run | tokens/s | ratio |\n|---|---:|---:|")
     print(f"| raw llama-cpp-python, 1 stream | {raw:.1f} | 1.00 |")
