@@ -8,6 +8,7 @@ the answers' `usage`) and the median time to the first streamed token, and the g
 
 Usage: python bench/served.py [--model smollm2 | PATH.gguf] [--gpu-layers all]
                               [--concurrency 1,8,32] [--tokens 128] [--rounds 3] [--threads auto]
+                              [--fake-token-ms 20]   (the fake engine: no engine CPU at all)
 Writes bench/results/served-<time>.json.
 """
 
@@ -107,6 +108,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--gpu-layers", default="0")
     parser.add_argument("--threads", default="auto")
+    parser.add_argument(
+        "--fake-token-ms",
+        type=float,
+        default=0.0,
+        help="the fake engine instead, this many ms per token (the gateway's share alone)",
+    )
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -117,20 +124,18 @@ def main() -> None:
         work = Path(tmp)
         (work / "bench.yaml").write_text(config())
         grifo = [sys.executable, "-m", "grifo"]
+        engine: dict[str, object] = {"kind": "fake", "token_delay_ms": args.fake_token_ms}
+        if not args.fake_token_ms:
+            threads = args.threads if args.threads == "auto" else int(args.threads)
+            gpu = args.gpu_layers if args.gpu_layers == "all" else int(args.gpu_layers)
+            engine = {"model": args.model, "threads": threads, "gpu_layers": gpu}
+        engine |= {"parallel": max(widths), "embeddings": "none"}
+        point_json = {"name": "engine", "site": "bench", "region": "local"}
+        point_json |= {"jurisdiction": "PE", "tier": "edge", "engine": engine}
         point = subprocess.Popen(
             [
-                *grifo,
-                *("point", "--name", "engine", "--jurisdiction", "PE", "--model", args.model),
-                *(
-                    "--gpu-layers",
-                    args.gpu_layers,
-                    "--threads",
-                    args.threads,
-                    "--embeddings",
-                    "none",
-                ),
-                *("--parallel", str(max(widths)), "--port", str(POINT_PORT)),
-                *("--key-file", str(work / "point.pem")),
+                *(*grifo, "point", "--point-json", json.dumps(point_json)),
+                *("--port", str(POINT_PORT), "--key-file", str(work / "point.pem")),
             ],
             stdout=subprocess.DEVNULL,
             env={**env, "GRIFO_CACHE_DIR": str(work / "cache")},
