@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +163,30 @@ def test_a_point_asked_for_gpu_layers_on_a_cpu_build_says_why_it_did_not_start(
     assert "CMAKE_ARGS=-DGGML_CUDA=on" in message
     log = (tmp_path / "logs" / "gpu-edge.log").read_text()
     assert "Traceback" not in log
+
+
+@pytest.mark.skipif(
+    bool(llama_cpp.llama_supports_gpu_offload()), reason="this llama-cpp-python has a GPU backend"
+)
+def test_serve_with_a_point_that_cannot_start_exits_with_its_reason(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "grifo.yaml"
+    config.write_text(
+        "gateway: {port: 0}\n"
+        "points:\n"
+        "  - {name: gpu-edge, site: s, region: r, jurisdiction: DE, tier: edge,\n"
+        f"     engine: {{model: '{tiny_model}', gpu_layers: 3, embeddings: none}}}}\n"
+    )
+    state = str(tmp_path / "state")
+    done = subprocess.run(
+        [sys.executable, "-m", "grifo", "serve", "--config", str(config), "--state-dir", state],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("grifo: cannot serve: point gpu-edge did not start (point gpu-edge ")
+    assert "gpu_layers is 3 but this llama-cpp-python has no GPU backend" in last
