@@ -171,8 +171,9 @@ def main() -> None:
                 if process is not None:
                     process.terminate()
                     process.wait(30)
+    name = f"fake, {args.fake_token_ms} ms a token" if args.fake_token_ms else args.model
     head = (
-        f"{args.model}, GPU layers {args.gpu_layers}, threads {args.threads}, {args.tokens} tokens,"
+        f"{name}, GPU layers {args.gpu_layers}, threads {args.threads}, {args.tokens} tokens,"
         f" {args.rounds} rounds, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(head + "\n")
