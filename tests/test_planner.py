@@ -15,7 +15,7 @@ import pytest
 
 from grifo.cli import main
 from grifo.config.load import default_config, parse_config
-from grifo.config.model import GrifoConfig
+from grifo.config.model import EngineConfig, GrifoConfig, PointConfig
 from grifo.jurisdictions import merge_blocs
 from grifo.metering.pricing import cost_micros
 from grifo.planner import strategies
@@ -26,6 +26,7 @@ from grifo.planner.report import PLOTS, write_report
 from grifo.planner.service import (
     Calibration,
     ServiceModel,
+    default_model,
     engine_key,
     load_calibration,
     save_calibration,
@@ -274,6 +275,18 @@ def test_report_files_are_written(tmp_path: Path) -> None:
 def test_the_gateway_never_imports_matplotlib() -> None:
     code = "import sys, grifo.cli, grifo.serve; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_gpu_point_has_a_calibration_and_a_default_model_of_its_own() -> None:
+    cpu = EngineConfig(kind="llama_cpp", threads=4, parallel=8)
+    gpu = EngineConfig(kind="llama_cpp", threads=4, parallel=8, gpu_layers="all")
+    assert engine_key(cpu) == "llama_cpp/smollm2/threads=4/parallel=8/quantization=as-is"
+    assert engine_key(gpu) == engine_key(cpu) + "/gpu_layers=all"
+    point = {"name": "p", "site": "s", "region": "r", "jurisdiction": "PE", "tier": "edge"}
+    on_cpu = default_model(PointConfig(**point, engine=cpu))
+    on_gpu = default_model(PointConfig(**point, engine=gpu))
+    assert on_gpu.decode_tokens_per_s > 4 * on_cpu.decode_tokens_per_s
+    assert on_gpu.slots == on_cpu.slots == 8
 
 
 def test_calibrate_measures_a_real_fake_point(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ generations running, each advances at n^batch_alpha / n of its solo speed: alpha
 shared processor (no gain from batching), alpha 1 is perfect batching.
 
 The calibration file (written by `grifo plan calibrate`) maps engine keys (`engine_key`:
-kind, model, threads, parallel, quantization, and the fake engine's token delay) to measured
-models, and point names to the key they were measured with. A point without an entry gets
+kind, model, threads, parallel, quantization, GPU layers, and the fake engine's token delay) to
+measured models, and point names to the key they were measured with. A point without an entry gets
 `default_model`: rough figures for its engine kind, marked as such in the report.
 """
 
@@ -67,6 +67,8 @@ def engine_key(engine: EngineConfig) -> str:
     )
     if engine.kind == "fake":
         key += f"/token_delay_ms={engine.token_delay_ms:g}"
+    if engine.gpu_layers:  # absent when 0: calibrations made before GPU points stay valid
+        key += f"/gpu_layers={engine.gpu_layers}"
     return key
 
 
@@ -95,12 +97,15 @@ def default_slots(engine: EngineConfig | None) -> int:
 
 def default_model(point: PointConfig) -> ServiceModel:
     """Uncalibrated figures: the fake engine's are exact but for its overhead; llama.cpp's
-    are SmolLM2-135M's order of magnitude per CPU thread; a remote point's are a guess."""
+    are SmolLM2-135M's order of magnitude per CPU thread, or on a GPU (an H100: ~750 tokens/s
+    alone, 4.5x that with 8 running, bench/README.md); a remote point's are a guess."""
     engine = point.engine
     slots = default_slots(engine)
     if engine is not None and engine.kind == "fake":
         delay = engine.token_delay_ms
         return ServiceModel(1.0, 1e7, 1000 / delay if delay else 1e5, 0.0, slots)
+    if engine is not None and engine.kind == "llama_cpp" and engine.gpu_layers:
+        return ServiceModel(2.0, 20_000.0, 750.0, 0.7, slots)
     if engine is not None and engine.kind == "llama_cpp":
         threads = available_cpus() if engine.threads == "auto" else engine.threads
         return ServiceModel(5.0, 400.0 * threads, 40.0 * threads, 0.6, slots)
