@@ -195,6 +195,25 @@ def test_gpu_layers_is_a_count_or_all(value: str, parsed: object) -> None:
     assert engine.gpu_layers == parsed
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        ("--gpu-layers", "-1", "must be at least 0, got -1"),
+        ("--gpu-layers", "most", "expected a number or all, got 'most'"),
+        ("--threads", "0", "must be at least 1, got 0"),
+    ],
+)
+def test_point_flags_refuse_bad_counts(
+    flag: str, value: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grifo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["point", "--name", "p", "--jurisdiction", "DE", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {error}" in capsys.readouterr().err
+
+
 def test_every_problem_is_reported_at_once() -> None:
     text = "points:\n" + point("a", "XX") + point("a", url=None) + _key("ghost")
     with pytest.raises(ConfigError) as info:

@@ -46,30 +46,27 @@ grifo: an OpenAI-compatible inference fabric. It decides for every request where
 """
 
 
-def _gpu_layers(value: str) -> int | str:
-    """`--gpu-layers`: a count of at least 0, or `all`."""
-    if value == "all":
-        return value
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or all, got {value!r}") from None
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {count}")
-    return count
+def _count_or(word: str, least: int) -> Callable[[str], int | str]:
+    """An argparse type: a count of at least `least`, or `word` (`--threads auto`)."""
+
+    def parse(value: str) -> int | str:
+        if value == word:
+            return value
+        try:
+            count = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number or {word}, got {value!r}"
+            ) from None
+        if count < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {count}")
+        return count
+
+    return parse
 
 
-def _threads(value: str) -> int | str:
-    """`--threads`: a count of at least 1, or `auto`."""
-    if value == "auto":
-        return value
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
-    return count
+_threads = _count_or("auto", 1)
+_gpu_layers = _count_or("all", 0)
 
 
 def _parser() -> argparse.ArgumentParser:
