@@ -161,6 +161,21 @@ def test_ray_reserves_cpus_per_replica(
     assert ray.replica_cpus() == reserved
 
 
+@pytest.mark.parametrize(
+    ("gpu_layers", "replica_gpus", "reserved"),
+    [(0, None, 0), ("all", None, 1), (12, None, 1), ("all", 0.5, 0.5), (0, 1.0, 1.0)],
+)
+def test_ray_reserves_a_gpu_per_replica_of_a_gpu_engine(
+    gpu_layers: int | str, replica_gpus: float | None, reserved: float
+) -> None:
+    from grifo.config.ray import RayConfig
+    from grifo.point.ray_serve import RayEngine
+
+    engine = msgspec.convert({"gpu_layers": gpu_layers}, EngineConfig)
+    ray = RayEngine("app", engine, RayConfig(replica_gpus=replica_gpus))
+    assert ray.replica_gpus() == reserved
+
+
 @pytest.mark.engine
 def test_a_remembered_count_is_what_decoding_uses(tmp_path: Path) -> None:
     """The context starts with every CPU; a remembered count of 1 must replace that."""

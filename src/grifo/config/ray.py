@@ -23,6 +23,9 @@ class RayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     replica_cpus: Annotated[float, msgspec.Meta(ge=0, le=1024)] | None = None
     """CPUs Ray reserves for each replica (default: the engine's `threads`; 1 where they are
     `auto`)."""
+    replica_gpus: Annotated[float, msgspec.Meta(ge=0, le=64)] | None = None
+    """GPUs Ray reserves for each replica, so that replicas land on GPU nodes and share no GPU
+    unasked (default: 1 when the engine has `gpu_layers`, else 0; a fraction shares one)."""
 
     def __post_init__(self) -> None:
         if self.min_replicas > self.max_replicas:

@@ -231,7 +231,7 @@ class RayEngine:
         target = cfg.target_ongoing_requests
         deployment = serve.deployment(
             name="engine",
-            ray_actor_options={"num_cpus": self.replica_cpus()},
+            ray_actor_options={"num_cpus": self.replica_cpus(), "num_gpus": self.replica_gpus()},
             max_ongoing_requests=max(self.engine.parallel, math.ceil(2 * target)),
             autoscaling_config={
                 "min_replicas": cfg.min_replicas,
@@ -250,6 +250,13 @@ class RayEngine:
         if self.config.replica_cpus is not None:
             return self.config.replica_cpus
         return 1 if self.engine.threads == "auto" else self.engine.threads
+
+    def replica_gpus(self) -> float:
+        """GPUs Ray reserves per replica: `replica_gpus`, else one for an engine with GPU
+        layers (Ray then sets each replica's CUDA_VISIBLE_DEVICES to its own)."""
+        if self.config.replica_gpus is not None:
+            return self.config.replica_gpus
+        return 1 if self.engine.gpu_layers else 0
 
     def replicas(self) -> dict[str, int]:
         """Serve's replica counts of the engine deployment, by state (RUNNING, STARTING...)."""
