@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,11 @@ from llama_cpp import llama_cpp as capi
 
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
-from grifo.point.engines.llama import GpuOffloadUnavailableError, model_params
+from grifo.point.engines.llama import (
+    LLAMA_CPP_LOGGER,
+    GpuOffloadUnavailableError,
+    model_params,
+)
 from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot
 from tests.support.tiny_gguf import TINY_WORDS, write_tiny_gguf
@@ -216,6 +221,22 @@ def test_gpu_layers_reach_llama_cpp_on_a_build_with_a_gpu_backend(
 ) -> None:
     params = model_params(_FakeLlamaApi(b"CUDA : ARCHS = 900 |", gpu=True), layers)
     assert params.n_gpu_layers == n_gpu_layers
+
+
+@pytest.mark.parametrize(("level", "quiet"), [(logging.NOTSET, True), (logging.DEBUG, False)])
+def test_llama_cpp_details_stay_off_stderr_unless_asked_for(
+    model: Path, level: int, quiet: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger(LLAMA_CPP_LOGGER)
+    before = logger.level
+    logger.setLevel(level)  # NOTSET: as in a point, where nothing else sets it
+    try:
+        capsys.readouterr()
+        BatchedLlamaGenerator(model, "tiny", context_length=256, slots=2).close()
+        printed = capsys.readouterr().err
+    finally:
+        logger.setLevel(before)
+    assert ("llama_context" not in printed) is quiet
 
 
 GPU_BUILD = bool(capi.llama_supports_gpu_offload())

@@ -52,6 +52,20 @@ def resolve_model(model: str) -> tuple[Path, str]:
 log = logging.getLogger(__name__)
 
 
+LLAMA_CPP_LOGGER = "llama-cpp-python"
+
+
+def quiet_llama_cpp() -> None:
+    """llama.cpp's messages reach stderr through llama-cpp-python's log callback, gated by the
+    level of its `llama-cpp-python` logger, which only its `Llama` class sets: left unset,
+    each engine start prints some 130 lines of llama.cpp's details. Errors only, unless that
+    logger's level was set or the process logs at DEBUG (`--log-level debug`)."""
+    logger = logging.getLogger(LLAMA_CPP_LOGGER)
+    if logger.level == logging.NOTSET:
+        debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        logger.setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
 def model_params(capi: Any, gpu_layers: int | Literal["all"] = 0) -> Any:
     """llama.cpp model parameters: `gpu_layers` offloaded (`all`: every layer), and repacked
     weights unless this build has AMX kernels.
@@ -60,6 +74,7 @@ def model_params(capi: Any, gpu_layers: int | Literal["all"] = 0) -> Any:
     (ggml-org/llama.cpp#20824). The Makefile builds without them; a build that has them (a
     `-march=native` build on such a machine) loads weights unrepacked, slower but sound.
     """
+    quiet_llama_cpp()
     params = capi.llama_model_default_params()
     if gpu_layers:
         if not capi.llama_supports_gpu_offload():
