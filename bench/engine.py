@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llama_cpp import Llama
 from llama_cpp import _internals as internals
@@ -41,6 +41,7 @@ from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
 from grifo.point.engines.llama import model_params, requantized, resolve_model
 
+GpuLayers = int | Literal["all"]
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
     "The history of the printing press begins",
@@ -65,13 +66,13 @@ class Sink:
         self.done.set()
 
 
-def raw_single(path: str, threads: int, tokens: int, gpu_layers: int) -> float:
+def raw_single(path: str, threads: int, tokens: int, gpu_layers: GpuLayers) -> float:
     llm = Llama(
         model_path=path,
         n_ctx=2048,
         n_threads=threads,
         n_threads_batch=threads,
-        n_gpu_layers=gpu_layers,
+        n_gpu_layers=-1 if gpu_layers == "all" else gpu_layers,
         verbose=False,
     )
     best = 0.0
@@ -85,7 +86,7 @@ def raw_single(path: str, threads: int, tokens: int, gpu_layers: int) -> float:
 
 
 def decode_steps(
-    path: str, threads: int, n: int, steps: int, gpu_layers: int
+    path: str, threads: int, n: int, steps: int, gpu_layers: GpuLayers
 ) -> tuple[float, float]:
     """Median seconds of a `llama_decode` of 1 token (one sequence, `steps` tokens on from its
     prompt) and of n tokens (n sequences, one each, the same span), in a context like the
@@ -164,7 +165,9 @@ def uneven_run(engine: BatchedLlamaGenerator, n: int, tokens: int) -> float:
     return sum(s.generation.completion_tokens for s in sinks if s.generation) / elapsed
 
 
-def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int, gpu: int) -> float:
+def turn_beside_running(
+    path: Path, model_id: str, threads: int, tokens: int, gpu_layers: GpuLayers
+) -> float:
     """Aggregate tokens/s of a request running in one slot and a conversation's next turn whose
     prefix is cached in a slot apart from it: 4 slots, a fresh engine each time, best of 3."""
     conversation = " ".join(PROMPTS * 6)
@@ -177,7 +180,7 @@ def turn_beside_running(path: Path, model_id: str, threads: int, tokens: int, gp
             context_length=2048,
             threads=threads,
             slots=4,
-            gpu_layers="all" if gpu < 0 else gpu,
+            gpu_layers=gpu_layers,
         )
         try:
             for text in (conversation, PROMPTS[1], PROMPTS[2]):  # slots 0, 1 and 2, in turn
@@ -199,7 +202,7 @@ def main() -> None:
         "--gpu-layers", default="0", help="layers offloaded to the GPU, or all (a GPU build)"
     )
     args = parser.parse_args()
-    gpu = -1 if args.gpu_layers == "all" else int(args.gpu_layers)
+    gpu: GpuLayers = "all" if args.gpu_layers == "all" else int(args.gpu_layers)
     path, model_id = resolve_model("smollm2")
     if args.quantization != "as-is":
         path = requantized(path, args.quantization, Path.home() / ".cache" / "grifo" / "models")
@@ -215,7 +218,7 @@ def main() -> None:
         context_length=2048,
         threads=args.threads,
         slots=args.concurrency,
-        gpu_layers="all" if gpu < 0 else gpu,
+        gpu_layers=gpu,
     )
     try:
         single = max(grifo_run(engine, 1, args.tokens) for _ in range(3))

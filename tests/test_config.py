@@ -200,10 +200,9 @@ def test_gpu_layers_is_a_count_or_all(value: str, parsed: object) -> None:
     [
         ("--gpu-layers", "-1", "must be at least 0, got -1"),
         ("--gpu-layers", "most", "expected a number or all, got 'most'"),
-        ("--threads", "0", "must be at least 1, got 0"),
     ],
 )
-def test_point_flags_refuse_bad_counts(
+def test_gpu_layers_flag_refuses_what_is_not_a_count_or_all(
     flag: str, value: str, error: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from grifo.cli import main
