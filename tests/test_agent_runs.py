@@ -189,10 +189,10 @@ def test_affinity_keeps_a_session_on_its_point_until_load_outweighs_it() -> None
     ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 400)])
     assert [c.point.name for c in ranked] == ["b", "a"]
     assert affinity.kept == 1
-    b.queued = 1  # b's engine is full: a waiting request would overwrite the session's cache
+    b.point_queued = 1  # b's engine is full: a waiting request would overwrite the session's cache
     ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 400)])
     assert [c.point.name for c in ranked] == ["a", "b"]
-    b.queued = 0
+    b.point_queued = 0
     ranked = affinity.order(key, [Candidate(a, 10), Candidate(b, 900)])  # b is too loaded
     assert [c.point.name for c in ranked] == ["a", "b"]
     assert affinity.moved == 2

@@ -180,7 +180,7 @@ def make_point(
     state = build_point_state(config, "http://127.0.0.1:1")
     state.healthy = healthy
     state.models = {m: ModelCard(m, "chat", 2048) for m in models}
-    state.queued = queued
+    state.point_queued = queued
     return state
 
 
@@ -272,7 +272,7 @@ def test_a_long_queue_moves_traffic_away() -> None:
     ranked = rank([near, far], MODEL, None, 10, PLACEMENT)
     assert names(ranked) == ["far", "near"]
     assert ranked[1].score_ms == 10 + 3 * PLACEMENT.queue_ms_per_request
-    near.queued = 0
+    near.point_queued = 0
     assert names(rank([near, far], MODEL, None, 10, PLACEMENT)) == ["near", "far"]
 
 
@@ -777,3 +777,22 @@ def test_ejection_grows_with_each_ejection_and_is_capped() -> None:
     point.failed(200.0, ejection)
     point.failed(200.0, ejection)
     assert point.ejected_until == 270.0  # capped at 70 s
+
+
+def test_a_queue_the_point_reported_drains_as_its_requests_end_here() -> None:
+    """Between polls a point's reported queue is corrected like its running count: requests
+    that ended here beyond those it was running had been waiting (a sequential engine reports a
+    request queued until its thread picks it up)."""
+    point = make_point("p", "DE")
+    point.gateway_in_flight = 3
+    point.reported(queued=1, in_flight=0)  # polled before the engine took the request
+    assert point.queued == 1
+    point.left()
+    assert point.queued == 0
+    point.reported(queued=2, in_flight=1)
+    point.left()  # the running one ended
+    assert (point.queued, point.running) == (2, 1)  # our two remaining requests
+    point.left()
+    assert point.queued == 1
+    point.reported(queued=1, in_flight=1)
+    assert point.queued == 1  # a fresh report stands as it is

@@ -51,7 +51,7 @@ class PointState:
     healthy: bool = False
     reason: str = "not yet checked"
     models: dict[str, ModelCard] = field(default_factory=dict)
-    queued: int = 0
+    point_queued: int = 0  # as the point last reported (see `queued`)
     point_in_flight: int = 0
     tokens_per_s: float = 0.0
     cache_usage: float = 0.0  # the engine's KV cache in use, 0..1, when it says
@@ -96,9 +96,19 @@ class PointState:
         poll interval old, and a finished request would keep counting till the next)."""
         return max(self.point_in_flight - self.finished_since_poll, self.gateway_in_flight)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting at the point by the freshest count: its last report less the
+        requests that ended here since beyond those it was running then (those that waited
+        have started and ended). A point whose sequential engine had not yet picked up a
+        request when polled reported it queued; till the next poll it would keep counting,
+        and a session would move off a point that is idle."""
+        started_since = max(self.finished_since_poll - self.point_in_flight, 0)
+        return max(self.point_queued - started_since, 0)
+
     def reported(self, queued: int, in_flight: int) -> None:
         """The point's own count of its queue and running requests, just read."""
-        self.queued, self.point_in_flight, self.finished_since_poll = queued, in_flight, 0
+        self.point_queued, self.point_in_flight, self.finished_since_poll = queued, in_flight, 0
 
     def left(self) -> None:
         """A request this process sent here is over (answered, relayed to its end, or given

@@ -280,7 +280,7 @@ class _Run:
     def poll(self, now: float) -> None:
         """What the health poller writes: each point's own queue and running counts."""
         for point in self.points.values():
-            point.state.queued = len(point.waiting)
+            point.state.point_queued = len(point.waiting)
             point.state.point_in_flight = len(point.running)
         self.push(now + self.interval_s, POLL, 0)
 
