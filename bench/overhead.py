@@ -45,9 +45,14 @@ keys: [{{id: bench-1, tenant: bench, env: GRIFO_BENCH_KEY}}]
 """
 
 
-def wait_http(url: str, timeout_s: float = 30) -> None:
+def wait_http(
+    url: str, timeout_s: float = 30, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until `url` answers; a `process` that serves it and exits ends the wait at once."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: its server exited with status {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return

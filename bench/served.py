@@ -142,7 +142,7 @@ def main() -> None:
         )
         gateway = None
         try:
-            wait_http(f"http://127.0.0.1:{POINT_PORT}/health", timeout_s=300)
+            wait_http(f"http://127.0.0.1:{POINT_PORT}/health", timeout_s=300, process=point)
             with urllib.request.urlopen(f"http://127.0.0.1:{POINT_PORT}/v1/models") as models:
                 model = json.loads(models.read())["data"][0]["id"]
             gateway = subprocess.Popen(
@@ -150,7 +150,7 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
                 env=env,
             )
-            wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+            wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz", process=gateway)
             wave(POINT_PORT, model, max(widths), 16, False)  # warm both paths
             wave(GATEWAY_PORT, model, max(widths), 16, False)
             rows = []
