@@ -16,7 +16,16 @@ SSE events (a role and content chunk, 18 content chunks, the last with its finis
 usage chunk and `[DONE]`), each its own read, fed one loop turn apart; the measure is per
 stream, its body read to the end as the HTTP server would and then closed.
 
+With `--instructions` each tree's child runs under valgrind (callgrind) instead, twice: with
+`INSTRUCTION_BATCHES` batches after the warm-up and with twice as many, and the difference over
+the extra requests is the user-space instructions per request (or stream), threads included.
+Counts move by well under 1% between runs where this VM's timings move by 10-30% (both trees'
+timers still tick on wall time, a little more under valgrind's slowdown): the way to compare
+changes of a few percent here. Instructions are not time (cache misses, system calls' kernel
+work): confirm a change that counts fewer with the timed mode before calling it faster.
+
 Usage: python bench/pipeline.py A [B] [--rounds 10] [--audit on|off] [--body-kb 0] [--stream]
+       python bench/pipeline.py A [B] --instructions [--rounds 1]   (needs valgrind)
        python bench/pipeline.py A --pieces   (what some stages cost alone, called in a loop)
 
 A and B as in `ab.py`: git revisions or directories holding `src/grifo` (B defaults to the
@@ -29,12 +38,15 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +54,7 @@ from overhead import start_mock
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, BATCHES, REPEATS = 64, 100, 9  # per measure: 6,400 requests; the median of 9 measures
+INSTRUCTION_BATCHES = 10  # under valgrind (~50x slower): 640 requests, then 1,280
 
 
 def chat_body(kb: int) -> bytes:
@@ -103,8 +116,11 @@ def answering(over_http: Any, stream: bool) -> Any:
     return request
 
 
-async def child(audit: str, pieces: bool, body_kb: int, stream: bool) -> dict[str, float]:
-    """In a process running one tree: the pipeline's CPU per request (microseconds)."""
+async def child(
+    audit: str, pieces: bool, body_kb: int, stream: bool, batches: int = 0
+) -> dict[str, float]:
+    """In a process running one tree: the pipeline's CPU per request (microseconds); with
+    `batches`, a short warm-up and that many batches once, for valgrind to count."""
     import uvloop  # noqa: F401  (grifo's loop; imported as `grifo serve` does)
     from overhead import CONFIG, KEY
 
@@ -149,13 +165,23 @@ async def child(audit: str, pieces: bool, body_kb: int, stream: bool) -> dict[st
         failed = [status for status in statuses if status != 200]
         assert not failed, failed
 
-    for _ in range(BATCHES // 2):
+    for _ in range(INSTRUCTION_BATCHES if batches else BATCHES // 2):
         await batch()
     serve._settle_heap()  # as `grifo serve` does once started
-    if pieces:
+    result: dict[str, float] = {}
+    if batches:
+        for _ in range(batches):
+            await batch()
+    elif pieces:
         stage_costs(running.gateway, body)
-        await running.stop(0.5)
-        return {}
+    else:
+        result = await timed(batch)
+    await running.stop(0.5)
+    return result
+
+
+async def timed(batch: Callable[[], Awaitable[None]]) -> dict[str, float]:
+    """CPU per request over `REPEATS` measures of `BATCHES` batches: medians, microseconds."""
     loop_us, all_us = [], []
     for _ in range(REPEATS):
         thread, process = time.thread_time(), time.process_time()
@@ -164,7 +190,6 @@ async def child(audit: str, pieces: bool, body_kb: int, stream: bool) -> dict[st
         requests = BATCH * BATCHES
         loop_us.append((time.thread_time() - thread) / requests * 1e6)
         all_us.append((time.process_time() - process) / requests * 1e6)
-    await running.stop(0.5)
     return {"loop": statistics.median(loop_us), "all": statistics.median(all_us)}
 
 
@@ -228,32 +253,41 @@ def msgspec_encode(value: Any) -> bytes:
     return msgspec.json.encode(value)
 
 
-def run_tree(tree: Path, audit: str, seed: int, body_kb: int, stream: bool) -> dict[str, float]:
+def run_tree(
+    tree: Path, audit: str, seed: int, body_kb: int, stream: bool, instructions: bool = False
+) -> dict[str, float]:
     """One measure of `tree` in a new process; `seed` fixes its string hashing (dictionary
-    layouts move timings by several percent between processes), the same for A and B."""
+    layouts move timings by several percent between processes), the same for A and B.
+    `instructions`: {"instructions": per request}, from two counted runs (module doc)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tree / "src"), str(ROOT / "bench")]),
         "PYTHONHASHSEED": str(seed),
     }
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            "--audit",
-            audit,
-            "--body-kb",
-            str(body_kb),
-            *(["--stream"] if stream else []),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-    return result
+    command = [
+        *(sys.executable, __file__, "--child", "--audit", audit, "--body-kb", str(body_kb)),
+        *(["--stream"] if stream else []),
+    ]
+    if not instructions:
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+    counts = []
+    for batches in (INSTRUCTION_BATCHES, 2 * INSTRUCTION_BATCHES):
+        counted = subprocess.run(
+            [
+                *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+                *(*command, "--batches", str(batches)),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        found = re.search(r"Collected : (\d+)", counted)
+        assert found, counted[-2000:]
+        counts.append(int(found.group(1)))
+    return {"instructions": (counts[1] - counts[0]) / (INSTRUCTION_BATCHES * BATCH)}
 
 
 def main() -> None:
@@ -265,15 +299,21 @@ def main() -> None:
     parser.add_argument("--body-kb", type=int, default=0, help="chat bodies of this size")
     parser.add_argument("--pieces", action="store_true", help="time stages of one tree (A)")
     parser.add_argument("--stream", action="store_true", help="streamed answers, per stream")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions under valgrind"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import uvloop
 
-        result = uvloop.run(child(args.audit, args.pieces, args.body_kb, args.stream))
-        if not args.pieces:
+        result = uvloop.run(child(args.audit, args.pieces, args.body_kb, args.stream, args.batches))
+        if not args.pieces and not args.batches:
             print(json.dumps(result))
         return
+    if args.instructions and shutil.which("valgrind") is None:
+        sys.exit("valgrind is missing: apt-get install valgrind")
     if args.a is None:
         parser.error("give the revision or tree to compare with")
     from ab import checkouts
@@ -288,7 +328,14 @@ def main() -> None:
         try:
             for round_ in range(args.rounds):
                 for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-                    result = run_tree(trees[name], args.audit, round_, args.body_kb, args.stream)
+                    result = run_tree(
+                        trees[name],
+                        args.audit,
+                        round_,
+                        args.body_kb,
+                        args.stream,
+                        args.instructions,
+                    )
                     results[name].append(result)
         finally:
             mock.send_signal(signal.SIGTERM)
@@ -341,17 +388,23 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]])
         f"{time.strftime('%Y-%m-%d %H:%M')}: A {args.a}, B {b_name}"
     )
     print()
-    print(f"| thread(s) | A us/{unit} | B us/{unit} | B/A |")
+    if args.instructions:
+        rows = [("instructions", "instructions, all threads", "k instructions")]
+    else:
+        rows = [("loop", "event loop", "us"), ("all", "all (with writer threads)", "us")]
+    print(f"| measure | A {rows[0][2]}/{unit} | B {rows[0][2]}/{unit} | B/A |")
     print("|---|---:|---:|---:|")
-    for key, label in (("loop", "event loop"), ("all", "all (with writer threads)")):
-        a = statistics.median(r[key] for r in results["A"])
-        b = statistics.median(r[key] for r in results["B"])
+    scale = 1e-3 if args.instructions else 1.0
+    for key, label, _ in rows:
+        a = statistics.median(r[key] for r in results["A"]) * scale
+        b = statistics.median(r[key] for r in results["B"]) * scale
         ratio = statistics.median(rb[key] / ra[key] for ra, rb in pairs)
         print(f"| {label} | {a:.1f} | {b:.1f} | x{ratio:.3f} |")
     print()
+    key = rows[0][0]
     print(
-        "per round (A, B loop us): "
-        + ", ".join(f"{a['loop']:.1f}/{b['loop']:.1f}" for a, b in pairs)
+        f"per round (A, B {rows[0][2]}): "
+        + ", ".join(f"{a[key] * scale:.1f}/{b[key] * scale:.1f}" for a, b in pairs)
     )
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
