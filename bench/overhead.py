@@ -76,7 +76,7 @@ def start_mock(cpus: str = "0", shared: bool = False) -> subprocess.Popen[bytes]
         ],
         stdout=subprocess.DEVNULL,
     )
-    wait_http(f"http://127.0.0.1:{MOCK_PORT}/health")
+    wait_http(f"http://127.0.0.1:{MOCK_PORT}/health", process=mock)
     return mock
 
 
@@ -113,7 +113,7 @@ def start_gateway(
         stdout=subprocess.DEVNULL,
         env=env,
     )
-    wait_http(f"http://127.0.0.1:{port}/readyz")
+    wait_http(f"http://127.0.0.1:{port}/readyz", process=gateway)
     return gateway
 
 

@@ -45,7 +45,7 @@ def measure(tree: Path, seconds: int) -> dict[str, float]:
     cmd += ["--config", str(work / "bench.yaml"), "--state-dir", str(work / "state")]
     gateway = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     try:
-        wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz")
+        wait_http(f"http://127.0.0.1:{GATEWAY_PORT}/readyz", process=gateway)
         streams = asyncio.run(stream_load(GATEWAY_PORT, KEY, seconds))
         url = f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions"
         whole = run_wrk(url, 64, seconds, work / "post.lua")
