@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.signing import SigningKey, VerifyKey
 
 from grifo.audit import merkle
 from grifo.audit.record import GENESIS, AuditRecord, canonical, decode, entry_hash, tenant_key
@@ -27,6 +27,7 @@ from grifo.audit.signing import (
     Claims,
     Signer,
     load_or_create,
+    load_public,
     public_pem,
     verify_attestation,
     verify_checkpoint,
@@ -67,8 +68,8 @@ def test_rfc6962_empty_and_two_leaf_roots() -> None:
 
 
 def test_checkpoints_and_attestations_verify_only_with_the_right_key() -> None:
-    key = Signer("gw", Ed25519PrivateKey.generate())
-    other = Ed25519PrivateKey.generate().public_key()
+    key = Signer("gw", SigningKey.generate())
+    other = SigningKey.generate().verify_key
     note = key.sign_checkpoint("gw/0", 42, b"\x07" * 32)
     assert verify_checkpoint(note, "gw", key.public_key) == ("gw/0", 42, b"\x07" * 32)
     with pytest.raises(CheckpointError):
@@ -87,6 +88,68 @@ def test_checkpoints_and_attestations_verify_only_with_the_right_key() -> None:
         verify_attestation(forged, key.public_key)
     with pytest.raises(CheckpointError):
         verify_attestation(token, other)
+    with pytest.raises(CheckpointError):  # a cut signature is refused, not an internal error
+        verify_attestation(f"{payload}.{signature[:20]}", key.public_key)
+
+
+def test_key_files_are_the_standard_ed25519_pem_forms_both_ways(tmp_path: Path) -> None:
+    """Keys grifo writes are read by `cryptography` (OpenSSL's PKCS#8 and SubjectPublicKeyInfo),
+    keys `cryptography` writes (an older grifo's, or `openssl genpkey`'s) are read by grifo,
+    and a signature made by one verifies with the other's key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+    ours = load_or_create(tmp_path / "ours.pem", "gw")
+    assert (tmp_path / "ours.pem").stat().st_mode & 0o777 == 0o600
+    theirs = serialization.load_pem_private_key((tmp_path / "ours.pem").read_bytes(), None)
+    assert isinstance(theirs, Ed25519PrivateKey)
+    assert theirs.public_key().public_bytes_raw() == bytes(ours.public_key)
+    public = serialization.load_pem_public_key(public_pem(ours.public_key).encode())
+    assert isinstance(public, Ed25519PublicKey)
+    public.verify(ours.sign(b"checkpoint"), b"checkpoint")  # raises if it does not verify
+    assert load_or_create(tmp_path / "ours.pem", "gw").public_key == ours.public_key
+
+    key = Ed25519PrivateKey.generate()
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "theirs.pem").write_bytes(pkcs8)
+    loaded = load_or_create(tmp_path / "theirs.pem", "gw")
+    assert bytes(loaded.public_key) == key.public_key().public_bytes_raw()
+    assert loaded.sign(b"x") == key.sign(b"x")  # Ed25519 is deterministic
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert load_public(spki) == loaded.public_key
+    # Text before the block (RFC 7468 allows it) is not the plain form: `cryptography` reads it.
+    (tmp_path / "noted.pem").write_bytes(b"grifo audit key\n" + pkcs8)
+    assert load_or_create(tmp_path / "noted.pem", "gw").public_key == loaded.public_key
+    assert load_public(b"grifo audit key\n" + spki) == loaded.public_key
+
+    ec = generate_private_key(SECP256R1())
+    (tmp_path / "ec.pem").write_bytes(
+        ec.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(CheckpointError, match="not an Ed25519 private key"):
+        load_or_create(tmp_path / "ec.pem", "gw")
+    (tmp_path / "junk.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n")
+    with pytest.raises(CheckpointError, match="not a readable PEM private key"):
+        load_or_create(tmp_path / "junk.pem", "gw")
+    ec_public = ec.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(CheckpointError, match="not an Ed25519 public key"):
+        load_public(ec_public)
+    with pytest.raises(CheckpointError, match="not a PEM public key"):
+        load_public(b"nothing")
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +284,7 @@ def test_tampering_is_detected_and_named(
     assert "FAIL" in cli.stdout
 
 
-def _public(directory: Path) -> Ed25519PublicKey:
-    from grifo.audit.signing import load_public
-
+def _public(directory: Path) -> VerifyKey:
     return load_public((directory / "public-key.pem").read_bytes())
 
 
@@ -311,7 +372,7 @@ def test_a_whole_answer_has_no_first_token_time(fabric: Fabric) -> None:
     assert b"first_token_ms" not in canonical(record)  # old records keep their form
 
 
-def _point_keys(state: Path) -> dict[str, Ed25519PublicKey]:
+def _point_keys(state: Path) -> dict[str, VerifyKey]:
     return {
         path.stem: load_or_create(path, path.stem).public_key
         for path in (state / "points").glob("*.pem")
@@ -503,5 +564,5 @@ def test_verify_names_a_request_that_reached_a_place_outside_its_allowed_set(
     second = record(1, entry_hash(GENESIS, canonical(first)), ["fra:DE:timeout"])
     lines = [{"log": "gw", "seq": r.seq, "record": canonical(r).decode()} for r in (first, second)]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    report = verify(tmp_path, Ed25519PrivateKey.generate().public_key())
+    report = verify(tmp_path, SigningKey.generate().verify_key)
     assert report.problems == ["gw: record 1: r1 reached DE, outside its allowed set"]

@@ -78,11 +78,11 @@ class BatchAttester:
 
     def _tokens(self, payloads: list[bytes]) -> list[str]:
         if len(payloads) == 1:
-            alone = self._signer.private.sign(payloads[0])
+            alone = self._signer.sign(payloads[0])
             return [f"{b64url(payloads[0])}.{b64url(alone)}"]
         size = len(payloads)
         root, paths = merkle.all_proofs([merkle.leaf_hash(p) for p in payloads])
-        signed = b64url(self._signer.private.sign(batch_statement(size, root)))
+        signed = b64url(self._signer.sign(batch_statement(size, root)))
         return [
             f"{b64url(payload)}.{signed}.{b64url(encode_proof(index, size, path))}"
             for index, (payload, path) in enumerate(zip(payloads, paths, strict=True))

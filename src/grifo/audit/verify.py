@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from nacl.signing import VerifyKey
 
 from grifo.audit import merkle
 from grifo.audit.record import GENESIS, AuditRow, CheckpointRow, canonical, decode, entry_hash
@@ -111,9 +111,9 @@ def export(
 
 def verify(
     directory: Path,
-    public: Ed25519PublicKey | Sequence[Ed25519PublicKey],
+    public: VerifyKey | Sequence[VerifyKey],
     key_name: str | None = None,
-    point_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    point_keys: Mapping[str, VerifyKey] | None = None,
 ) -> Report:
     """Check every log in an export: sequence, canonical form, chain, checkpoints, and each
     record's point receipt against `point_keys` (point name → its public key)."""
@@ -199,7 +199,7 @@ def _check_chain(name: str, lines: list[ExportLine], problems: list[str]) -> lis
 
 
 def _check_receipts(
-    name: str, lines: list[ExportLine], keys: Mapping[str, Ed25519PublicKey], report: Report
+    name: str, lines: list[ExportLine], keys: Mapping[str, VerifyKey], report: Report
 ) -> None:
     """Every jurisdiction a record's request reached must be in its allowed set, and its point,
     jurisdiction, model and tokens must be what its point signed."""
@@ -244,7 +244,7 @@ def _check_checkpoint(
     name: str,
     mark: ExportCheckpoint,
     leaves: list[bytes | None],
-    public: Ed25519PublicKey | Sequence[Ed25519PublicKey],
+    public: VerifyKey | Sequence[VerifyKey],
     key_name: str | None,
     problems: list[str],
 ) -> None:
