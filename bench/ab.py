@@ -6,9 +6,12 @@ ratios are the result (rounds are seconds apart, so a host whose speed drifts ov
 moves both sides of a ratio together). At c=1 the p50 is the measure that matters.
 
 Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off] [--connections 64]
+                          [--python-b PATH]
 
 A and B are git revisions (checked out into temporary worktrees) or directories holding
-`src/grifo`; B defaults to the working tree. Both run on this checkout's virtual environment.
+`src/grifo`; B defaults to the working tree. Both run on this checkout's virtual environment,
+or B on the interpreter `--python-b` names (a virtual environment holding grifo's
+dependencies): `ab.py HEAD HEAD --python-b ...` compares two builds of Python.
 """
 
 from __future__ import annotations
@@ -68,13 +71,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--audit", choices=["on", "off"], default="on")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--python-b", help="B's interpreter (default: this one)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="grifo-ab-"))
     config = CONFIG
     if args.audit == "off":
         config = config.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
     with checkouts(args.a, args.b, work) as trees:
-        variants = [Variant(name, config, tree) for name, tree in trees.items()]
+        variants = [
+            Variant(name, config, tree, args.python_b if name == "B" else None)
+            for name, tree in trees.items()
+        ]
         rates = take_turns(variants, work, args.rounds, args.seconds, connections=args.connections)
     pairs = list(zip(rates["A"], rates["B"], strict=True))
     rps = statistics.median(b.rps / a.rps for a, b in pairs)
@@ -86,7 +93,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(
-        f"| A {args.a}, B {'working tree' if args.b == str(ROOT) else args.b} "
+        f"| A {args.a}, B {'working tree' if args.b == str(ROOT) else args.b}"
+        f"{f' on {args.python_b}' if args.python_b else ''} "
         f"| {statistics.median(r.rps for r in rates['A']):,.0f} "
         f"| {statistics.median(r.rps for r in rates['B']):,.0f} | x{rps:.3f} | x{cpu:.3f} "
         f"| {statistics.median(r.p50_ms for r in rates['A']):.3f} "

@@ -86,10 +86,12 @@ def start_gateway(
     workers: int = 1,
     source: Path | None = None,
     cpus: str = "1",
+    python: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """`grifo serve` on CPU 1 (or on `cpus`) with `work/bench.yaml` (listening on `port`;
     `workers` processes, all on those CPUs), once it is ready; `source`: a checkout whose
-    `src/grifo` to run instead of the installed one."""
+    `src/grifo` to run instead of the installed one; `python`: the interpreter (default this
+    one)."""
     env = {**os.environ, "GRIFO_BENCH_KEY": KEY}
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(
@@ -100,7 +102,7 @@ def start_gateway(
             "taskset",
             "-c",
             cpus,
-            sys.executable,
+            python or sys.executable,
             "-m",
             "grifo",
             "serve",

@@ -24,6 +24,7 @@ class Variant(NamedTuple):
     name: str
     config: str  # bench.yaml, as `overhead.CONFIG`
     source: Path | None = None  # a checkout to run instead of the installed grifo
+    python: str | None = None  # another interpreter (a virtual environment with grifo's deps)
 
 
 def measure(
@@ -58,7 +59,8 @@ def take_turns(
             home.mkdir()
             config = variant.config.replace(f"port: {GATEWAY_PORT}", f"port: {port}")
             (home / "bench.yaml").write_text(config)
-            gateways[variant.name] = (port, start_gateway(home, port, workers, variant.source))
+            gateway = start_gateway(home, port, workers, variant.source, python=variant.python)
+            gateways[variant.name] = (port, gateway)
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             run_wrk(url, 8, 2, work / "post.lua")  # warm-up
         for turn in range(rounds):
