@@ -279,6 +279,7 @@ BODY_CASES = [
     refused("role-nul", body_of(messages=msg(role="user\u0000")), "messages"),
     # Duplicate keys: parsers differ on which one wins, so a key given twice is refused.
     duplicate("dup-model", b'{"model": "x", ' + body_of()[1:], "model"),
+    duplicate("dup-escaped-model", b'{"\\u006dodel": "x", ' + body_of()[1:], "model"),
     duplicate("dup-stream", with_raw(CHAT_PATH, "stream", b'true, "stream": false'), "stream"),
     duplicate("dup-role", ONE_MESSAGE.replace(b'"role"', b'"role": "system", "role"'), "role"),
     duplicate("dup-content", ONE_MESSAGE.replace(b'"x"', b'"y", "content": "x"'), "content"),

@@ -15,6 +15,7 @@ from grifo.wire.requests import (
     CompletionRequest,
     EmbeddingRequest,
     decode,
+    decode_json,
     encode,
 )
 
@@ -331,3 +332,38 @@ def test_encode_drops_nothing_allowed_for_the_full_chat() -> None:
     expected = {k: v for k, v in CHAT.items() if k != "logprobs"}
     assert {k: again[k] for k in expected} == expected
     assert "logprobs" not in again or again["logprobs"] is False
+
+
+# -- duplicate keys ------------------------------------------------------------------------------
+class _FreeForm(msgspec.Struct, forbid_unknown_fields=True):
+    data: dict[str, Any]
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"data": {"a": 1, "b": {"x": 1, "y": 2, "x": 3}}}', "x"),
+        (b'{"data": {"\\u0061": 1, "a": 2}}', "a"),  # escaped and plain: one key
+        (b'{"data": {}, "data": {}}', "data"),
+        (b'{"data": {"": 1, "": 2}}', ""),
+        (b'{"data": {"q\\"uote": 1, "q\\"uote": 2}}', "uote"),  # named as escaped
+    ],
+)
+def test_a_key_twice_in_any_object_is_refused_by_name(raw: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        decode_json(_FreeForm, raw)
+    assert refused.value.code == "duplicate_key"
+    assert refused.value.param is not None
+    assert refused.value.param.endswith(param)
+
+
+def test_the_same_key_in_nested_free_form_objects_is_fine() -> None:
+    raw = b'{"data": {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}]}}'
+    assert decode_json(_FreeForm, raw).data["b"][1] == {"a": 2}
+
+
+def test_nesting_deeper_than_the_duplicate_check_follows_is_a_clear_400() -> None:
+    deep = b'{"a": ' * 300 + b"1" + b"}" * 300
+    with pytest.raises(InvalidRequestError, match="too deeply") as refused:
+        decode_json(_FreeForm, b'{"data": ' + deep + b"}")
+    assert refused.value.code == "invalid_json"

@@ -9,10 +9,10 @@ two values wins, and the gateway must judge the request that the point would see
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Literal, TypeVar
 
+import jiter
 import msgspec
 
 from grifo.errors import InvalidRequestError
@@ -213,29 +213,31 @@ def decode_json(kind: type[S], body: bytes, decoder: msgspec.json.Decoder[S] | N
 
 def _refuse_duplicate_keys(body: bytes) -> None:
     """Raise InvalidRequestError naming a key given twice in one object. Runs only on a body
-    that already decoded, so its depth and size are those the request types allow."""
+    that already decoded, so its size is one the request types allow. jiter (Rust) parses it a
+    second time, about twice as fast as the standard library's `json` with a hook per object
+    (bench/README.md); keys are compared decoded (`"model"` and `"\\u006dodel"` are one)."""
     try:
-        _PAIRS_DECODER.decode(body.decode())
-    except ValueError:  # JSON the first decoder took and this one does not: refuse it too
+        jiter.from_json(body, catch_duplicate_keys=True, cache_mode="keys")
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(_DUPLICATE):
+            name = message[len(_DUPLICATE) :].rpartition('" at line')[0]
+            raise InvalidRequestError(
+                f"duplicate key {name!r} in a JSON object: send each parameter once",
+                param=name,
+                code="duplicate_key",
+            ) from None
+        if message.startswith("recursion limit exceeded"):
+            raise InvalidRequestError(
+                "the request body nests JSON objects and arrays too deeply", code="invalid_json"
+            ) from None
+        # JSON the first decoder took and this one does not: refuse it too
         raise InvalidRequestError(
             "the request body is not valid JSON", code="invalid_json"
         ) from None
 
 
-def _unique_pairs(pairs: list[tuple[str, object]]) -> None:
-    if len(pairs) > 1:
-        seen: set[str] = set()
-        for name, _ in pairs:
-            if name in seen:
-                raise InvalidRequestError(
-                    f"duplicate key {name!r} in a JSON object: send each parameter once",
-                    param=name,
-                    code="duplicate_key",
-                )
-            seen.add(name)
-
-
-_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)  # `json.loads` makes one a call
+_DUPLICATE = 'Detected duplicate key "'
 
 
 def encode(request: InferenceRequest) -> bytes:
