@@ -5,8 +5,10 @@ Sends requests one after another over one keep-alive connection to `grifo serve`
 reads the end-to-end time and the gateway's own time (`x-grifo-overhead-ms`: from the request's
 decoding to its answer ready to write, the point's time left out). Percentiles of both say
 whether a slow tail is the pipeline's or lies outside it (the hops, waking the gateway's
-vCPU, the HTTP layer's reads and writes). The client is Python, slower than wrk: read the
-end-to-end column against `compare.py`'s c=1 numbers only for its shape.
+vCPU, the HTTP layer's reads and writes). It also reports the gateway process's CPU per
+request (user and system, all threads) over the run, to hold against the same figure at c=64
+(`compare.py`). The client is Python, slower than wrk: read the end-to-end column against
+`compare.py`'s c=1 numbers only for its shape.
 
 Usage: python bench/lone.py [--seconds 8] [--audit on|off]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import signal
 import sys
 import tempfile
@@ -32,6 +35,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
         f"p{q}": ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
         for q in (50, 90, 99, 99.9)
     } | {"max": ordered[-1]}
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def drive(seconds: float) -> tuple[list[float], list[float]]:
@@ -68,13 +78,20 @@ def main() -> None:
     gateway = None
     try:
         gateway = start_gateway(work)
+        before = cpu_s(gateway.pid)
         total, own = drive(args.seconds)
+        after = cpu_s(gateway.pid)
     finally:
         for process in (gateway, mock):
             if process is not None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=20)
-    print(f"c=1, audit {args.audit}, {len(total)} requests after {WARM_UP} of warm-up\n")
+    sent = len(total) + WARM_UP
+    user, system = ((a - b) * 1e6 / sent for a, b in zip(after, before, strict=True))
+    print(
+        f"c=1, audit {args.audit}, {len(total)} requests after {WARM_UP} of warm-up; gateway "
+        f"CPU per request {user:.0f} us user + {system:.0f} us system\n"
+    )
     print("| ms | p50 | p90 | p99 | p99.9 | max |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, values in (("end to end (Python client)", total), ("gateway's own time", own)):
