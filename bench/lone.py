@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from overhead import BODY, CONFIG, GATEWAY_PORT, KEY, start_gateway, start_mock
+from overhead import BODY, CONFIG, GATEWAY_PORT, KEY, cpu_split, start_gateway, start_mock
 
 WARM_UP = 500  # requests left out of the percentiles
 
@@ -35,13 +34,6 @@ def percentiles(values: list[float]) -> dict[str, float]:
         f"p{q}": ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
         for q in (50, 90, 99, 99.9)
     } | {"max": ordered[-1]}
-
-
-def cpu_s(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of process `pid` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def drive(seconds: float) -> tuple[list[float], list[float]]:
@@ -78,9 +70,9 @@ def main() -> None:
     gateway = None
     try:
         gateway = start_gateway(work)
-        before = cpu_s(gateway.pid)
+        before = cpu_split(gateway.pid)
         total, own = drive(args.seconds)
-        after = cpu_s(gateway.pid)
+        after = cpu_split(gateway.pid)
     finally:
         for process in (gateway, mock):
             if process is not None:

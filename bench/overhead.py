@@ -158,9 +158,15 @@ def run_wrk(
     }
 
 
-def cpu_s(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process `pid` so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_s(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def main() -> None:
