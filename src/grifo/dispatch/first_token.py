@@ -55,10 +55,16 @@ def is_token(event: bytes) -> bool:
     return any(_output(c) or c.finish_reason is not None for c in chunk.choices)
 
 
-def carries_output(event: bytes) -> bool:
-    """Whether a `data:` event holds generated text or tool calls (a token, for estimates)."""
-    chunk = _chunk(event[5:].strip())
-    return chunk is not None and any(_output(c) for c in chunk.choices)
+def holds_output(payload: bytes) -> bool:
+    """Whether an event's JSON payload holds generated text or tool calls (a token, for
+    estimates). A loop rather than `any()` over a generator: this runs for every event of
+    every stream."""
+    chunk = _chunk(payload)
+    if chunk is not None:
+        for choice in chunk.choices:
+            if _output(choice):
+                return True
+    return False
 
 
 def _chunk(payload: bytes) -> _Chunk | None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grifo.audit.signing import RECEIPT_COMMENT
-from grifo.dispatch.first_token import carries_output
+from grifo.dispatch.first_token import holds_output
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
 from grifo.http.client import UpstreamResponse
 from grifo.metering.steps import is_step
@@ -68,8 +68,11 @@ class StreamRelay:
         try:
             # `next_chunk` rather than `iter_body()`: one generator fewer to resume per event
             while (data := await response.next_chunk()) is not None:
-                out = [self._event(e) for e in splitter.feed(data)]
-                if any(out):
+                events = splitter.feed(data)
+                if len(events) == 1:  # the usual read: one event
+                    if single := self._event(events[0]):
+                        yield single
+                elif any(out := [self._event(e) for e in events]):
                     yield b"".join(out)
             if rest := splitter.rest():
                 yield rest  # an unterminated last event passes through as it came
@@ -89,30 +92,30 @@ class StreamRelay:
     def _event(self, event: bytes) -> bytes:
         if self.first_event_ns is None:
             self.first_event_ns = time.monotonic_ns()
-        if event.startswith(RECEIPT_COMMENT):
-            self.point_receipt = event[len(RECEIPT_COMMENT) :].strip().decode("latin-1")
+        if not event.startswith(b"data:"):
+            if event.startswith(RECEIPT_COMMENT):
+                self.point_receipt = event[len(RECEIPT_COMMENT) :].strip().decode("latin-1")
             return event
-        if not (event.startswith(b"data:") and event[5:].lstrip().startswith(b"{")):
-            if not self.ended and event[5:].strip() == b"[DONE]":
+        payload = event[5:].strip()
+        if not payload.startswith(b"{"):
+            if not self.ended and payload == b"[DONE]":
                 self.ended = True
                 self.on_end()
             return event
         if self.on_step is not None and is_step(event):  # whatever text the step holds
             if self.first_output_ns is None:
                 self.first_output_ns = time.monotonic_ns()
-            payload = event[5:].strip()
             self.on_step(payload)
             self.run_usage = run_usage_of(payload) or self.run_usage
-        if b'"usage"' in event:
-            return self._usage_event(event)  # passes events without a top-level usage on
-        if carries_output(event):  # role-only and finish chunks are not tokens
+        if b'"usage"' in payload:
+            return self._usage_event(payload, event)  # passes events without a top-level usage
+        if holds_output(payload):  # role-only and finish chunks are not tokens
             self.events += 1
             if self.first_output_ns is None:
                 self.first_output_ns = time.monotonic_ns()
         return event
 
-    def _usage_event(self, event: bytes) -> bytes:
-        payload = event[5:].strip()
+    def _usage_event(self, payload: bytes, event: bytes) -> bytes:
         usage = usage_of(payload)
         if usage is None:
             return event

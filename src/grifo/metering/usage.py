@@ -78,6 +78,13 @@ class SseSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Complete events in `data` plus what was held back; CRLF framing becomes LF."""
+        if (
+            not self._buffer
+            and data.endswith(b"\n\n")
+            and data.find(b"\n\n") == len(data) - 2
+            and b"\r" not in data
+        ):
+            return [data]  # the usual read from a point: one whole event
         buffer = self._buffer + data if self._buffer else data
         if b"\r" in buffer:
             # A CR at the very end may be half of a CRLF: keep it until the next feed.
