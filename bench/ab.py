@@ -5,8 +5,13 @@ first. Per round, B's req/s, CPU per request and p50 latency over A's; the media
 ratios are the result (rounds are seconds apart, so a host whose speed drifts over minutes
 moves both sides of a ratio together). At c=1 the p50 is the measure that matters.
 
+With `--streams N` the load is `compare.py`'s stream test instead of wrk: N concurrent
+streams, each on a new connection (the mock point sends 22 events 5 ms apart), this process
+the client on CPU 0; the measures are streams/s, CPU per stream and the time to the first
+token's p50.
+
 Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off] [--connections 64]
-                          [--python-b PATH]
+                          [--streams N] [--python-b PATH]
 
 A and B are git revisions (checked out into temporary worktrees) or directories holding
 `src/grifo`; B defaults to the working tree. Both run on this checkout's virtual environment,
@@ -17,6 +22,7 @@ dependencies): `ab.py HEAD HEAD --python-b ...` compares two builds of Python.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import tempfile
@@ -71,8 +77,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--audit", choices=["on", "off"], default="on")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=0, help="N concurrent streams, not wrk")
     parser.add_argument("--python-b", help="B's interpreter (default: this one)")
     args = parser.parse_args()
+    if args.streams:
+        os.sched_setaffinity(0, {0})  # the streaming client shares CPU 0 with the mock
     work = Path(tempfile.mkdtemp(prefix="grifo-ab-"))
     config = CONFIG
     if args.audit == "off":
@@ -82,14 +91,25 @@ def main() -> None:
             Variant(name, config, tree, args.python_b if name == "B" else None)
             for name, tree in trees.items()
         ]
-        rates = take_turns(variants, work, args.rounds, args.seconds, connections=args.connections)
+        rates = take_turns(
+            variants,
+            work,
+            args.rounds,
+            args.seconds,
+            connections=args.connections,
+            streams=args.streams,
+        )
     pairs = list(zip(rates["A"], rates["B"], strict=True))
     rps = statistics.median(b.rps / a.rps for a, b in pairs)
     cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in pairs)
     p50 = statistics.median(b.p50_ms / a.p50_ms for a, b in pairs)
+    load, unit, p50_name = f"c={args.connections}", "request", "p50"
+    if args.streams:
+        load, unit, p50_name = f"{args.streams} streams", "stream", "TTFT p50"
     print(
-        f"| {args.rounds} rounds of {args.seconds} s at c={args.connections} | A req/s "
-        "| B req/s | B/A req/s | B/A CPU per request | A p50 ms | B p50 ms | B/A p50 |"
+        f"| {args.rounds} rounds of {args.seconds} s at {load} | A {unit}s/s "
+        f"| B {unit}s/s | B/A {unit}s/s | B/A CPU per {unit} | A {p50_name} ms "
+        f"| B {p50_name} ms | B/A {p50_name} |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(

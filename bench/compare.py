@@ -203,8 +203,9 @@ async def one_stream(port: int, auth: str) -> float:
         writer.close()
 
 
-async def stream_load(port: int, auth: str, seconds: int) -> Result:
-    """STREAMS concurrent streams, each worker starting a new one as soon as its last ended."""
+async def stream_load(port: int, auth: str, seconds: float, streams: int = STREAMS) -> Result:
+    """`streams` concurrent streams, each worker starting a new one as soon as its last
+    ended."""
     ttfts: list[float] = []
     errors: list[str] = []
     deadline = time.monotonic() + seconds
@@ -216,7 +217,7 @@ async def stream_load(port: int, auth: str, seconds: int) -> Result:
             except Exception as exc:  # any failed stream is counted, whatever the cause
                 errors.append(repr(exc)[:120])
 
-    await asyncio.gather(*(worker() for _ in range(STREAMS)))
+    await asyncio.gather(*(worker() for _ in range(streams)))
     ms = sorted(1000 * t for t in ttfts)
     return {
         "completed": len(ttfts),

@@ -10,14 +10,15 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
-from compare import tree, tree_cpu_s
-from overhead import GATEWAY_PORT, LUA, run_wrk, start_gateway, start_mock
+import uvloop
+from compare import stream_load, tree, tree_cpu_s
+from overhead import GATEWAY_PORT, KEY, LUA, run_wrk, start_gateway, start_mock
 
 
 class Round(NamedTuple):
-    rps: float
-    cpu_ms: float  # gateway CPU per request
-    p50_ms: float
+    rps: float  # or streams/s
+    cpu_ms: float  # gateway CPU per request (or stream)
+    p50_ms: float  # latency (or time to the first token)
 
 
 class Variant(NamedTuple):
@@ -28,11 +29,25 @@ class Variant(NamedTuple):
 
 
 def measure(
-    port: int, gateway: subprocess.Popen[bytes], work: Path, seconds: int, connections: int = 64
+    port: int,
+    gateway: subprocess.Popen[bytes],
+    work: Path,
+    seconds: int,
+    connections: int = 64,
+    streams: int = 0,
 ) -> Round:
+    """wrk at `connections`; or, with `streams`, that many concurrent streams (`compare.py`'s
+    stream test): streams/s, CPU per stream and the time to the first token."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     pids = tree(gateway.pid)  # the supervisor and its workers
     before = tree_cpu_s(pids)
+    if streams:
+        got = uvloop.run(stream_load(port, KEY, seconds, streams))
+        spent = tree_cpu_s(pids) - before
+        if got["errors"] or not got["completed"]:
+            raise RuntimeError(f"failed streams: {got}")
+        ttft = got["ttft_p50_ms"]
+        return Round(got["completed"] / seconds, 1000 * spent / got["completed"], ttft)
     result = run_wrk(url, connections, seconds, work / "post.lua")
     spent = tree_cpu_s(pids) - before
     assert result["non_2xx"] == 0, result
@@ -46,8 +61,10 @@ def take_turns(
     seconds: int,
     workers: int = 1,
     connections: int = 64,
+    streams: int = 0,
 ) -> dict[str, list[Round]]:
-    """Per variant, each round's measures (wrk with `connections` connections), in order."""
+    """Per variant, each round's measures (wrk with `connections` connections, or `streams`
+    concurrent streams), in order."""
     (work / "post.lua").write_text(LUA)
     mock = start_mock()
     gateways: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
@@ -66,11 +83,13 @@ def take_turns(
         for turn in range(rounds):
             start = turn % len(variants)
             for variant in variants[start:] + variants[:start]:
-                got = measure(*gateways[variant.name], work, seconds, connections)
+                got = measure(*gateways[variant.name], work, seconds, connections, streams)
                 rates[variant.name].append(got)
+                unit = "stream" if streams else "request"
                 print(
-                    f"round {turn + 1}, {variant.name}: {got.rps:,.0f} req/s, "
-                    f"{got.cpu_ms:.3f} CPU ms/request, p50 {got.p50_ms:.3f} ms"
+                    f"round {turn + 1}, {variant.name}: {got.rps:,.0f} {unit}s/s, "
+                    f"{got.cpu_ms:.3f} CPU ms/{unit}, "
+                    f"{'TTFT ' if streams else ''}p50 {got.p50_ms:.3f} ms"
                 )
     finally:
         for _, gateway in gateways.values():
