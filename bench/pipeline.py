@@ -153,11 +153,8 @@ async def child(
         response = await app.handle(
             Request("POST", "/v1/chat/completions", "", dict(headers), body)
         )
-        if isinstance(response, StreamResponse):  # read and closed as the HTTP server does
-            async for _ in response.body:
-                pass
-            if response.on_close is not None:
-                await response.on_close(True)
+        if isinstance(response, StreamResponse):
+            await drain(response)
         return response.status
 
     async def batch() -> None:
@@ -178,6 +175,32 @@ async def child(
         result = await timed(batch)
     await running.stop(0.5)
     return result
+
+
+async def drain(response: Any) -> None:
+    """A stream read to its end and closed as the HTTP server does: piped where it can be (a
+    tree from before `StreamResponse.pipe` has only the body to iterate)."""
+    pipe = getattr(response, "pipe", None)
+    if pipe is not None:
+        await pipe(_Sink())
+    else:
+        async for _ in response.body:
+            pass
+    if response.on_close is not None:
+        await response.on_close(True)
+
+
+class _Sink:
+    """A client connection that takes a piped body and drops it (`http.message.ChunkSink`)."""
+
+    closing = False
+
+    def __init__(self) -> None:
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def send_chunk(self, chunk: bytes) -> None:
+        pass
 
 
 async def timed(batch: Callable[[], Awaitable[None]]) -> dict[str, float]:

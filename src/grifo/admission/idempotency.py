@@ -119,6 +119,7 @@ class Idempotency:
             self._settle(claim, response.status, response.headers, b"".join(sent), True)
 
         response.body, response.on_close = body(), on_close
+        response.pipe = None  # the stored copy is taken from `body`
         return response
 
     def _settle(

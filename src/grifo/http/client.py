@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import httptools
@@ -34,6 +34,8 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: Exception | None = None
+        self._on_chunk: Callable[[bytes], None] | None = None  # set by `deliver`
+        self._on_end: Callable[[Exception | None], None] | None = None
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -41,6 +43,9 @@ class UpstreamResponse:
 
     # -- fed by the connection --------------------------------------------------------------
     def _feed(self, chunk: bytes) -> None:
+        if self._on_chunk is not None:
+            self._on_chunk(chunk)
+            return
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > _HIGH_WATER and self._conn is not None:
@@ -53,7 +58,14 @@ class UpstreamResponse:
         self._done = True
         self._error = error
         self._conn = None
+        self._on_chunk = None  # a piped body's consumer: no cycle left through it
         self._wake()
+        self._tell_end()
+
+    def _tell_end(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self._error)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -78,6 +90,31 @@ class UpstreamResponse:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def deliver(
+        self, on_chunk: Callable[[bytes], None], on_end: Callable[[Exception | None], None]
+    ) -> None:
+        """Push the body instead of queueing it for `next_chunk`: the bytes already read go to
+        `on_chunk` now, then each read as it arrives, from the connection's own callback; the
+        end goes to `on_end`, once (None, or the error `next_chunk` would raise)."""
+        held, self._chunks, self._buffered = self._chunks, deque(), 0
+        self._on_chunk, self._on_end = on_chunk, on_end
+        for chunk in held:
+            on_chunk(chunk)
+        if self._done:
+            self._on_chunk = None
+            self._tell_end()
+        elif self._conn is not None:
+            self._conn.resume()  # reads paused at the high-water mark go on
+
+    def pause_reading(self) -> None:
+        """Stop reading from the point until `resume_reading` (a slow client: back-pressure)."""
+        if self._conn is not None:
+            self._conn.pause()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
 
     def unread(self, data: bytes) -> None:
         """Put bytes already taken with `next_chunk` back in front of the rest."""

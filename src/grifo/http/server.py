@@ -290,13 +290,16 @@ class HttpProtocol(asyncio.Protocol):
                 response.status, response.content_type, response.headers, None, keep_alive
             )
             self._transport.write(head)
-            async for chunk in response.body:
-                if self.closing:  # the client may leave while we awaited the body
-                    return
-                if chunk:
-                    self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                if not self._writable.is_set():
-                    await self._writable.wait()
+            if response.pipe is not None:
+                await response.pipe(self)
+            else:
+                async for chunk in response.body:
+                    if self.closing:  # the client may leave while we awaited the body
+                        return
+                    if chunk:
+                        self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    if not self._writable.is_set():
+                        await self._writable.wait()
             if not self.closing:
                 self._transport.write(b"0\r\n\r\n")
                 completed = True
@@ -326,6 +329,15 @@ class HttpProtocol(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         return self._closing
+
+    # -- a piped body's sink (`ChunkSink`) ---------------------------------------------------
+    @property
+    def writable(self) -> asyncio.Event:
+        return self._writable
+
+    def send_chunk(self, chunk: bytes) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
 
     @property
     def busy(self) -> bool:

@@ -188,7 +188,9 @@ class Answering:
             headers.pop()
         _request_headers(ex, headers)
         headers.append(self.overhead(ex, answered_ns))
-        return StreamResponse(200, relay.body(), headers=headers, on_close=on_close)
+        return StreamResponse(
+            200, relay.body(), headers=headers, on_close=on_close, pipe=relay.pipe
+        )
 
     def meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
         """Bill, record and audit the request; the attestation's claims are left in
