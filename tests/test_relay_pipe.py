@@ -10,7 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 
 from grifo.http.client import ConnectionPool
-from grifo.http.message import Request, Response, StreamResponse
+from grifo.http.message import ChunkSink, Request, Response, StreamResponse
 from grifo.http.server import HttpServer
 from grifo.metering.relay import StreamRelay
 from grifo.metering.usage import Usage
@@ -131,3 +131,38 @@ def test_the_point_connection_closes_when_the_client_leaves_mid_stream(run: Runn
             assert gateway.outcomes == []  # neither ended well nor failed: abandoned
 
     run(main())
+
+
+def test_a_piped_head_goes_out_before_a_late_first_chunk(run: Runner) -> None:
+    """The head waits for the first chunk to share its write, but never longer than a loop
+    turn: a body with nothing to send yet still gets its head to the client at once."""
+    release = asyncio.Event()
+
+    async def late(sink: ChunkSink) -> None:
+        await release.wait()
+        sink.send_chunk(b"data: late\n\n")
+
+    async def handler(request: Request) -> Response | StreamResponse:
+        return StreamResponse(200, _nothing(), pipe=late)
+
+    async def main() -> None:
+        server = HttpServer(handler)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            assert head.startswith(b"HTTP/1.1 200")
+            release.set()
+            chunk = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
+            assert chunk == b"c\r\ndata: late\n\n\r\n0\r\n\r\n"
+            writer.close()
+        finally:
+            await server.close(grace_s=0.5)
+
+    run(main())
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""

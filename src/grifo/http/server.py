@@ -82,6 +82,7 @@ class HttpProtocol(asyncio.Protocol):
         self._writable.set()
         self._closing = False
         self._in_message = False
+        self._unsent_head = b""  # a piped stream's head, until its first chunk takes it along
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -289,10 +290,15 @@ class HttpProtocol(asyncio.Protocol):
             head = response_head(
                 response.status, response.content_type, response.headers, None, keep_alive
             )
-            self._transport.write(head)
             if response.pipe is not None:
+                # The head goes out with the first chunk, which a relay usually has at hand:
+                # one write and one wake-up of the client, not two. A loop turn later at most.
+                self._unsent_head = head
+                self._loop.call_soon(self._send_head)
                 await response.pipe(self)
+                self._send_head()
             else:
+                self._transport.write(head)
                 async for chunk in response.body:
                     if self.closing:  # the client may leave while we awaited the body
                         return
@@ -337,7 +343,16 @@ class HttpProtocol(asyncio.Protocol):
 
     def send_chunk(self, chunk: bytes) -> None:
         if self._transport is not None and not self._closing:
-            self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            framed = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            if self._unsent_head:
+                framed, self._unsent_head = self._unsent_head + framed, b""
+            self._transport.write(framed)
+
+    def _send_head(self) -> None:
+        if self._unsent_head:
+            if self._transport is not None and not self._closing:
+                self._transport.write(self._unsent_head)
+            self._unsent_head = b""
 
     @property
     def busy(self) -> bool:
