@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 from collections.abc import AsyncIterator
 
@@ -166,3 +167,50 @@ def test_a_piped_head_goes_out_before_a_late_first_chunk(run: Runner) -> None:
 async def _nothing() -> AsyncIterator[bytes]:
     return
     yield b""
+
+
+def test_events_are_metered_in_the_context_of_their_own_request(run: Runner) -> None:
+    """The point's pooled connection was opened by the first request: its callbacks run in
+    that request's context. A later stream's usage event must still be metered (and logged)
+    in its own."""
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    metered_as: list[str] = []
+
+    async def usage_stream(request: Request) -> Response | StreamResponse:
+        return StreamResponse(200, _usage_events())
+
+    async def main() -> None:
+        point_server = HttpServer(usage_stream)
+        pool = ConnectionPool("127.0.0.1", await point_server.start("127.0.0.1", 0))
+
+        def meter(usage: Usage, status: str, source: str) -> int:
+            metered_as.append(request_id.get())
+            return 0
+
+        async def handler(request: Request) -> Response | StreamResponse:
+            request_id.set(request.path)
+            upstream = await pool.request("POST", "/", body=b"{}")
+            relay = StreamRelay(upstream, False, meter, lambda ok: None)
+            return StreamResponse(200, relay.body(), pipe=relay.pipe)
+
+        server = HttpServer(handler)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            for path in ("/first", "/second", "/third"):  # one pooled point connection
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+                await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 3)
+                writer.close()
+        finally:
+            await server.close(grace_s=0.5)
+            await point_server.close(grace_s=0.5)
+        assert metered_as == ["/first", "/second", "/third"]
+
+    run(main())
+
+
+async def _usage_events() -> AsyncIterator[bytes]:
+    yield b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    await asyncio.sleep(0.01)  # a read of its own, after the stream was committed
+    yield b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    yield b"data: [DONE]\n\n"

@@ -10,6 +10,7 @@ closes with its attestation as an SSE comment (`: x-grifo-attestation <token>`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -174,11 +175,16 @@ def _detached(usage: Usage, status: str, source: str) -> int:
 
 
 class _Push:
-    """A piped relay's callbacks (`StreamRelay.pipe`): reads in, events out to the client."""
+    """A piped relay's callbacks (`StreamRelay.pipe`): reads in, events out to the client.
+
+    They run in the point connection's callbacks, whose context is that of whichever request
+    opened the pooled connection: events are relayed in the context `pipe` was called in, so
+    metering and its log lines see this request's context variables (its request id)."""
 
     def __init__(self, relay: StreamRelay, sink: ChunkSink) -> None:
         self.relay = relay
         self.sink = sink
+        self.context = contextvars.copy_context()
         self.splitter = SseSplitter()
         self.ended: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self.resuming: asyncio.Task[None] | None = None  # waits out a full client buffer
@@ -190,7 +196,7 @@ class _Push:
             self.ended.set_result(_ClientGone())
             return
         try:
-            out = self.relay._relay(self.splitter, data)
+            out = self.context.run(self.relay._relay, self.splitter, data)
         except Exception as exc:  # raised from `pipe`, as `body()` would raise it
             self.ended.set_result(exc)
             return
