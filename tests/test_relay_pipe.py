@@ -73,7 +73,14 @@ async def chain(point: Point) -> AsyncIterator[tuple[Relaying, int]]:
     finally:
         if gateway_server is not None:
             await gateway_server.close(grace_s=0.5)
+            await gateway.pool.close()
         await point_server.close(grace_s=0.5)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 async def _request(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -109,7 +116,7 @@ def test_a_client_that_does_not_read_stops_the_point_and_then_gets_everything(
             while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
                 chunks.append((await reader.readexactly(size + 2))[:-2])
             assert await reader.readexactly(2) == b"\r\n"  # the last chunk's
-            writer.close()
+            await _close(writer)
         # Socket buffers hold ~10-15 MB on loopback; without back-pressure the point would
         # have sent everything into the relay's buffers by now.
         assert stalled_at < MANY * 3 // 4, "the relay kept reading from the point for nobody"
@@ -127,7 +134,7 @@ def test_the_point_connection_closes_when_the_client_leaves_mid_stream(run: Runn
         async with chain(point) as (gateway, port):
             reader, writer = await _request(port)
             await reader.readuntil(b"\n\n")  # one event
-            writer.close()
+            await _close(writer)
             await asyncio.wait_for(point.closed.wait(), 3)
             assert gateway.outcomes == []  # neither ended well nor failed: abandoned
 
@@ -157,7 +164,7 @@ def test_a_piped_head_goes_out_before_a_late_first_chunk(run: Runner) -> None:
             release.set()
             chunk = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
             assert chunk == b"c\r\ndata: late\n\n\r\n0\r\n\r\n"
-            writer.close()
+            await _close(writer)
         finally:
             await server.close(grace_s=0.5)
 
@@ -165,8 +172,10 @@ def test_a_piped_head_goes_out_before_a_late_first_chunk(run: Runner) -> None:
 
 
 async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield b""
+    """The body of a response whose pipe is its body: never iterated."""
+    chunks: list[bytes] = []
+    for chunk in chunks:
+        yield chunk
 
 
 def test_events_are_metered_in_the_context_of_their_own_request(run: Runner) -> None:
@@ -200,9 +209,10 @@ def test_events_are_metered_in_the_context_of_their_own_request(run: Runner) -> 
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
                 await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 3)
-                writer.close()
+                await _close(writer)
         finally:
             await server.close(grace_s=0.5)
+            await pool.close()
             await point_server.close(grace_s=0.5)
         assert metered_as == ["/first", "/second", "/third"]
 
