@@ -85,7 +85,7 @@ def answering(over_http: Any, stream: bool) -> Any:
     and load checks still go to `mock_point.py` over HTTP."""
     import mock_point
 
-    from grifo.http.client import UpstreamResponse
+    from grifo.http.upstream import UpstreamResponse
 
     identity = {name.lower(): value for name, value in mock_point.IDENT}
     events = stream_events()

@@ -336,7 +336,7 @@ def test_every_step_event_is_recorded_whatever_its_text_says() -> None:
     only the run's last event is metered."""
     import asyncio
 
-    from grifo.http.client import UpstreamResponse
+    from grifo.http.upstream import UpstreamResponse
     from grifo.metering.relay import StreamRelay
     from grifo.metering.usage import Usage
 

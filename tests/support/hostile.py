@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from grifo.http.connection import HttpProtocol
 from grifo.http.message import Request, Response
-from grifo.http.server import HttpProtocol, HttpServer, ServerLimits
+from grifo.http.server import HttpServer, ServerLimits
 from tests.support.fabric import CHAT, EMBED, Fabric
 from tests.support.faulty import FaultyPoint
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from grifo.http.client import UpstreamResponse
+from grifo.http.upstream import UpstreamResponse
 from grifo.metering.usage import SseSplitter
 
 _HOLD_LIMIT = 64 * 1024  # never hold more than this back, whatever the events look like

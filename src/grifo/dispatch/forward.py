@@ -26,8 +26,8 @@ from grifo.errors import (
     PointTimeoutError,
     PointUnavailableError,
 )
-from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers
+from grifo.http.upstream import UpstreamResponse
 from grifo.placement.scoring import Candidate
 from grifo.telemetry.tracing import Tracing
 from grifo.topology import PointState

@@ -16,8 +16,8 @@ from grifo.config.model import GatewayConfig
 from grifo.dispatch.forward import Answer
 from grifo.errors import DeadlineExceededError
 from grifo.exchange import Exchange
-from grifo.http.client import UpstreamResponse
 from grifo.http.message import Headers, Response, StreamResponse
+from grifo.http.upstream import UpstreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
 from grifo.metering.steps import record_whole_run, step_recorder

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from grifo.audit.signing import RECEIPT_COMMENT
 from grifo.dispatch.first_token import holds_output
 from grifo.errors import DeadlineExceededError, GrifoError, PointProtocolError
-from grifo.http.client import UpstreamResponse
 from grifo.http.message import ChunkSink
+from grifo.http.upstream import UpstreamResponse
 from grifo.metering.steps import is_step
 from grifo.metering.usage import SseSplitter, Usage, run_usage_of, usage_of, with_cost
 

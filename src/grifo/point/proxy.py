@@ -17,8 +17,9 @@ import msgspec
 
 from grifo.audit.signing import RECEIPT_COMMENT, RECEIPT_HEADER, Signer
 from grifo.errors import GrifoError, ModelNotFoundError
-from grifo.http.client import ConnectionPool, UpstreamResponse
+from grifo.http.client import ConnectionPool
 from grifo.http.message import Request, Response, StreamResponse
+from grifo.http.upstream import UpstreamResponse
 from grifo.metering.usage import SseSplitter, usage_of
 from grifo.point.app import PointApp, PointIdentity
 from grifo.point.llama_server import MAX_BODY, ServerProps, SlotSignals, parse_props, parse_slots

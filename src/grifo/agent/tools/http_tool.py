@@ -28,7 +28,8 @@ from jsonschema.exceptions import best_match  # type: ignore[import-untyped,unus
 from grifo.agent.tools.base import JsonObject, ToolArgumentsError, ToolError, ToolResult, ToolSpec
 from grifo.config.tools import HttpToolConfig
 from grifo.errors import GrifoError, PointUnavailableError
-from grifo.http.client import ConnectionPool, UpstreamResponse
+from grifo.http.client import ConnectionPool
+from grifo.http.upstream import UpstreamResponse
 from grifo.security.egress import resolve_allowed
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
