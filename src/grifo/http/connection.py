@@ -293,7 +293,7 @@ class HttpProtocol(asyncio.Protocol):
                     if self.closing:  # the client may leave while we awaited the body
                         return
                     if chunk:
-                        self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                        self.send_chunk(chunk)
                     if not self._writable.is_set():
                         await self._writable.wait()
             if not self.closing:
