@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 import redis
-from overhead import CONFIG
+from overhead import CONFIG, LIMITS, TENANT
 from turns import Variant, take_turns
 
-BUDGET = "tenants: [{name: bench, budget: {usd: 1000000, period: month, mode: strict}}]"
+BUDGET = f"{{name: bench, {LIMITS}, budget: {{usd: 1000000, period: month, mode: strict}}}}"
 
 
 def configs(redis_url: str, prefix: str, workers: int = 1) -> dict[str, str]:
@@ -30,7 +30,8 @@ def configs(redis_url: str, prefix: str, workers: int = 1) -> dict[str, str]:
     twice: with leases (the default) and with a Redis call per request (leases off); with
     `workers`, the state database twice too."""
     base = CONFIG.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
-    budgeted = base.replace("tenants: [{name: bench}]", BUDGET)
+    budgeted = base.replace(TENANT, BUDGET)
+    assert budgeted != base, "the tenant line of overhead.CONFIG changed"
     store = f'store: {{redis_url: "{redis_url}", redis_prefix: {prefix}}}, '
     unleased = store.replace("}, ", ", budget_lease_requests: 0}, ")
     runs = {

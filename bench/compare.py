@@ -1,5 +1,8 @@
 """Gateways side by side in one run: direct, nginx, grifo and LiteLLM proxy, same mock point;
-and grifo's HTTP layer alone (`bare_proxy.py`), the floor under grifo's row.
+and grifo's HTTP layer alone (`bare_proxy.py`), the floor under grifo's row. grifo runs twice:
+as configured by default (the `overhead.py` pipeline: key, policy, placement, rate limit,
+ledger, metrics, audit log), and with the audit log off (`grifo-audit-off`: the pipeline the
+performance targets name, which lists no audit log).
 
 Each gateway runs alone on CPU 1 (`taskset`), started just before its tests and stopped after;
 wrk, the mock point and the streaming client share CPU 0. Direct (wrk -> mock) is measured first
@@ -7,7 +10,7 @@ and last; gateway numbers are "added" over the mean of the two. LiteLLM is insta
 into bench/.litellm-venv (bounded; if it fails, the reason is printed in its row). Prints a markdown
 table and writes bench/results/compare-<time>.json.
 
-Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx,grifo-http]
+Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx,grifo-http,grifo-audit-off]
 """
 
 from __future__ import annotations
@@ -296,9 +299,11 @@ class Gateway:
 
 
 def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
-    mock, (n, g, lt) = args.mock_port, (work / name for name in ("nginx", "grifo", "litellm"))
+    names = ("nginx", "grifo", "grifo-audit-off", "litellm")
+    mock, (n, g, ga, lt) = args.mock_port, (work / name for name in names)
     grifo_yaml = CONFIG.replace(f"port: {GATEWAY_PORT}", f"port: {args.grifo_port}")
     grifo_yaml = grifo_yaml.replace(f"127.0.0.1:{MOCK_PORT}", f"127.0.0.1:{mock}")
+    unaudited = grifo_yaml.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
     litellm_env = {"LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     return [
         Gateway("nginx", args.nginx_port, "none", "/health", 30,
@@ -311,6 +316,9 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
         Gateway("grifo", args.grifo_port, KEY, "/readyz", 60,
                 f"{sys.executable} -m grifo serve --config {g}/bench.yaml --state-dir {g}/state",
                 {"bench.yaml": grifo_yaml}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
+        Gateway("grifo-audit-off", args.grifo_port, KEY, "/readyz", 60,
+                f"{sys.executable} -m grifo serve --config {ga}/bench.yaml --state-dir {ga}/state",
+                {"bench.yaml": unaudited}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
         Gateway("litellm", args.litellm_port, MASTER_KEY, "/health/liveliness", 120,
                 f"{LITELLM_VENV}/bin/litellm --config {lt}/litellm.yaml --host 127.0.0.1 "
                 f"--port {args.litellm_port} --num_workers 1 --log_config {lt}/log.json",
@@ -413,7 +421,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="per test (default 10)")
     parser.add_argument(
-        "--skip", default="", help="comma-separated: nginx,grifo-http,grifo,litellm"
+        "--skip", default="", help="comma-separated: nginx,grifo-http,grifo,grifo-audit-off,litellm"
     )
     ports = (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903))
     for name, port in (*ports, ("grifo-http", 18904)):

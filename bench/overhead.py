@@ -1,8 +1,10 @@
 """Gateway overhead: wrk against the mock point directly and through grifo, in the same run.
 
 The gateway runs alone on CPU 1 (`taskset`), wrk and the mock share CPU 0, so the gateway numbers
-are "one core of gateway". Full pipeline on: key check, tenant policy, placement, metering to the
-SQLite ledger, metrics. Prints a markdown table and writes bench/results/overhead-<time>.json.
+are "one core of gateway". Full pipeline on: key check, tenant policy, placement, a rate limit
+(one too high to refuse anything, but checked and charged on every request), metering to the
+SQLite ledger, metrics, the audit log. Prints a markdown table and writes
+bench/results/overhead-<time>.json.
 
 Usage: python bench/overhead.py [--seconds 10]   (needs wrk: apt-get install wrk)
 """
@@ -34,13 +36,17 @@ wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {KEY}"
 """
+# The tenant's rate limit: checked and charged on every request, as the performance targets'
+# pipeline has it, and too high ever to refuse one.
+LIMITS = "limits: {requests_per_min: 1000000000, tokens_per_min: 1000000000000}"
+TENANT = f"{{name: bench, {LIMITS}}}"
 CONFIG = f"""
 gateway: {{port: {GATEWAY_PORT}, health_interval_s: 1.0}}
 points:
   - {{name: mock, site: bench, region: local, jurisdiction: PE, tier: edge, rtt_ms: 1,
      url: "http://127.0.0.1:{MOCK_PORT}",
      prices: {{usd_per_hour: 0.04, default: {{input_usd_per_1m: 0.02, output_usd_per_1m: 0.04}}}}}}
-tenants: [{{name: bench}}]
+tenants: [{TENANT}]
 keys: [{{id: bench-1, tenant: bench, env: GRIFO_BENCH_KEY}}]
 """
 
