@@ -1,14 +1,15 @@
 """Two revisions of grifo side by side, for a change whose effect is a few percent: each
 revision's gateway (the `overhead.py` setup, full pipeline, audit log on) takes turns under
 load at c=64 (or `--connections N`) with the other (`turns.py`), alternating which goes
-first. Per round, B's req/s, CPU per request and p50 latency over A's; the medians of those
-ratios are the result (rounds are seconds apart, so a host whose speed drifts over minutes
-moves both sides of a ratio together). At c=1 the p50 is the measure that matters.
+first. Per round, B's req/s, CPU per request, p50 and p99 latency over A's; the medians of
+those ratios are the result (rounds are seconds apart, so a host whose speed drifts over
+minutes moves both sides of a ratio together). At c=1 the p50 and p99 are the measures that
+matter.
 
 With `--streams N` the load is `compare.py`'s stream test instead of wrk: N concurrent
 streams, each on a new connection (the mock point sends 22 events 5 ms apart), this process
 the client on CPU 0; the measures are streams/s, CPU per stream and the time to the first
-token's p50.
+token's p50 and p99.
 
 Usage: python bench/ab.py A [B] [--rounds 12] [--seconds 3] [--audit off] [--connections 64]
                           [--streams N] [--python-b PATH]
@@ -103,22 +104,25 @@ def main() -> None:
     rps = statistics.median(b.rps / a.rps for a, b in pairs)
     cpu = statistics.median(b.cpu_ms / a.cpu_ms for a, b in pairs)
     p50 = statistics.median(b.p50_ms / a.p50_ms for a, b in pairs)
-    load, unit, p50_name = f"c={args.connections}", "request", "p50"
+    p99 = statistics.median(b.p99_ms / a.p99_ms for a, b in pairs)
+    load, unit, ttft = f"c={args.connections}", "request", ""
     if args.streams:
-        load, unit, p50_name = f"{args.streams} streams", "stream", "TTFT p50"
+        load, unit, ttft = f"{args.streams} streams", "stream", "TTFT "
     print(
         f"| {args.rounds} rounds of {args.seconds} s at {load} | A {unit}s/s "
-        f"| B {unit}s/s | B/A {unit}s/s | B/A CPU per {unit} | A {p50_name} ms "
-        f"| B {p50_name} ms | B/A {p50_name} |"
+        f"| B {unit}s/s | B/A {unit}s/s | B/A CPU per {unit} | A {ttft}p50 ms "
+        f"| B {ttft}p50 ms | B/A {ttft}p50 | A {ttft}p99 ms | B {ttft}p99 ms | B/A {ttft}p99 |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| A {args.a}, B {'working tree' if args.b == str(ROOT) else args.b}"
         f"{f' on {args.python_b}' if args.python_b else ''} "
         f"| {statistics.median(r.rps for r in rates['A']):,.0f} "
         f"| {statistics.median(r.rps for r in rates['B']):,.0f} | x{rps:.3f} | x{cpu:.3f} "
         f"| {statistics.median(r.p50_ms for r in rates['A']):.3f} "
-        f"| {statistics.median(r.p50_ms for r in rates['B']):.3f} | x{p50:.3f} |"
+        f"| {statistics.median(r.p50_ms for r in rates['B']):.3f} | x{p50:.3f} "
+        f"| {statistics.median(r.p99_ms for r in rates['A']):.3f} "
+        f"| {statistics.median(r.p99_ms for r in rates['B']):.3f} | x{p99:.3f} |"
     )
 
 

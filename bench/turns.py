@@ -19,6 +19,7 @@ class Round(NamedTuple):
     rps: float  # or streams/s
     cpu_ms: float  # gateway CPU per request (or stream)
     p50_ms: float  # latency (or time to the first token)
+    p99_ms: float = 0.0
 
 
 class Variant(NamedTuple):
@@ -46,12 +47,13 @@ def measure(
         spent = tree_cpu_s(pids) - before
         if got["errors"] or not got["completed"]:
             raise RuntimeError(f"failed streams: {got}")
-        ttft = got["ttft_p50_ms"]
-        return Round(got["completed"] / seconds, 1000 * spent / got["completed"], ttft)
+        ttft, tail = got["ttft_p50_ms"], got["ttft_p99_ms"]
+        return Round(got["completed"] / seconds, 1000 * spent / got["completed"], ttft, tail)
     result = run_wrk(url, connections, seconds, work / "post.lua")
     spent = tree_cpu_s(pids) - before
     assert result["non_2xx"] == 0, result
-    return Round(result["rps"], 1000 * spent / (result["rps"] * seconds), result["p50_ms"])
+    cpu_ms = 1000 * spent / (result["rps"] * seconds)
+    return Round(result["rps"], cpu_ms, result["p50_ms"], result["p99_ms"])
 
 
 def take_turns(
@@ -89,7 +91,7 @@ def take_turns(
                 print(
                     f"round {turn + 1}, {variant.name}: {got.rps:,.0f} {unit}s/s, "
                     f"{got.cpu_ms:.3f} CPU ms/{unit}, "
-                    f"{'TTFT ' if streams else ''}p50 {got.p50_ms:.3f} ms"
+                    f"{'TTFT ' if streams else ''}p50 {got.p50_ms:.3f} ms, p99 {got.p99_ms:.3f} ms"
                 )
     finally:
         for _, gateway in gateways.values():

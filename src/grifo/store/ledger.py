@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
+from grifo.store.background import Background
 from grifo.store.records import LedgerEntry
 from grifo.store.spool import Spool, read_segment, segments
 
@@ -57,6 +58,9 @@ class RecordWriter(Generic[R]):
     transaction's fixed cost is most of a small batch's, so records reach the database up to
     50 ms after their request (the spool holds them meanwhile) and the thread spends less than
     half the CPU per record it did with 5 ms (bench/README.md, "Ledger throughput").
+
+    The thread runs in the background (`background.py`): a request never waits for the CPU
+    behind a commit, unless the thread falls behind.
     """
 
     def __init__(
@@ -71,8 +75,11 @@ class RecordWriter(Generic[R]):
         retry_s: float = 1.0,
         rotate_s: float = 2.0,
         backlog: Sequence[Path] = (),
+        background: Background | None = None,
     ) -> None:
         self._connect = connect
+        self._background = Background() if background is None else background
+        self._late_s = 0.0  # how much longer than `max_wait_s` the last pause lasted
         self._type = record_type
         self._backlog = list(backlog)  # segments left by an earlier run: replayed first
         self._spool: Spool[R] = Spool(spool_dir, kind, rotate_s=rotate_s)
@@ -92,6 +99,8 @@ class RecordWriter(Generic[R]):
     def record(self, entry: R) -> None:
         closed = self._spool.append(entry)
         self._queue.put(entry)
+        if self._queue.qsize() > self._max_batch // 4:
+            self._background.behind()  # a backlog builds up: the thread must not starve
         if closed is not None:
             self._queue.put(_Segment(closed))
 
@@ -103,12 +112,15 @@ class RecordWriter(Generic[R]):
     def _run(self) -> None:
         dirty = False  # an entry since the last segment marker did not reach the database
         pending: list[Path] = self._backlog  # closed segments holding uncommitted entries
+        self._background.start()
         try:
             pending = self._replay(pending)
             stop = False
             while not stop:
                 waiting = pending or dirty
                 batch, segment, stop = self._next_batch(self._retry_s if waiting else None)
+                if batch:
+                    self._background.note(self._late_s, len(batch) >= self._max_batch)
                 if batch and not self._commit(batch):
                     dirty = True
                 if segment is not None:
@@ -185,7 +197,9 @@ class RecordWriter(Generic[R]):
             return batch, None, False
         if item is not None and not isinstance(item, _Segment):
             batch.append(item)
+            paused = time.monotonic()
             time.sleep(self._max_wait_s)
+            self._late_s = time.monotonic() - paused - self._max_wait_s
             while len(batch) < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
