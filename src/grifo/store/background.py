@@ -4,16 +4,17 @@ behind.
 The ledger's and the audit log's writer threads commit a batch every 50 ms, each a burst of
 SQLite work of up to a millisecond. On a gateway with one CPU (a container's share, a pinned
 process) a request that arrives during a burst waits for the CPU: Linux lets the running thread
-finish its time slice before the woken event loop runs. That was most of the c=1 p99 (~1.1 ms
-against ~0.45 ms with the writers in the background; bench/README.md, "A lone request").
+finish its time slice before the woken event loop runs. That was most of the c=1 p99 (1.1 ms
+against 0.5 ms with the writers in the background; bench/README.md, "A lone request").
 
 So a writer runs under `SCHED_IDLE`: any other thread of the host that wants the CPU takes it
 at once, and the writer gets what is left. When nothing is left (a saturated core, an engine's
 threads spinning beside the gateway), it would starve and its queue would grow: the thread that
-queues records puts it back to normal priority once a full batch waits, and so does the writer
-when its 50 ms pause lasted far longer; it tries the background again once 10 s have passed
-without a backlog (a loaded gateway keeps its writers at normal priority: going in and out of
-the background under load let their queues swing, and RSS rose by up to 30 MiB).
+queues records puts it back to normal priority once more than a quarter of a batch waits, and
+so does the writer when its 50 ms pause lasted far longer or its batch came back full; it tries
+the background again once 10 s have passed without a backlog (a loaded gateway keeps its
+writers at normal priority: going in and out of the background every second under load let
+their queues swing, and RSS rose by up to 30 MiB).
 
 Linux lets a thread leave `SCHED_IDLE` only with `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (most
 containers have neither). Where it could not come back, a writer never enters it: it stays at
