@@ -56,24 +56,26 @@ def test_a_writer_that_keeps_up_runs_in_the_background_and_a_backlog_brings_it_b
     tmp_path: Path,
 ) -> None:
     sink = BlockedSink()
-    writer = RecordWriter(lambda: sink, tmp_path, LedgerEntry, "ledger", max_batch=8)
+    writer = RecordWriter(
+        lambda: sink, tmp_path, LedgerEntry, "ledger", max_batch=8, background=Background()
+    )
     try:
         allowed = may_leave_idle()
         expected = os.SCHED_IDLE if allowed else os.SCHED_OTHER
         wait_for(lambda: policy(writer) == expected)
         writer.record(entry(0))  # the writer takes it and blocks in the sink
         wait_for(lambda: writer._queue.qsize() == 0)
-        for n in range(1, 4):  # 3 waiting, more than a quarter of a batch (8 // 4 = 2):
+        for n in range(1, 10):  # 9 waiting, more than a batch (8):
             writer.record(entry(n))
         # the thread that queued them put the writer back to normal priority
         assert policy(writer) == os.SCHED_OTHER
         assert not writer._background.idle
         sink.go.set()
-        wait_for(lambda: len(sink.written) == 4)
+        wait_for(lambda: len(sink.written) == 10)
     finally:
         sink.go.set()
         writer.close()
-    assert [e.request_id for e in sink.written] == [f"req-{n}" for n in range(4)]
+    assert [e.request_id for e in sink.written] == [f"req-{n}" for n in range(10)]
 
 
 def test_where_a_thread_could_not_come_back_it_never_leaves_normal_priority(
@@ -129,6 +131,44 @@ def test_priority_decisions() -> None:
     assert calls[-1] == (me, False)
     background.behind()  # already normal: nothing to change
     assert len(calls) == 4
+
+
+def test_the_writers_of_a_process_change_priority_together() -> None:
+    """One writer falling behind brings all back: one left in the background could be starved
+    holding the database's lock that the others wait for."""
+    calls: list[tuple[int, bool]] = []
+    refuse: set[int] = set()
+
+    def setter(thread_id: int, idle: bool) -> bool:
+        calls.append((thread_id, idle))
+        return not (idle and thread_id in refuse)
+
+    clock = Clock()
+    background = Background(True, setter=setter, hold_s=1.0, clock=clock)
+    ids: list[int] = []
+
+    def writer() -> None:
+        background.start()
+        ids.append(threading.get_native_id())
+
+    for _ in range(2):
+        thread = threading.Thread(target=writer)
+        thread.start()
+        thread.join()
+    first, second = ids
+    assert background.idle
+    assert calls == [(first, True), (second, True)]  # the second joined the background
+    calls.clear()
+    background.behind()
+    assert sorted(calls) == sorted([(first, False), (second, False)])
+    calls.clear()
+    clock.now += 2
+    refuse.add(second)  # one cannot go: none stays in the background
+    background.note(0.0, full=False)
+    assert not background.idle
+    assert calls[-1] == (first, False)
+    background.stop()  # this thread was never a writer: nothing to forget
+    assert len(background._threads) == 2
 
 
 def test_a_refusal_leaves_the_thread_where_it_was() -> None:

@@ -10,11 +10,12 @@ against 0.5 ms with the writers in the background; bench/README.md, "A lone requ
 So a writer runs under `SCHED_IDLE`: any other thread of the host that wants the CPU takes it
 at once, and the writer gets what is left. When nothing is left (a saturated core, an engine's
 threads spinning beside the gateway), it would starve and its queue would grow: the thread that
-queues records puts it back to normal priority once more than a quarter of a batch waits, and
-so does the writer when its 50 ms pause lasted far longer or its batch came back full; it tries
-the background again once 10 s have passed without a backlog (a loaded gateway keeps its
+queues records puts it back to normal priority once more than a batch (2,048 records) waits,
+and so does the writer when its 50 ms pause lasted far longer or its batch came back full; it
+tries the background again once 10 s have passed without a backlog (a loaded gateway keeps its
 writers at normal priority: going in and out of the background every second under load let
-their queues swing, and RSS rose by up to 30 MiB).
+their queues swing, and RSS rose by up to 30 MiB). A quarter of a batch was too little: at c=1
+a writer in the background takes longer over its commits, and crossed it.
 
 Linux lets a thread leave `SCHED_IDLE` only with `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (most
 containers have neither). Where it could not come back, a writer never enters it: it stays at
@@ -64,8 +65,16 @@ def set_idle(thread_id: int, idle: bool) -> bool:
 
 
 class Background:
-    """A writer thread's priority: `start()` once from that thread, `note()` from it after each
-    pause between batches; `behind()` from any thread."""
+    """The priority of a process's writer threads, together: `start()` from each thread as it
+    begins and `stop()` as it ends, `note()` from it after each pause between batches;
+    `behind()` from any thread.
+
+    The writers of one process take turns at its database (`host_lock.py`): one left in the
+    background while another is at normal priority could be starved holding the lock, and the
+    other would wait behind it (the audit log's checkpoint writer, with a record every 1,000
+    requests, did that to the busy ledger and audit writers: both stalled for half a second).
+    So they all go back to normal priority when one falls behind, and into the background
+    together."""
 
     def __init__(
         self,
@@ -82,20 +91,28 @@ class Background:
         self._hold_s = hold_s  # then normal priority for this long at least
         self._clock = clock
         self._normal_until = 0.0
-        self._thread_id = 0
-        self.idle = False
+        self._threads: set[int] = set()
+        self.idle = False  # the writers are in the background
 
     def start(self) -> None:
-        self._thread_id = threading.get_native_id()
-        if self._allowed:
-            self.idle = self._set(self._thread_id, True)
+        thread_id = threading.get_native_id()
+        self._threads.add(thread_id)
+        if not self._allowed:
+            return
+        if self.idle:
+            self._set(thread_id, True)
+        elif self._clock() >= self._normal_until:
+            self._all(True)
+
+    def stop(self) -> None:
+        self._threads.discard(threading.get_native_id())
 
     def behind(self) -> None:
-        """The writer is falling behind: normal priority, for `hold_s` at least from now."""
+        """A writer is falling behind: all at normal priority, for `hold_s` at least from now."""
         self._normal_until = self._clock() + self._hold_s
-        if self.idle and self._set(self._thread_id, False):
-            self.idle = False
-            log.debug("writer thread behind: back to normal priority")
+        if self.idle:
+            self._all(False)
+            log.debug("a writer thread fell behind: writers back to normal priority")
 
     def note(self, late_s: float, full: bool) -> None:
         """A pause between batches ended `late_s` later than asked; `full`: the batch taken
@@ -105,4 +122,25 @@ class Background:
         if late_s > self._late_s or full:
             self.behind()
         elif not self.idle and self._clock() >= self._normal_until:
-            self.idle = self._set(self._thread_id, True)
+            self._all(True)
+
+    def _all(self, idle: bool) -> None:
+        """Every writer into the background, or back; where one refuses, all stay normal."""
+        threads = list(self._threads)
+        done = [t for t in threads if self._set(t, idle)]
+        if idle and len(done) < len(threads):
+            for thread_id in done:
+                self._set(thread_id, False)
+            idle = False
+        self.idle = idle
+
+
+_shared: Background | None = None
+
+
+def shared() -> Background:
+    """This process's writers' `Background`."""
+    global _shared
+    if _shared is None:
+        _shared = Background()
+    return _shared

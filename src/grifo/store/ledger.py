@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from grifo.store.background import Background
+from grifo.store import background as priority
 from grifo.store.records import LedgerEntry
 from grifo.store.spool import Spool, read_segment, segments
 
@@ -75,10 +75,10 @@ class RecordWriter(Generic[R]):
         retry_s: float = 1.0,
         rotate_s: float = 2.0,
         backlog: Sequence[Path] = (),
-        background: Background | None = None,
+        background: priority.Background | None = None,
     ) -> None:
         self._connect = connect
-        self._background = Background() if background is None else background
+        self._background = priority.shared() if background is None else background
         self._late_s = 0.0  # how much longer than `max_wait_s` the last pause lasted
         self._type = record_type
         self._backlog = list(backlog)  # segments left by an earlier run: replayed first
@@ -99,7 +99,7 @@ class RecordWriter(Generic[R]):
     def record(self, entry: R) -> None:
         closed = self._spool.append(entry)
         self._queue.put(entry)
-        if self._queue.qsize() > self._max_batch // 4:
+        if self._queue.qsize() > self._max_batch:
             self._background.behind()  # a backlog builds up: the thread must not starve
         if closed is not None:
             self._queue.put(_Segment(closed))
@@ -140,6 +140,7 @@ class RecordWriter(Generic[R]):
                     pending = self._replay(pending)
                 self.pending_segments = len(pending)
         finally:
+            self._background.stop()
             if self._sink is not None:
                 self._sink.close()
 
