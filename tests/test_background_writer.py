@@ -14,6 +14,7 @@ import pytest
 from grifo.store.background import Background, may_leave_idle
 from grifo.store.ledger import RecordWriter
 from grifo.store.records import LedgerEntry
+from tests.support.clock import Clock
 
 
 def entry(n: int) -> LedgerEntry:
@@ -92,14 +93,6 @@ def test_where_a_thread_could_not_come_back_it_never_leaves_normal_priority(
         assert policy(writer) == os.SCHED_OTHER
     finally:
         writer.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_priority_decisions() -> None:

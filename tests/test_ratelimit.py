@@ -12,19 +12,10 @@ from grifo.admission.ratelimit import RateLimits
 from grifo.config.model import LimitsConfig
 from grifo.errors import RateLimitedError
 from grifo.security.keys import Principal
+from tests.support.clock import Clock
 from tests.support.fabric import CHAT, Fabric, topology_yaml
 
 ACME = Principal("acme", "k1", None)
-
-
-class Clock:
-    """Time that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_requests_per_minute_refill_continuously() -> None:

@@ -5,7 +5,7 @@ The ledger's and the audit log's writer threads commit a batch every 50 ms, each
 SQLite work of up to a millisecond. On a gateway with one CPU (a container's share, a pinned
 process) a request that arrives during a burst waits for the CPU: Linux lets the running thread
 finish its time slice before the woken event loop runs. That was most of the c=1 p99 (1.1 ms
-against 0.5 ms with the writers in the background; bench/README.md, "A lone request").
+against 0.4 ms with the writers in the background; bench/README.md, "A lone request").
 
 So a writer runs under `SCHED_IDLE`: any other thread of the host that wants the CPU takes it
 at once, and the writer gets what is left. When nothing is left (a saturated core, an engine's
