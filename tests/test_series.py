@@ -56,3 +56,56 @@ def test_wrong_labels_and_decreasing_counters_are_refused() -> None:
         counter.labels("a", "b")
     with pytest.raises(ValueError, match="only go up"):
         counter.labels("a").inc(-1)
+
+
+def test_gateway_metrics_update_the_series_of_each_label_set() -> None:
+    """The gateway finds an answer's series once per label set; what it updates is what the
+    label sets say, and a series shows only once it is updated."""
+    from grifo.telemetry import metrics as gateway_metrics
+
+    m = gateway_metrics.GatewayMetrics()
+    chat = "/v1/chat/completions"
+    for _ in range(2):
+        m.observe(chat, "lima", "tiny", 200, (0.02, None), 4)  # whole answers: 5 ms a token
+        m.meter("acme", "k1", "lima", "tiny", (10, 4), 7, chat)
+    samples = _samples(m.registry)
+    model = (("gen_ai_operation_name", "chat"), ("gen_ai_request_model", "tiny"), ("point", "lima"))
+    requests = (("endpoint", chat), ("point", "lima"), ("status", "200"))
+    assert samples[("grifo_requests_total", requests)] == 2
+    assert samples[("gen_ai_server_request_duration_seconds_count", model)] == 2
+    assert samples[("gen_ai_server_time_per_output_token_seconds_sum", model)] == 0.01
+    assert not any(name.startswith("gen_ai_server_time_to_first") for name, _ in samples)
+    assert samples[("grifo_cost_micros_total", (
+        ("key", "k1"), ("model", "tiny"), ("point", "lima"), ("tenant", "acme")
+    ))] == 14  # fmt: skip
+    kind = (("kind", "completion"), ("model", "tiny"), ("point", "lima"))
+    assert samples[("grifo_tokens_total", kind)] == 8
+    m.observe(chat, "lima", "tiny", 200, (0.5, 0.1), 5)  # a stream, same label set
+    m.observe(chat, "", "tiny", 503, (0.001, None), 0)  # refused before any point
+    samples = _samples(m.registry)
+    assert samples[("gen_ai_server_time_to_first_token_seconds_count", model)] == 1
+    assert samples[("gen_ai_server_request_duration_seconds_count", model)] == 3
+    refused = (("endpoint", chat), ("point", ""), ("status", "503"))
+    assert samples[("grifo_requests_total", refused)] == 1
+    assert not any(dict(labels).get("point") == "" for name, labels in samples if "gen_ai" in name)
+
+
+def test_gateway_metrics_past_the_cached_label_sets_still_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from grifo.telemetry import metrics as gateway_metrics
+
+    monkeypatch.setattr(gateway_metrics, "_MAX_CACHED", 1)
+    m = gateway_metrics.GatewayMetrics()
+    for model in ("a", "b", "b"):
+        m.observe("/v1/chat/completions", "lima", model, 200, (0.01, None), 1)
+        m.meter("acme", "k1", "lima", model, (1, 1), 1)
+    samples = _samples(m.registry)
+    for model, n in (("a", 1), ("b", 2)):
+        labels = (("gen_ai_operation_name", "chat"), ("gen_ai_request_model", model))
+        assert (
+            samples[("gen_ai_server_request_duration_seconds_count", (*labels, ("point", "lima")))]
+            == n
+        )
+        cost = (("key", "k1"), ("model", model), ("point", "lima"), ("tenant", "acme"))
+        assert samples[("grifo_cost_micros_total", cost)] == n

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from grifo.telemetry.series import Counter, Histogram
+from grifo.telemetry.series import Counter, CounterChild, Histogram, HistogramChild
 
 _OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -14,6 +14,43 @@ _OPERATIONS = {
     "/v1/embeddings": "embeddings",
     "/v1/grifo/agent-runs": "invoke_agent",
 }
+# Label sets whose series are cached together; past this many, new ones are looked up each time.
+_MAX_CACHED = 4096
+_Metered = tuple[HistogramChild, HistogramChild, CounterChild, CounterChild, CounterChild]
+
+
+class _Answered:
+    """The series of one answered request's label set. Time to first token and per output
+    token get a series once first observed (an empty one would show in the exposition)."""
+
+    __slots__ = ("_tpot", "_ttft", "histograms", "labels", "latency", "requests")
+
+    def __init__(
+        self,
+        requests: CounterChild,
+        histograms: tuple[Histogram, Histogram, Histogram] | None,  # latency, ttft, tpot
+        labels: tuple[str, str, str],
+    ) -> None:
+        self.requests = requests
+        self.histograms = histograms  # None: the request reached no point, counted only
+        self.labels = labels
+        self.latency = None if histograms is None else histograms[0].labels(*labels)
+        self._ttft: HistogramChild | None = None
+        self._tpot: HistogramChild | None = None
+
+    def ttft(self) -> HistogramChild:
+        if self._ttft is None:
+            assert self.histograms is not None
+            self._ttft = self.histograms[1].labels(*self.labels)
+        return self._ttft
+
+    def tpot(self) -> HistogramChild:
+        if self._tpot is None:
+            assert self.histograms is not None
+            self._tpot = self.histograms[2].labels(*self.labels)
+        return self._tpot
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -130,6 +167,9 @@ class GatewayMetrics:
             registry=r,
         )
         self._seen: dict[str, int] = {}
+        # The series one answer updates, found once per label set (one lookup, not five).
+        self._answered: dict[tuple[str, str, str, int], _Answered] = {}
+        self._metered: dict[tuple[str, str, str, str, str], _Metered] = {}
 
     def catch_up(self, counter: Counter, total: int) -> None:
         """Bring `counter` up to `total` (a running count kept by its owner)."""
@@ -149,19 +189,29 @@ class GatewayMetrics:
     ) -> None:
         """An answered request: `times` is (latency, time to first token) in seconds."""
         latency_s, ttft_s = times
-        self.requests.labels(endpoint, point, str(status)).inc()
-        if not point:
+        answered = self._answered.get((endpoint, point, model, status))
+        if answered is None:
+            answered = self._answered_series(endpoint, point, model, status)
+        answered.requests.inc()
+        if answered.latency is None:  # no point: counted, not timed
             return
-        operation = _OPERATIONS.get(endpoint, "chat")
-        self.latency.labels(operation, model, point).observe(latency_s)
+        answered.latency.observe(latency_s)
         if ttft_s is not None:
-            self.ttft.labels(operation, model, point).observe(ttft_s)
+            answered.ttft().observe(ttft_s)
             if output_tokens > 1:
-                per_token = (latency_s - ttft_s) / (output_tokens - 1)
-                self.tpot.labels(operation, model, point).observe(per_token)
+                answered.tpot().observe((latency_s - ttft_s) / (output_tokens - 1))
         elif output_tokens > 0:
-            per_token = latency_s / output_tokens
-            self.tpot.labels(operation, model, point).observe(per_token)
+            answered.tpot().observe(latency_s / output_tokens)
+
+    def _answered_series(self, endpoint: str, point: str, model: str, status: int) -> _Answered:
+        answered = _Answered(
+            self.requests.labels(endpoint, point, str(status)),
+            (self.latency, self.ttft, self.tpot) if point else None,
+            (_OPERATIONS.get(endpoint, "chat"), model, point),
+        )
+        if len(self._answered) < _MAX_CACHED:
+            self._answered[(endpoint, point, model, status)] = answered
+        return answered
 
     def meter(
         self,
@@ -174,12 +224,30 @@ class GatewayMetrics:
         endpoint: str = "/v1/chat/completions",
     ) -> None:
         prompt, completion = usage
+        metered = self._metered.get((tenant, key, point, model, endpoint))
+        if metered is None:
+            metered = self._metered_series(tenant, key, point, model, endpoint)
+        input_tokens, output_tokens, prompt_tokens, completion_tokens, costs = metered
+        input_tokens.observe(prompt)
+        output_tokens.observe(completion)
+        prompt_tokens.inc(prompt)
+        completion_tokens.inc(completion)
+        costs.inc(cost)
+
+    def _metered_series(
+        self, tenant: str, key: str, point: str, model: str, endpoint: str
+    ) -> _Metered:
         operation = _OPERATIONS.get(endpoint, "chat")
-        self.token_usage.labels(operation, model, "input").observe(prompt)
-        self.token_usage.labels(operation, model, "output").observe(completion)
-        self.tokens.labels(point, model, "prompt").inc(prompt)
-        self.tokens.labels(point, model, "completion").inc(completion)
-        self.cost.labels(tenant, key, point, model).inc(cost)
+        metered = (
+            self.token_usage.labels(operation, model, "input"),
+            self.token_usage.labels(operation, model, "output"),
+            self.tokens.labels(point, model, "prompt"),
+            self.tokens.labels(point, model, "completion"),
+            self.cost.labels(tenant, key, point, model),
+        )
+        if len(self._metered) < _MAX_CACHED:
+            self._metered[(tenant, key, point, model, endpoint)] = metered
+        return metered
 
     def placed(self, reason: str) -> None:
         self.placements.labels(reason).inc()
