@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
 import openai
 import pytest
 
+from grifo.store.records import LedgerEntry
 from tests.support.fabric import CHAT, EMBED, Fabric
 
 QUESTION = [{"role": "user", "content": "where does this request run"}]
@@ -101,15 +103,27 @@ def test_embeddings_and_models(fabric: Fabric) -> None:
 
 def test_ledger_has_one_entry_per_request_matching_headers(fabric: Fabric) -> None:
     client = fabric.client("demo-latam")
-    ids = {}
+    ids, tokens = {}, {}
     for i in range(3):
         raw = client.chat.completions.with_raw_response.create(
             model=CHAT, messages=[{"role": "user", "content": f"ledger check {i}"}]
         )
         ids[raw.headers["x-request-id"]] = int(raw.headers["x-grifo-cost-micros"])
+        usage = raw.parse().usage
+        assert usage is not None
+        tokens[raw.headers["x-request-id"]] = (usage.prompt_tokens, usage.completion_tokens)
     rows = fabric.ledger(*ids)
     assert {rid: rows[rid].cost_micros for rid in ids} == ids
-    assert all(rows[rid].status == "ok" and rows[rid].tenant == "demo-latam" for rid in ids)
+    key = fabric.running.gateway.keys.authenticate(f"Bearer {fabric.keys['demo-latam']}".encode())
+    for rid in ids:
+        row = rows[rid]
+        assert (row.prompt_tokens, row.completion_tokens) == tokens[rid]
+        assert row._replace(prompt_tokens=0, completion_tokens=0, latency_ms=0, ts_ms=0) == (
+            LedgerEntry(rid, 0, "demo-latam", key.key_id, "/v1/chat/completions", CHAT,
+                        "lima-edge", "PE", 0, 0, ids[rid], "ok", "point", 0)
+        )  # fmt: skip
+        assert row.latency_ms > 0
+        assert abs(row.ts_ms - time.time() * 1000) < 60_000
 
 
 def test_client_can_narrow_but_never_widen(fabric: Fabric) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from grifo.config.model import LimitsConfig
@@ -56,7 +56,7 @@ class Scope:
 class Lease:
     """What one admitted request holds until `RateLimits.done`."""
 
-    scopes: list[Scope] = field(default_factory=list)
+    scopes: tuple[Scope, ...] = ()
     tokens: int = 0
     open: bool = True
 
@@ -77,6 +77,9 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
+_MAX_CACHED = 65536  # (tenant, key) pairs whose scopes are kept; past that, looked up each time
+
+
 class RateLimits:
     def __init__(
         self,
@@ -88,6 +91,8 @@ class RateLimits:
         now = clock()
         self._tenants = {n: _scope(f"tenant {n}", c, now) for n, c in tenants.items()}
         self._keys = {n: _scope(f"key {n}", c, now) for n, c in keys.items()}
+        # The scopes of each (tenant, key) seen, emptied when the tenants' limits change.
+        self._scopes: dict[tuple[str, str], tuple[Scope, ...]] = {}
 
     def applies(self, principal: Principal) -> bool:
         return principal.tenant in self._tenants or principal.key_id in self._keys
@@ -103,6 +108,7 @@ class RateLimits:
                 scope if scope is not None and kept else _scope(f"tenant {name}", limits, now)
             )
         self._tenants = fresh
+        self._scopes = {}
 
     async def acquire(
         self, principal: Principal, tokens: int, request_id: str, hold_s: float
@@ -115,18 +121,12 @@ class RateLimits:
 
     def admit(self, principal: Principal, tokens: int) -> Lease:
         """Take one request and `tokens` from every limit of the caller, or raise 429."""
-        scopes = [
-            s
-            for s in (self._tenants.get(principal.tenant), self._keys.get(principal.key_id))
-            if s is not None
-        ]
+        scopes = self._scopes.get((principal.tenant, principal.key_id))
+        if scopes is None:
+            scopes = self._scopes_of(principal)
         now = self._clock()
         for scope in scopes:
-            for bucket in (scope.requests, scope.tokens):
-                if bucket is not None:
-                    bucket.refill(now)
-        for scope in scopes:
-            _check(scope, tokens)
+            _check(scope, tokens, now)
         for scope in scopes:
             if scope.requests is not None:
                 scope.requests.level -= 1
@@ -134,6 +134,13 @@ class RateLimits:
                 scope.tokens.level -= tokens
             scope.in_flight += 1
         return Lease(scopes, tokens)
+
+    def _scopes_of(self, principal: Principal) -> tuple[Scope, ...]:
+        found = (self._tenants.get(principal.tenant), self._keys.get(principal.key_id))
+        scopes = tuple(s for s in found if s is not None)
+        if len(self._scopes) < _MAX_CACHED:
+            self._scopes[(principal.tenant, principal.key_id)] = scopes
+        return scopes
 
     def done(self, lease: Lease, used_tokens: int | None) -> None:
         """The request ended having used `used_tokens` (None: unknown, keep the reservation)."""
@@ -160,7 +167,11 @@ def _scope(name: str, limits: LimitsConfig, now: float) -> Scope:
     return scope
 
 
-def _check(scope: Scope, tokens: int) -> None:
+def _check(scope: Scope, tokens: int, now: float) -> None:
+    """Refill the scope's buckets to `now`; raise 429 if the request does not fit."""
+    for bucket in (scope.requests, scope.tokens):
+        if bucket is not None:
+            bucket.refill(now)
     limits = scope.limits
     if limits.concurrent is not None and scope.in_flight >= limits.concurrent:
         raise RateLimitedError(
