@@ -71,14 +71,13 @@ class PointState:
     heartbeat_ms: int | None = None  # a registered point's last heartbeat (the store's clock)
     answer_s: LatencyWindow = field(default_factory=LatencyWindow)  # whole answers
     first_token_s: LatencyWindow = field(default_factory=LatencyWindow)  # streams
+    # The config's, copied: read several times a request, where a property costs a call.
+    name: str = field(init=False)
+    jurisdiction: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def jurisdiction(self) -> str:
-        return self.config.jurisdiction
+    def __post_init__(self) -> None:
+        self.name = self.config.name
+        self.jurisdiction = self.config.jurisdiction
 
     def price(self, model: str) -> Price:
         return self.prices.get(model, self.default_price)
