@@ -24,6 +24,8 @@ from grifo.http.upstream import UpstreamResponse
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
+        # Its loop, kept: Python 3.11's get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[UpstreamResponse] | None = None
@@ -99,7 +101,7 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self._transport is not None
         self._got_bytes = False
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self._transport.write(payload)
         return self._head
 
@@ -200,7 +202,7 @@ class ConnectionPool:
     ) -> UpstreamResponse:
         head = conn.send(payload)
         # A timer on the future itself: asyncio.wait_for would create a Task per request.
-        timer = asyncio.get_running_loop().call_later(head_timeout_s, _expire, head)
+        timer = conn.loop.call_later(head_timeout_s, _expire, head)
         try:
             return await head
         except TimeoutError:
