@@ -5,15 +5,19 @@ kernel for the real thread; the decisions alone are tested with a fake setter an
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from grifo.store import background
 from grifo.store.background import Background, may_leave_idle
+from grifo.store.host_lock import HostLock
 from grifo.store.ledger import RecordWriter
 from grifo.store.records import LedgerEntry
+from grifo.store.sqlite import SqliteLedger
 from tests.support.clock import Clock
 
 
@@ -189,3 +193,30 @@ def test_may_leave_idle_agrees_with_the_kernel() -> None:
     thread.start()
     thread.join()
     assert result == [may_leave_idle()]
+
+
+def test_a_batch_goes_in_pieces_within_the_callers_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row of a batch of several pieces is written, the CPU is yielded between pieces,
+    and a piece that fails takes the pieces before it back with it (one transaction)."""
+    yields: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    db = SqliteLedger(tmp_path / "grifo.db")
+    rows = [entry(n) for n in range(3 * background.PIECE_ROWS + 5)]
+    db.write_entries(rows)
+    assert len(yields) == 3
+    conn = sqlite3.connect(tmp_path / "grifo.db")
+    assert conn.execute("SELECT count(*), count(DISTINCT request_id) FROM ledger").fetchone() == (
+        len(rows),
+        len(rows),
+    )
+    conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    twice = [(n,) for n in range(2 * background.PIECE_ROWS)] + [(0,)]  # the last piece fails
+    lock = HostLock(tmp_path / "grifo.db")
+    with pytest.raises(sqlite3.IntegrityError), lock.transaction(conn):
+        background.executemany(conn, "INSERT INTO t VALUES (?)", twice)
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
+    db.close()
+    lock.close()
+    conn.close()

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 from grifo.audit.record import AuditRow, CheckpointRow
+from grifo.store import background
 from grifo.store.host_lock import HostLock
 
 # A migration step of both databases (see their _MIGRATIONS): never edit it once shipped.
@@ -69,7 +70,7 @@ class AuditTables:
         if isinstance(self._conn, sqlite3.Connection):
             assert self._lock is not None, "SQLite's tables are opened with their lock"
             with self._lock.transaction(self._conn):
-                self._conn.executemany(sql, rows)
+                background.executemany(self._conn, sql, rows)
             return
         conn: Any = self._conn
         with conn.transaction(), conn.cursor() as cursor:

@@ -17,6 +17,11 @@ writers at normal priority: going in and out of the background every second unde
 their queues swing, and RSS rose by up to 30 MiB). A quarter of a batch was too little: at c=1
 a writer in the background takes longer over its commits, and crossed it.
 
+At normal priority a batch is inserted in pieces of `PIECE_ROWS`, and the writer yields the CPU
+between them (`executemany`): a saturated event loop then waits for a piece (~0.2 ms), not for
+a whole batch of 800 rows or more (a few ms, up to the scheduler's time slice), which had been
+most of the p99 at c=64 (bench/README.md, "Writer threads at c=64").
+
 Linux lets a thread leave `SCHED_IDLE` only with `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (most
 containers have neither). Where it could not come back, a writer never enters it: it stays at
 normal priority, as without this module.
@@ -27,13 +32,25 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("grifo.ledger")
 
 _CAP_SYS_NICE = 23
+PIECE_ROWS = 64
+
+
+def executemany(conn: sqlite3.Connection, sql: str, rows: Sequence[Any]) -> None:
+    """`conn.executemany(sql, rows)` in pieces of `PIECE_ROWS`, yielding the CPU to any other
+    thread that wants it between pieces (in one transaction: the caller's)."""
+    for start in range(0, len(rows), PIECE_ROWS):
+        if start:
+            os.sched_yield()
+        conn.executemany(sql, rows[start : start + PIECE_ROWS])
 
 
 def may_leave_idle() -> bool:

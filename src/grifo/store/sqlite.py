@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from grifo.store import background
 from grifo.store.audit_sql import AUDIT_SCHEMA, KEYS_EXPIRY_SCHEMA, AuditTables
 from grifo.store.host_lock import HostLock
 from grifo.store.records import TOTAL_COLUMNS, LedgerEntry, StoredKey, StoredOutcome
@@ -128,7 +129,8 @@ class SqliteLedger:
     def write_entries(self, entries: list[LedgerEntry]) -> None:
         """One transaction; an entry already present (same request id) is left as it is."""
         with self._lock.transaction(self._conn):
-            self._conn.executemany(
+            background.executemany(
+                self._conn,
                 "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 entries,
             )
