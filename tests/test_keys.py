@@ -123,3 +123,30 @@ def test_a_key_made_with_an_expiry_stops_working(tmp_path: Path) -> None:
     with pytest.raises(AuthenticationError, match="expired"):
         ring.authenticate(b"Bearer grf-a-past")
     assert ring.authenticate(b"Bearer grf-b-future").key_id == "b"
+
+
+def test_a_key_checked_before_is_checked_again_after_the_keys_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ring remembers headers it has checked; a revoked key (the ring replaced without it)
+    and an expiry passed since are refused all the same."""
+    key, other = generate_key(), generate_key()
+    header = f"Bearer {key}".encode()
+    ring = KeyRing()
+    ring.add(hash_key(key), Principal("acme", "k1", None, expires_ms=2_000_000_000_000))
+    ring.add(hash_key(other), Principal("acme", "k2", None))
+    assert ring.authenticate(header).key_id == "k1"
+    assert ring.authenticate(bytes(header)).key_id == "k1"  # remembered
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # past k1's expiry
+    with pytest.raises(AuthenticationError) as expired:
+        ring.authenticate(header)
+    assert expired.value.code == "expired_api_key"
+    monkeypatch.undo()
+    revoked = KeyRing()
+    revoked.add(hash_key(other), Principal("acme", "k2", None))
+    ring.replace(revoked)
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        ring.authenticate(header)
+    assert ring.authenticate(f"Bearer {other}".encode()).key_id == "k2"
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        ring.authenticate(header)  # a refusal is not remembered as a success either

@@ -60,17 +60,25 @@ class TokenSource(Protocol):
     def principal(self, token: bytes) -> Principal: ...
 
 
+_MAX_SEEN = 4096  # Authorization headers remembered; past that, new ones are hashed each time
+
+
 class KeyRing:
     def __init__(self) -> None:
         self._by_digest: dict[bytes, Principal] = {}
+        # Authorization headers already checked, to their principal: no hashing on the next
+        # request with the same key. Emptied whenever the keys change.
+        self._seen: dict[bytes, Principal] = {}
         self.tokens: TokenSource | None = None  # OIDC/JWT bearer tokens, when configured
 
     def add(self, sha256_hex: str, principal: Principal) -> None:
         self._by_digest[bytes.fromhex(sha256_hex)] = principal
+        self._seen = {}
 
     def replace(self, other: KeyRing) -> None:
         """Take `other`'s keys, all at once (a refresh from the shared store)."""
         self._by_digest = dict(other._by_digest)
+        self._seen = {}
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -87,6 +95,11 @@ class KeyRing:
         """The principal for an `Authorization: Bearer <key>` header, or AuthenticationError."""
         if not authorization:
             raise AuthenticationError("missing API key: send it as 'Authorization: Bearer <key>'")
+        principal = self._seen.get(authorization)
+        if principal is not None:
+            if principal.expires_ms is not None and time.time() * 1000 >= principal.expires_ms:
+                raise AuthenticationError("this API key has expired", code="expired_api_key")
+            return principal
         scheme, _, key = authorization.partition(b" ")
         key = key.strip()
         if self.tokens is not None and key.startswith(b"eyJ") and scheme.lower() == b"bearer":
@@ -99,4 +112,6 @@ class KeyRing:
             raise AuthenticationError("invalid API key")
         if principal.expires_ms is not None and time.time() * 1000 >= principal.expires_ms:
             raise AuthenticationError("this API key has expired", code="expired_api_key")
+        if len(self._seen) < _MAX_SEEN:
+            self._seen[authorization] = principal
         return principal
