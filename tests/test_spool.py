@@ -53,10 +53,13 @@ def test_a_full_segment_rotates_and_an_oversized_entry_gets_its_own(tmp_path: Pa
     assert closed[2] is not None
     big = Row(3, "y" * 500)
     assert spool.append(big) is not None
+    huge = Row(4, "z" * 100_000)  # past the line buffer the spool keeps
+    spool.append(huge)
+    spool.append(Row(5, "w"))
     spool.close()
     rows = [row for path in segments(tmp_path, "t") for row in read_segment(path, Row)]
-    assert [row.n for row in rows] == [0, 1, 2, 3]
-    assert rows[3] == big
+    assert [row.n for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[3:] == [big, huge, Row(5, "w")]
 
 
 def test_a_line_cut_short_is_skipped(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import msgspec
 R = TypeVar("R")
 log = logging.getLogger("grifo.spool")
 _encoder = msgspec.json.Encoder()
+_KEPT_LINE_BYTES = 64 * 1024
 SEGMENT_BYTES = 1024 * 1024  # mapped pages count in the RSS: a small segment keeps that small
 
 
@@ -61,6 +62,7 @@ class Spool(Generic[R]):
         self._count = 0
         self._opened = 0.0
         self._lock = threading.Lock()
+        self._line = bytearray(512)
         self._closed = False
         self.segment = self._open(segment_bytes)
 
@@ -84,8 +86,10 @@ class Spool(Generic[R]):
 
     def append(self, entry: R) -> Path | None:
         """Append `entry`, or raise with nothing written (a full disk, at rotation)."""
-        line = _encoder.encode(entry) + b"\n"
         with self._lock:
+            line = self._line
+            _encoder.encode_into(entry, line)  # into a buffer kept for it: no bytes made
+            line.append(0x0A)  # \n
             if self._closed:
                 raise RuntimeError("append to a closed spool")
             closed = None
@@ -95,6 +99,8 @@ class Spool(Generic[R]):
             end = self._used + len(line)
             self._map[self._used : end] = line
             self._used = end
+            if len(line) > _KEPT_LINE_BYTES:  # a rare large record: don't hold its memory
+                self._line = bytearray(512)
             self._count += 1
             due = self._count >= self._rotate_entries or (
                 time.monotonic() - self._opened >= self._rotate_s
