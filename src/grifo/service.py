@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from grifo.admission.budgets import Budgets, prompt_bound
@@ -132,9 +132,11 @@ class Gateway:
             end_with(span, response)
         return response
 
-    async def _admit(
+    def _admit(
         self, request: Request, request_id: str, received_ns: int
-    ) -> Response | StreamResponse:
+    ) -> Coroutine[Any, Any, Response | StreamResponse]:
+        """Who asks, for what: the rest of the request's way, to await (a plain call, so the
+        request's coroutines are one level shallower on each of their resumptions)."""
         principal = self.keys.authenticate(request.headers.get(b"authorization"))
         if principal.role in ("auditor", "admin"):
             raise PermissionDeniedError(
@@ -152,7 +154,20 @@ class Gateway:
             )
         raw_key = request.headers.get(IDEMPOTENCY_HEADER)
         if raw_key is None or self.idempotency is None:
-            return await self._infer(request, request_id, received_ns, principal, body)
+            return self._infer(request, request_id, received_ns, principal, body)
+        return self._once(request, request_id, received_ns, principal, body, raw_key)
+
+    async def _once(
+        self,
+        request: Request,
+        request_id: str,
+        received_ns: int,
+        principal: Principal,
+        body: wire.InferenceRequest,
+        raw_key: bytes,
+    ) -> Response | StreamResponse:
+        """A request with an idempotency key: answered once, replayed after."""
+        assert self.idempotency is not None
         print_ = fingerprint(request.path, wire.encode(body))
         claim = self.idempotency.claim(principal.tenant, raw_key, print_, request_id)
         if isinstance(claim, Response):

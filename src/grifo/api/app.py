@@ -10,6 +10,7 @@ import itertools
 import logging
 import math
 import uuid
+from collections.abc import Awaitable
 from importlib import resources
 
 from grifo.api.admin import PREFIXES as ADMIN_PREFIXES
@@ -35,6 +36,10 @@ _ids = itertools.count(1)
 def new_request_id() -> str:
     """Unique across processes (random per-process prefix) without a syscall per request."""
     return f"{_ID_PREFIX}{next(_ids):012x}"
+
+
+async def _ready(response: Response) -> Response:
+    return response
 
 
 _INFERENCE = frozenset(
@@ -74,28 +79,30 @@ class GatewayApp:
             log.info("%s %s %d", request.method, request.path, response.status)
         return response
 
-    async def _route(self, request: Request, request_id: str) -> Response | StreamResponse:
+    def _route(self, request: Request, request_id: str) -> Awaitable[Response | StreamResponse]:
+        """The handler's answer, to await (a plain call: an inference request's coroutines
+        are one level shallower on each of their resumptions)."""
         path = request.path
         if path in _INFERENCE:
             if request.method != "POST":
                 raise MethodNotAllowedError(f"{path} accepts POST only")
-            return await self.gateway.infer(request, request_id)
+            return self.gateway.infer(request, request_id)
         if path in _GET:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
             if path == "/metrics" and self.gateway.peers is not None:
-                return await self._merged_metrics()
-            return self._get(request)
+                return self._merged_metrics()
+            return _ready(self._get(request))
         if is_asset(path):
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowedError(f"{path} accepts GET only")
-            return asset(path)
+            return _ready(asset(path))
         if (path in ADMIN_ROUTES or path.startswith(ADMIN_PREFIXES)) and self.admin is not None:
-            return await self.admin.handle(request)  # it checks the method of each route
+            return self.admin.handle(request)  # it checks the method of each route
         if self.registry is not None and (
             path == REGISTRY_PREFIX or path.startswith(REGISTRY_PREFIX + "/")
         ):
-            return await self.registry.handle(request)  # join tokens, not API keys
+            return self.registry.handle(request)  # join tokens, not API keys
         raise NotFoundError(f"no route {request.method} {path}")
 
     def _get(self, request: Request) -> Response:
