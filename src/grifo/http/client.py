@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 import httptools
 
@@ -170,7 +171,7 @@ class ConnectionPool:
         self._server_hostname = (server_hostname or host) if tls is not None else None
         self._all: set[_Connection] = set()
 
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
@@ -178,33 +179,35 @@ class ConnectionPool:
         headers: Headers | None = None,
         body: bytes = b"",
         head_timeout_s: float = 60.0,
-    ) -> UpstreamResponse:
-        """Send a request and wait for the response head.
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
+        """Send a request and wait for the response head: the exchange, to await (a plain
+        call, so the caller's coroutines are one level shallower as they wait).
 
         Raises PointUnavailableError when the point cannot be reached or drops the connection
         before its first byte (nothing was answered: another point may be tried), and
         PointTimeoutError when the head does not arrive within `head_timeout_s`.
         """
         payload = self._encode(method, path, headers or [], body)
-        conn = self._idle.pop() if self._idle else None
-        if conn is not None:
-            try:
-                return await self._exchange(conn, payload, head_timeout_s)
-            except PointUnavailableError:
-                if conn._got_bytes:
-                    raise
-                # The point closed an idle connection as we reused it: one fresh try.
+        if self._idle:
+            return self._exchange(self._idle.pop(), payload, head_timeout_s, reused=True)
+        return self._connected(payload, head_timeout_s)
+
+    async def _connected(self, payload: bytes, head_timeout_s: float) -> UpstreamResponse:
         conn = await self._connect()
         return await self._exchange(conn, payload, head_timeout_s)
 
     async def _exchange(
-        self, conn: _Connection, payload: bytes, head_timeout_s: float
+        self, conn: _Connection, payload: bytes, head_timeout_s: float, reused: bool = False
     ) -> UpstreamResponse:
         head = conn.send(payload)
         # A timer on the future itself: asyncio.wait_for would create a Task per request.
         timer = conn.loop.call_later(head_timeout_s, _expire, head)
         try:
             return await head
+        except PointUnavailableError:
+            if not reused or conn._got_bytes:
+                raise
+            # The point closed an idle connection as we reused it: one fresh try, below.
         except TimeoutError:
             conn.abort()
             raise PointTimeoutError(
@@ -215,6 +218,7 @@ class ConnectionPool:
             raise
         finally:
             timer.cancel()
+        return await self._connected(payload, head_timeout_s)
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
