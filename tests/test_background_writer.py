@@ -198,8 +198,9 @@ def test_may_leave_idle_agrees_with_the_kernel() -> None:
 def test_a_batch_goes_in_pieces_within_the_callers_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every row of a batch of several pieces is written, the CPU is yielded between pieces,
-    and a piece that fails takes the pieces before it back with it (one transaction)."""
+    """Every row of a batch of several pieces is written (whole pieces as one statement, the
+    rest a row at a time), the CPU is yielded between pieces, and a piece that fails takes the
+    pieces before it back with it (one transaction)."""
     yields: list[int] = []
     monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
     db = SqliteLedger(tmp_path / "grifo.db")
@@ -207,15 +208,16 @@ def test_a_batch_goes_in_pieces_within_the_callers_transaction(
     db.write_entries(rows)
     assert len(yields) == 3
     conn = sqlite3.connect(tmp_path / "grifo.db")
-    assert conn.execute("SELECT count(*), count(DISTINCT request_id) FROM ledger").fetchone() == (
-        len(rows),
-        len(rows),
-    )
+    assert conn.execute("SELECT * FROM ledger ORDER BY rowid").fetchall() == rows
+    more = [entry(n) for n in range(len(rows) - 3, len(rows) + background.PIECE_ROWS)]
+    db.write_entries(more)  # a whole piece, 3 rows of it already there: those are left alone
+    count = conn.execute("SELECT count(*) FROM ledger").fetchone()[0]
+    assert count == len(rows) + background.PIECE_ROWS
     conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
     twice = [(n,) for n in range(2 * background.PIECE_ROWS)] + [(0,)]  # the last piece fails
     lock = HostLock(tmp_path / "grifo.db")
     with pytest.raises(sqlite3.IntegrityError), lock.transaction(conn):
-        background.executemany(conn, "INSERT INTO t VALUES (?)", twice)
+        background.insert(conn, "INSERT INTO t", twice)
     assert conn.execute("SELECT count(*) FROM t").fetchone() == (0,)
     db.close()
     lock.close()

@@ -60,35 +60,30 @@ class AuditTables:
         self._conn = conn
         self._ph = ph
         self._lock = lock
-        self._ignore = "INSERT OR IGNORE" if ph == "?" else "INSERT"
-        self._conflict = "" if ph == "?" else " ON CONFLICT DO NOTHING"
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self._ph)
 
-    def _many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _insert(self, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """The rows into `table`, each one not already there (same key)."""
+        if not rows:
+            return
         if isinstance(self._conn, sqlite3.Connection):
             assert self._lock is not None, "SQLite's tables are opened with their lock"
             with self._lock.transaction(self._conn):
-                background.executemany(self._conn, sql, rows)
+                background.insert(self._conn, f"INSERT OR IGNORE INTO {table}", rows)
             return
         conn: Any = self._conn
+        values = ", ".join([self._ph] * len(rows[0]))
+        sql = f"INSERT INTO {table} VALUES ({values}) ON CONFLICT DO NOTHING"  # noqa: S608 (ours)
         with conn.transaction(), conn.cursor() as cursor:
             cursor.executemany(sql, rows)
 
     def write_records(self, rows: Sequence[AuditRow]) -> None:
-        self._many(
-            self._q(f"{self._ignore} INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-            + self._conflict,
-            rows,
-        )
+        self._insert("audit_records", rows)
 
     def write_checkpoints(self, rows: Sequence[CheckpointRow]) -> None:
-        self._many(
-            self._q(f"{self._ignore} INTO audit_checkpoints VALUES (?, ?, ?, ?, ?)")
-            + self._conflict,
-            rows,
-        )
+        self._insert("audit_checkpoints", rows)
 
     def prune(self, before_ms: int) -> int:
         """Drop the content of records older than `before_ms`, keeping their hashes (the chain

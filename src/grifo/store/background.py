@@ -18,7 +18,7 @@ their queues swing, and RSS rose by up to 30 MiB). A quarter of a batch was too 
 a writer in the background takes longer over its commits, and crossed it.
 
 At normal priority a batch is inserted in pieces of `PIECE_ROWS`, and the writer yields the CPU
-between them (`executemany`): a saturated event loop then waits for a piece (~0.2 ms), not for
+between them (`insert`): a saturated event loop then waits for a piece (~0.2 ms), not for
 a whole batch of 800 rows or more (a few ms, up to the scheduler's time slice), which had been
 most of the p99 at c=64 (bench/README.md, "Writer threads at c=64").
 
@@ -29,6 +29,7 @@ normal priority, as without this module.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
@@ -44,13 +45,23 @@ _CAP_SYS_NICE = 23
 PIECE_ROWS = 64
 
 
-def executemany(conn: sqlite3.Connection, sql: str, rows: Sequence[Any]) -> None:
-    """`conn.executemany(sql, rows)` in pieces of `PIECE_ROWS`, yielding the CPU to any other
-    thread that wants it between pieces (in one transaction: the caller's)."""
+def insert(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`head` (`INSERT ... INTO table`) for every row, in pieces of `PIECE_ROWS` rows, yielding
+    the CPU to any other thread that wants it between pieces (in one transaction: the caller's).
+    A whole piece is one statement of many rows: a third less CPU a row than a statement for
+    each (bench/README.md, "Writer threads at c=64")."""
+    if not rows:
+        return
+    one = "(" + ", ".join("?" * len(rows[0])) + ")"
+    piece_sql = f"{head} VALUES {', '.join([one] * PIECE_ROWS)}"
     for start in range(0, len(rows), PIECE_ROWS):
         if start:
             os.sched_yield()
-        conn.executemany(sql, rows[start : start + PIECE_ROWS])
+        piece = rows[start : start + PIECE_ROWS]
+        if len(piece) == PIECE_ROWS:
+            conn.execute(piece_sql, list(itertools.chain.from_iterable(piece)))
+        else:
+            conn.executemany(f"{head} VALUES {one}", piece)
 
 
 def may_leave_idle() -> bool:

@@ -129,11 +129,7 @@ class SqliteLedger:
     def write_entries(self, entries: list[LedgerEntry]) -> None:
         """One transaction; an entry already present (same request id) is left as it is."""
         with self._lock.transaction(self._conn):
-            background.executemany(
-                self._conn,
-                "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                entries,
-            )
+            background.insert(self._conn, "INSERT OR IGNORE INTO ledger", entries)
 
     def close(self) -> None:
         self._conn.close()
