@@ -74,10 +74,15 @@ class PointState:
     # The config's, copied: read several times a request, where a property costs a call.
     name: str = field(init=False)
     jurisdiction: str = field(init=False)
+    headers: tuple[tuple[bytes, bytes], ...] = field(init=False)  # x-grifo-point, -jurisdiction
 
     def __post_init__(self) -> None:
         self.name = self.config.name
         self.jurisdiction = self.config.jurisdiction
+        self.headers = (
+            (b"x-grifo-point", self.name.encode()),
+            (b"x-grifo-jurisdiction", self.jurisdiction.encode()),
+        )
 
     def price(self, model: str) -> Price:
         return self.prices.get(model, self.default_price)

@@ -73,8 +73,11 @@ class GatewayApp:
             log.exception("%s %s failed", request_id, request.path)
             error = GrifoError(f"internal error; quote request id {request_id}")
             response = Response(error.status, error.envelope())
-        if not any(name == b"x-request-id" for name, _ in response.headers):
-            response.headers.append((b"x-request-id", request_id.encode()))  # replays keep theirs
+        for name, _ in response.headers:
+            if name == b"x-request-id":  # a replay keeps its own
+                break
+        else:
+            response.headers.append((b"x-request-id", request_id.encode()))
         if log.isEnabledFor(logging.INFO):  # the access log: off at the default level
             log.info("%s %s %d", request.method, request.path, response.status)
         return response

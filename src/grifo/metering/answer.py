@@ -75,7 +75,9 @@ class Answering:
             usage = usage_of(payload) or Usage(0, 0)
             output_tokens = usage.completion_tokens
             ex.answer = payload
-            ex.point_receipt = response.headers.get(RECEIPT_HEADER, b"").decode("latin-1")
+            receipt = response.headers.get(RECEIPT_HEADER)
+            if receipt is not None:
+                ex.point_receipt = receipt.decode("latin-1")
             if ex.endpoint == AGENT_RUNS_PATH:
                 record_whole_run(payload, step_recorder(self.audit, self.metrics, ex, ex.point))
             cost = self.meter(ex, usage, "ok", "point")
@@ -294,11 +296,7 @@ class Answering:
 
 def _point_headers(point: PointState, cost: int) -> Headers:
     """Where it ran, and (last) what it cost."""
-    return [
-        (b"x-grifo-point", point.name.encode()),
-        (b"x-grifo-jurisdiction", point.jurisdiction.encode()),
-        (b"x-grifo-cost-micros", str(cost).encode()),
-    ]
+    return [*point.headers, (b"x-grifo-cost-micros", str(cost).encode())]
 
 
 def deadline_message(ex: Exchange) -> str:

@@ -170,6 +170,7 @@ class GatewayMetrics:
         # The series one answer updates, found once per label set (one lookup, not five).
         self._answered: dict[tuple[str, str, str, int], _Answered] = {}
         self._metered: dict[tuple[str, str, str, str, str], _Metered] = {}
+        self._placed: dict[str, CounterChild] = {}  # by reason: a handful
 
     def catch_up(self, counter: Counter, total: int) -> None:
         """Bring `counter` up to `total` (a running count kept by its owner)."""
@@ -250,7 +251,10 @@ class GatewayMetrics:
         return metered
 
     def placed(self, reason: str) -> None:
-        self.placements.labels(reason).inc()
+        child = self._placed.get(reason)
+        if child is None:
+            child = self._placed[reason] = self.placements.labels(reason)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
