@@ -799,6 +799,27 @@ def test_pool_forgets_idle_connections_the_server_closed(run: Runner) -> None:
     run(main())
 
 
+def test_a_request_never_awaited_takes_no_connection_from_the_pool(run: Runner) -> None:
+    """`request()` hands back the exchange to await; one dropped unawaited leaves the pool's
+    idle connection where it was, and the next request reuses it."""
+    app = App()
+
+    async def main() -> None:
+        async with serving(app) as (server, port):
+            pool = ConnectionPool("127.0.0.1", port)
+            try:
+                await (await pool.request("GET", "/one")).read()
+                pool.request("GET", "/never").close()
+                second = await pool.request("GET", "/two")
+                assert json.loads(await second.read())["path"] == "/two"
+                assert len(server.connections) == 1
+                assert [r.path for r in app.requests] == ["/one", "/two"]
+            finally:
+                await pool.close()
+
+    run(main())
+
+
 @contextlib.asynccontextmanager
 async def scripted(
     script: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],

@@ -188,37 +188,33 @@ class ConnectionPool:
         PointTimeoutError when the head does not arrive within `head_timeout_s`.
         """
         payload = self._encode(method, path, headers or [], body)
-        if self._idle:
-            return self._exchange(self._idle.pop(), payload, head_timeout_s, reused=True)
-        return self._connected(payload, head_timeout_s)
+        return self._exchange(payload, head_timeout_s)
 
-    async def _connected(self, payload: bytes, head_timeout_s: float) -> UpstreamResponse:
-        conn = await self._connect()
-        return await self._exchange(conn, payload, head_timeout_s)
-
-    async def _exchange(
-        self, conn: _Connection, payload: bytes, head_timeout_s: float, reused: bool = False
-    ) -> UpstreamResponse:
-        head = conn.send(payload)
-        # A timer on the future itself: asyncio.wait_for would create a Task per request.
-        timer = conn.loop.call_later(head_timeout_s, _expire, head)
-        try:
-            return await head
-        except PointUnavailableError:
-            if not reused or conn._got_bytes:
+    async def _exchange(self, payload: bytes, head_timeout_s: float) -> UpstreamResponse:
+        conn = self._idle.pop() if self._idle else None  # taken once the exchange runs
+        while True:
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            head = conn.send(payload)
+            # A timer on the future itself: asyncio.wait_for would create a Task per request.
+            timer = conn.loop.call_later(head_timeout_s, _expire, head)
+            try:
+                return await head
+            except PointUnavailableError:
+                if not reused or conn._got_bytes:
+                    raise
+                conn = None  # the point closed an idle connection as we reused it: one fresh try
+            except TimeoutError:
+                conn.abort()
+                raise PointTimeoutError(
+                    f"the point did not answer within {head_timeout_s:g} s"
+                ) from None
+            except asyncio.CancelledError:
+                conn.abort()
                 raise
-            # The point closed an idle connection as we reused it: one fresh try, below.
-        except TimeoutError:
-            conn.abort()
-            raise PointTimeoutError(
-                f"the point did not answer within {head_timeout_s:g} s"
-            ) from None
-        except asyncio.CancelledError:
-            conn.abort()
-            raise
-        finally:
-            timer.cancel()
-        return await self._connected(payload, head_timeout_s)
+            finally:
+                timer.cancel()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
