@@ -226,6 +226,25 @@ def test_pipelined_requests_are_answered_in_order(run: Runner) -> None:
     run(main())
 
 
+def test_more_pipelined_requests_than_are_held_pause_reading_and_all_are_answered(
+    run: Runner,
+) -> None:
+    """Past 16 waiting requests the server stops reading the connection; it reads on as they
+    are answered, and every one is answered in order."""
+    app = App()
+
+    async def main() -> None:
+        async with serving(app) as (_, port), raw(port) as conn:
+            await conn.send(get("/sleep?0.1") + b"".join(get(f"/n{i}") for i in range(40)))
+            answers = [await conn.response() for _ in range(41)]
+            await conn.send(get("/after"))  # reading was resumed for good
+            after = await conn.response()
+        assert [a.json()["path"] for a in answers] == ["/sleep", *(f"/n{i}" for i in range(40))]
+        assert after.json()["path"] == "/after"
+
+    run(main())
+
+
 def test_connection_close_is_honoured(run: Runner) -> None:
     async def main() -> None:
         async with serving(App()) as (_, port), raw(port) as conn:

@@ -72,6 +72,7 @@ class HttpProtocol(asyncio.Protocol):
         self._writable.set()
         self._closing = False
         self._in_message = False
+        self._paused = False  # reading paused: too many pipelined requests waiting
         self._unsent_head = b""  # a piped stream's head, until its first chunk takes it along
 
     # -- connection lifecycle -------------------------------------------------------------
@@ -142,7 +143,9 @@ class HttpProtocol(asyncio.Protocol):
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _Abort(HeadersTooLargeError("request headers are too large"))
         if len(self._headers) >= self._limits.max_headers:
             raise _Abort(HeadersTooLargeError("too many request headers"))
         key = name.lower()
@@ -186,17 +189,13 @@ class HttpProtocol(asyncio.Protocol):
         assert self._parser is not None
         url = self._url.decode("latin-1")
         path, _, query = url.partition("?")
-        request = Request(
-            method=self._parser.get_method().decode("ascii"),
-            path=path,
-            query=query,
-            headers=self._headers,
-            body=b"".join(self._body),
-            client=self._client,
-        )
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        method = self._parser.get_method().decode("ascii")
+        request = Request(method, path, query, self._headers, body, self._client)
         self._pending.append((request, self._parser.should_keep_alive()))
         if len(self._pending) > _MAX_PIPELINED and self._transport is not None:
             self._transport.pause_reading()
+            self._paused = True
         if self._task is None or self._task.done():
             self._disarm()
             self._task = self._loop.create_task(self._serve_pending())
@@ -252,8 +251,10 @@ class HttpProtocol(asyncio.Protocol):
             if not keep_alive:
                 self._close()
                 return
-            if self._transport is not None and len(self._pending) <= _MAX_PIPELINED:
-                self._transport.resume_reading()
+            if self._paused and len(self._pending) <= _MAX_PIPELINED:
+                self._paused = False
+                if self._transport is not None:
+                    self._transport.resume_reading()
         if self._closing:
             return
         if self._in_message:
