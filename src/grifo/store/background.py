@@ -17,10 +17,11 @@ writers at normal priority: going in and out of the background every second unde
 their queues swing, and RSS rose by up to 30 MiB). A quarter of a batch was too little: at c=1
 a writer in the background takes longer over its commits, and crossed it.
 
-At normal priority a batch is inserted in pieces of `PIECE_ROWS`, and the writer yields the CPU
-between them (`insert`): a saturated event loop then waits for a piece (~0.2 ms), not for
-a whole batch of 800 rows or more (a few ms, up to the scheduler's time slice), which had been
-most of the p99 at c=64 (bench/README.md, "Writer threads at c=64").
+A batch is inserted in pieces of `PIECE_ROWS`, and the writer yields the CPU between them
+(`insert`): at normal priority, a saturated event loop then waits for a piece (~0.1 ms), not
+for a whole batch of 800 rows or more (a few ms, up to the scheduler's time slice), which had
+been most of the p99 at c=64 (bench/README.md, "Writer threads at c=64"). In the background
+the yields cost nothing: no other thread is waiting.
 
 Linux lets a thread leave `SCHED_IDLE` only with `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 (most
 containers have neither). Where it could not come back, a writer never enters it: it stays at
