@@ -143,9 +143,7 @@ class HttpProtocol(asyncio.Protocol):
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._limits.max_header_bytes:
-            raise _Abort(HeadersTooLargeError("request headers are too large"))
+        self._count_header_bytes(len(name) + len(value) + 4)
         if len(self._headers) >= self._limits.max_headers:
             raise _Abort(HeadersTooLargeError("too many request headers"))
         key = name.lower()
@@ -189,8 +187,8 @@ class HttpProtocol(asyncio.Protocol):
         assert self._parser is not None
         url = self._url.decode("latin-1")
         path, _, query = url.partition("?")
-        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         method = self._parser.get_method().decode("ascii")
+        body = b"".join(self._body)  # a single piece comes back as it is
         request = Request(method, path, query, self._headers, body, self._client)
         self._pending.append((request, self._parser.should_keep_alive()))
         if len(self._pending) > _MAX_PIPELINED and self._transport is not None:
