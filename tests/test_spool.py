@@ -89,3 +89,64 @@ def test_a_full_disk_refuses_the_entry_whole_and_the_spool_recovers(
     spool.close()
     rows = [row.n for path in segments(tmp_path, "t") for row in read_segment(path, Row)]
     assert rows == [1, 2, 4]
+
+
+def test_a_tidied_spool_rotates_without_file_work_and_finishes_closed_segments_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool: Spool[Row] = Spool(tmp_path, "t", segment_bytes=4096)
+    spool.tidy()  # the writer's side: the next segment made ready
+    first = spool.segment
+
+    def no_file_work(*args: object) -> None:
+        raise AssertionError("file work in the appending thread")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_file_work)
+    monkeypatch.setattr(os, "ftruncate", no_file_work)
+    closed = None
+    n = written = 0
+    while closed is None:
+        row = Row(n, "x" * 100)
+        closed = spool.append(row)
+        if closed is None:
+            written += len(msgspec.json.encode(row)) + 1
+        n += 1
+    assert closed == first
+    assert first.stat().st_size == 4096  # still whole: the writer cuts it
+    monkeypatch.undo()
+    spool.tidy()
+    assert first.stat().st_size == written
+    assert [row.n for row in read_segment(first, Row)] == list(range(n - 1))
+    spool.close()
+    rows = [row.n for path in segments(tmp_path, "t") for row in read_segment(path, Row)]
+    assert rows == list(range(n))
+
+
+def test_segments_stay_in_order_and_a_closed_spool_leaves_no_spare(tmp_path: Path) -> None:
+    spool: Spool[Row] = Spool(tmp_path, "t", segment_bytes=256)
+    expected = []
+    for n in range(60):
+        # an entry larger than a segment now and then: a segment of its own, started while
+        # a spare waits (which would sort before it, so it is dropped)
+        row = Row(n, "y" * (600 if n % 17 == 5 else 20))
+        spool.append(row)
+        expected.append(row)
+        if n % 3 == 0:
+            spool.tidy()
+    spool.tidy()
+    spool.close()
+    found = segments(tmp_path, "t")
+    rows = [row for path in found for row in read_segment(path, Row)]
+    assert rows == expected
+    assert all(path.stat().st_size > 0 for path in found)  # no empty spare left behind
+
+
+def test_rotations_without_tidy_finish_closed_segments_themselves(tmp_path: Path) -> None:
+    spool: Spool[Row] = Spool(tmp_path, "t", segment_bytes=100)
+    for n in range(40):  # two rows a segment, no one tidying
+        spool.append(Row(n, "z" * 25))
+    cut = [path for path in segments(tmp_path, "t") if path.stat().st_size < 100]
+    assert len(cut) >= 8  # most closed segments are already cut to what they hold
+    spool.close()
+    rows = [row.n for path in segments(tmp_path, "t") for row in read_segment(path, Row)]
+    assert rows == list(range(40))

@@ -117,6 +117,7 @@ class RecordWriter(Generic[R]):
             pending = self._replay(pending)
             stop = False
             while not stop:
+                self._spool.tidy()  # a rotation's file work, off the appending thread
                 waiting = pending or dirty
                 batch, segment, stop = self._next_batch(self._retry_s if waiting else None)
                 if batch:
