@@ -24,8 +24,16 @@ timers still tick on wall time, a little more under valgrind's slowdown): the wa
 changes of a few percent here. Instructions are not time (cache misses, system calls' kernel
 work): confirm a change that counts fewer with the timed mode before calling it faster.
 
+With `--bytecodes` each tree's child counts, instead of timing, the bytecode instructions the
+interpreter runs per request on the event loop's thread (`sys.settrace` with opcode events,
+over `BYTECODE_BATCHES` batches after the warm-up), in all and per function: the same count in
+every run of the same tree, in seconds rather than valgrind's minutes, and it says which
+functions a change made shorter. Bytecodes are not time either (a call into C counts one), so
+a change is still confirmed in the timed mode.
+
 Usage: python bench/pipeline.py A [B] [--rounds 10] [--audit on|off] [--body-kb 0] [--stream]
        python bench/pipeline.py A [B] --instructions [--rounds 1]   (needs valgrind)
+       python bench/pipeline.py A [B] --bytecodes [--rounds 1]
        python bench/pipeline.py A --pieces   (what some stages cost alone, called in a loop)
 
 A and B as in `ab.py`: git revisions or directories holding `src/grifo` (B defaults to the
@@ -55,6 +63,7 @@ from overhead import start_mock
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, BATCHES, REPEATS = 64, 100, 9  # per measure: 6,400 requests; the median of 9 measures
 INSTRUCTION_BATCHES = 10  # under valgrind (~50x slower): 640 requests, then 1,280
+BYTECODE_BATCHES = 10  # traced: 640 requests
 
 
 def chat_body(kb: int) -> bytes:
@@ -117,10 +126,11 @@ def answering(over_http: Any, stream: bool) -> Any:
 
 
 async def child(
-    audit: str, pieces: bool, body_kb: int, stream: bool, batches: int = 0
-) -> dict[str, float]:
+    audit: str, pieces: bool, body_kb: int, stream: bool, batches: int = 0, bytecodes: bool = False
+) -> dict[str, Any]:
     """In a process running one tree: the pipeline's CPU per request (microseconds); with
-    `batches`, a short warm-up and that many batches once, for valgrind to count."""
+    `batches`, a short warm-up and that many batches once, for valgrind to count; with
+    `bytecodes`, the bytecodes per request (`counted`)."""
     import uvloop  # noqa: F401  (grifo's loop; imported as `grifo serve` does)
     from overhead import CONFIG, KEY
 
@@ -165,8 +175,10 @@ async def child(
     for _ in range(INSTRUCTION_BATCHES if batches else BATCHES // 2):
         await batch()
     serve._settle_heap()  # as `grifo serve` does once started
-    result: dict[str, float] = {}
-    if batches:
+    result: dict[str, Any] = {}
+    if bytecodes:
+        result = await counted(batch, BYTECODE_BATCHES)
+    elif batches:
         for _ in range(batches):
             await batch()
     elif pieces:
@@ -214,6 +226,35 @@ async def timed(batch: Callable[[], Awaitable[None]]) -> dict[str, float]:
         loop_us.append((time.thread_time() - thread) / requests * 1e6)
         all_us.append((time.process_time() - process) / requests * 1e6)
     return {"loop": statistics.median(loop_us), "all": statistics.median(all_us)}
+
+
+async def counted(batch: Callable[[], Awaitable[None]], batches: int) -> dict[str, Any]:
+    """Bytecodes run on this thread per request over `batches` batches: in all, and per
+    function ("path:line name", this tree's part of the path dropped)."""
+    by_code: dict[Any, int] = {}
+
+    def opcodes(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            by_code[frame.f_code] = by_code.get(frame.f_code, 0) + 1
+        return opcodes
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return opcodes
+
+    sys.settrace(calls)
+    try:
+        for _ in range(batches):
+            await batch()
+    finally:
+        sys.settrace(None)
+    requests = batches * BATCH
+    functions: dict[str, float] = {}
+    for code, count in by_code.items():
+        where = re.sub(r"^.*?/(src/grifo|bench|lib/python3[.\d]*)/", r"\1/", code.co_filename)
+        name = f"{where}:{code.co_firstlineno} {code.co_qualname}"
+        functions[name] = functions.get(name, 0) + count / requests
+    return {"bytecodes": sum(functions.values()), "functions": functions}
 
 
 def stage_costs(gateway: Any, raw: bytes) -> None:
@@ -277,8 +318,14 @@ def msgspec_encode(value: Any) -> bytes:
 
 
 def run_tree(
-    tree: Path, audit: str, seed: int, body_kb: int, stream: bool, instructions: bool = False
-) -> dict[str, float]:
+    tree: Path,
+    audit: str,
+    seed: int,
+    body_kb: int,
+    stream: bool,
+    instructions: bool = False,
+    bytecodes: bool = False,
+) -> dict[str, Any]:
     """One measure of `tree` in a new process; `seed` fixes its string hashing (dictionary
     layouts move timings by several percent between processes), the same for A and B.
     `instructions`: {"instructions": per request}, from two counted runs (module doc)."""
@@ -290,10 +337,11 @@ def run_tree(
     command = [
         *(sys.executable, __file__, "--child", "--audit", audit, "--body-kb", str(body_kb)),
         *(["--stream"] if stream else []),
+        *(["--bytecodes"] if bytecodes else []),
     ]
     if not instructions:
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         return result
     counts = []
     for batches in (INSTRUCTION_BATCHES, 2 * INSTRUCTION_BATCHES):
@@ -325,13 +373,18 @@ def main() -> None:
     parser.add_argument(
         "--instructions", action="store_true", help="count instructions under valgrind"
     )
+    parser.add_argument(
+        "--bytecodes", action="store_true", help="count bytecodes per request and function"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import uvloop
 
-        result = uvloop.run(child(args.audit, args.pieces, args.body_kb, args.stream, args.batches))
+        result = uvloop.run(
+            child(args.audit, args.pieces, args.body_kb, args.stream, args.batches, args.bytecodes)
+        )
         if not args.pieces and not args.batches:
             print(json.dumps(result))
         return
@@ -347,7 +400,7 @@ def main() -> None:
             pieces(trees["A"], args.audit, args.body_kb)
             return
         mock = start_mock()
-        results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+        results: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
         try:
             for round_ in range(args.rounds):
                 for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
@@ -358,6 +411,7 @@ def main() -> None:
                         args.body_kb,
                         args.stream,
                         args.instructions,
+                        args.bytecodes,
                     )
                     results[name].append(result)
         finally:
@@ -401,7 +455,7 @@ def pieces(tree: Path, audit: str, body_kb: int) -> None:
         mock.wait(timeout=10)
 
 
-def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
     pairs = list(zip(results["A"], results["B"], strict=True))
     b_name = "working tree" if args.b == str(ROOT) else args.b
     unit = "stream" if args.stream else "request"
@@ -413,6 +467,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]])
     print()
     if args.instructions:
         rows = [("instructions", "instructions, all threads", "k instructions")]
+    elif args.bytecodes:
+        rows = [("bytecodes", "bytecodes, event loop", "bytecodes")]
     else:
         rows = [("loop", "event loop", "us"), ("all", "all (with writer threads)", "us")]
     print(f"| measure | A {rows[0][2]}/{unit} | B {rows[0][2]}/{unit} | B/A |")
@@ -429,10 +485,24 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]])
         f"per round (A, B {rows[0][2]}): "
         + ", ".join(f"{a[key] * scale:.1f}/{b[key] * scale:.1f}" for a, b in pairs)
     )
+    if args.bytecodes:
+        functions(results["A"][0]["functions"], results["B"][0]["functions"])
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     name = out / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
     name.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+def functions(a: dict[str, float], b: dict[str, float], shown: int = 40) -> None:
+    """The functions that run the most bytecodes per request in either tree (first round),
+    side by side."""
+    names = sorted(set(a) | set(b), key=lambda n: -max(a.get(n, 0), b.get(n, 0)))[:shown]
+    print()
+    print("| function | A bytecodes/request | B | B - A |")
+    print("|---|---:|---:|---:|")
+    for name in names:
+        before, after = a.get(name, 0.0), b.get(name, 0.0)
+        print(f"| `{name}` | {before:.1f} | {after:.1f} | {after - before:+.1f} |")
 
 
 if __name__ == "__main__":
