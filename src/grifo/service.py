@@ -321,7 +321,8 @@ class Gateway:
         ours = ex.timeout_s < self.config.request_timeout_s  # the client's deadline, not the point
         run = isinstance(body, wire.AgentRunRequest)  # tools have effects: never run it twice
         hedge = ex.tier in self.config.dispatch.hedge_tiers and not run
-        plan = Plan(stream, ex.deadline, blame_timeouts=not ours, hedge=hedge, measured=not run)
+        # Positional: a class called with keywords builds a dict for them (~140 ns a call).
+        plan = Plan(stream, ex.deadline, not ours, hedge, not run)  # blame_timeouts, measured
         if ex.span is not None:
             plan.span = self._child(ex.span, "dispatch", {"grifo.hedged": hedge})
         try:
@@ -388,8 +389,6 @@ def _places(body: wire.InferenceRequest, candidates: list[Candidate]) -> set[str
 
 def _reason(candidates: int, tried: list[tuple[PointState, str]]) -> str:
     """Why the request's point: for `grifo_placement_decisions_total{reason}`."""
-    if any(outcome == "hedge-lost" for _, outcome in tried):
-        return "hedged"
     if tried:
-        return "retried"
+        return "hedged" if any(outcome == "hedge-lost" for _, outcome in tried) else "retried"
     return "only_compliant" if candidates == 1 else "best_score"

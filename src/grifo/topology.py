@@ -98,7 +98,8 @@ class PointState:
         """Requests at the point by the freshest count: this process's own in flight, or the
         point's last report less the requests that ended here since (a report is up to a
         poll interval old, and a finished request would keep counting till the next)."""
-        return max(self.point_in_flight - self.finished_since_poll, self.gateway_in_flight)
+        reported = self.point_in_flight - self.finished_since_poll  # not max(): usage._clamp
+        return reported if reported > self.gateway_in_flight else self.gateway_in_flight
 
     @property
     def queued(self) -> int:
@@ -107,8 +108,9 @@ class PointState:
         have started and ended). A point whose sequential engine had not yet picked up a
         request when polled reported it queued; till the next poll it would keep counting,
         and a session would move off a point that is idle."""
-        started_since = max(self.finished_since_poll - self.point_in_flight, 0)
-        return max(self.point_queued - started_since, 0)
+        started_since = self.finished_since_poll - self.point_in_flight
+        queued = self.point_queued - (started_since if started_since > 0 else 0)
+        return queued if queued > 0 else 0  # not max(): see metering/usage.py's _clamp
 
     def reported(self, queued: int, in_flight: int) -> None:
         """The point's own count of its queue and running requests, just read."""

@@ -71,7 +71,7 @@ class GradientLimit:
         self._short = sample_s if self._short is None else self._short * 0.9 + sample_s * 0.1
         self.sampled_at = time.monotonic()
         self._long = sample_s if self._long is None else self._long * (599 / 600) + sample_s / 600
-        if self._long / max(self._short, 1e-9) > 2:
+        if self._long > 2 * (self._short if self._short > 1e-9 else 1e-9):
             self._long *= 0.95  # the point got faster for good: let the baseline follow
         if in_flight < self.limit / 2:
             return  # not used enough to learn that more would be fine

@@ -65,10 +65,10 @@ class Plan:
     deadline: float  # monotonic seconds: the request's own
     blame_timeouts: bool = True  # False when the deadline is the client's, not the point's fault
     hedge: bool = False
-    span: Any = None  # the dispatch span, when tracing is on: each attempt is its child
     measured: bool = True
     """False when the time to commit is not the point's alone (an agent run's first step
     includes the model's whole step): no `try_timeout_s`, and no latency sample for hedging."""
+    span: Any = None  # the dispatch span, when tracing is on: each attempt is its child
 
 
 @dataclass(slots=True)

@@ -124,7 +124,7 @@ class Answering:
         else:
             await self.catch_up()  # the turn's answers go out together
         headers.append(self.overhead(ex, answered_ns))
-        return Response(response.status, payload, headers=headers)
+        return Response(response.status, payload, headers)
 
     def overhead(self, ex: Exchange, answered_ns: int) -> tuple[bytes, bytes]:
         """Time the gateway itself added: before dispatch, and after the point answered."""

@@ -25,7 +25,8 @@ def token_cost_micros(
     price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
 ) -> int:
     """`cached_tokens` of the prompt came from the engine's prefix cache (their own price)."""
-    cached = min(max(cached_tokens, 0), prompt_tokens)
+    cached = 0 if cached_tokens < 0 else cached_tokens  # not min/max: see usage._clamp
+    cached = cached if cached < prompt_tokens else prompt_tokens
     cached_rate = price.cached_input_micros_per_1m
     if cached_rate is None:
         cached_rate = price.input_micros_per_1m
@@ -38,7 +39,7 @@ def token_cost_micros(
 
 
 def hardware_cost_micros(usd_per_hour_micros: int, busy_ns: int) -> int:
-    return _ceil_div(usd_per_hour_micros * max(busy_ns, 0), _NS_PER_HOUR)
+    return _ceil_div(usd_per_hour_micros * busy_ns, _NS_PER_HOUR) if busy_ns > 0 else 0
 
 
 def cost_micros(

@@ -17,9 +17,10 @@ class BusyClock:
         self._shared_ns = 0.0  # S(t): fits a float exactly enough for centuries of nanoseconds
 
     def _advance(self, now_ns: int) -> None:
-        if self._n > 0 and now_ns > self._last_ns:
-            self._shared_ns += (now_ns - self._last_ns) / self._n
-        self._last_ns = max(self._last_ns, now_ns)
+        if now_ns > self._last_ns:
+            if self._n > 0:
+                self._shared_ns += (now_ns - self._last_ns) / self._n
+            self._last_ns = now_ns
 
     def enter(self, now_ns: int) -> float:
         """A request starts; returns the mark to give back to `leave`."""
@@ -30,7 +31,8 @@ class BusyClock:
     def leave(self, mark: float, now_ns: int) -> int:
         """A request ends; returns its share of the busy time, in ns."""
         self._advance(now_ns)
-        self._n = max(self._n - 1, 0)
+        if self._n > 0:
+            self._n -= 1
         return round(self._shared_ns - mark)
 
     @property
