@@ -37,7 +37,7 @@ def topology(n: int, rng: random.Random) -> list[PointState]:
         )
         point = build_point_state(config, "http://127.0.0.1:1")
         point.healthy = rng.random() > 0.1
-        point.queued = rng.randrange(5)
+        point.point_queued = rng.randrange(5)  # as its last load report said
         point.models = {"m": ModelCard("m", "chat", 2048)}
         points.append(point)
     return points
