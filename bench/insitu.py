@@ -9,7 +9,7 @@ warm-up, then the counters are zeroed (`callgrind_control -z`), `--requests` mor
 the counters dumped (`-d`): user-space instructions per request, all of the gateway's threads.
 Counts are not time (no cache misses, no kernel), but they hold still where this VM's
 timings drift: confirm a change that counts fewer under wrk (`ab.py`) before calling it faster.
-A round takes ~1 minute a tree (start-up under valgrind is most of it).
+A tree takes ~30 s a round (one run of two trees took 56 s; start-up under valgrind is most of it).
 
 Usage: python bench/insitu.py A [B] [--rounds 1] [--requests 800] [--connections 8]
                               [--audit on|off]
