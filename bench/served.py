@@ -130,7 +130,7 @@ def main() -> None:
             gpu = args.gpu_layers if args.gpu_layers == "all" else int(args.gpu_layers)
             engine = {"model": args.model, "threads": threads, "gpu_layers": gpu}
         engine |= {"parallel": max(widths), "embeddings": "none"}
-        point_json = {"name": "engine", "site": "bench", "region": "local"}
+        point_json: dict[str, object] = {"name": "engine", "site": "bench", "region": "local"}
         point_json |= {"jurisdiction": "PE", "tier": "edge", "engine": engine}
         point = subprocess.Popen(
             [
@@ -161,7 +161,7 @@ def main() -> None:
                     for name, port in (("point", POINT_PORT), ("gateway", GATEWAY_PORT)):
                         runs[name].append(wave(port, model, n, args.tokens, False))
                         ttft[name].append(wave(port, model, n, args.tokens, True)[1])
-                row = {"concurrency": n}
+                row: dict[str, float] = {"concurrency": n}
                 for name in runs:
                     row[f"{name}_tokens_s"] = statistics.median(r[0] for r in runs[name])
                     row[f"{name}_ttft_ms"] = 1000 * statistics.median(ttft[name])
