@@ -10,9 +10,10 @@ import msgspec
 import pytest
 
 from grifo.config.model import EngineConfig
+from grifo.cpus import available_cpus
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.batching import BatchedLlamaGenerator
-from grifo.point.engines.threads import ThreadChoices, available_cpus, candidates, choose
+from grifo.point.engines.threads import ThreadChoices, candidates, choose
 from tests.support.tiny_gguf import write_tiny_gguf
 
 

@@ -17,6 +17,7 @@ from grifo.audit.cli import add_parser as add_audit_parser
 from grifo.audit.cli import run as run_audit
 from grifo.config.load import ConfigError, default_config, load_config
 from grifo.config.model import EngineConfig, GrifoConfig, PointConfig
+from grifo.cpus import available_cpus
 from grifo.errors import StoreUnavailableError
 from grifo.metering.cli import (
     add_budgets_parser,
@@ -66,6 +67,7 @@ def _count_or(word: str, least: int) -> Callable[[str], int | str]:
 
 
 _threads = _count_or("auto", 1)
+_workers = _count_or("auto", 1)
 _gpu_layers = _count_or("all", 0)
 
 
@@ -95,9 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="listen port (default 8080)")
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
-        help="gateway processes sharing the port (SO_REUSEPORT); default 1",
+        help="gateway processes sharing the port (SO_REUSEPORT): a number, or auto for one per "
+        "CPU this process may use (affinity and container CPU quota); default 1",
     )
     serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -266,8 +269,6 @@ def _serve(args: argparse.Namespace) -> int:
         config = load_config(args.config) if args.config else default_config()
     port = args.port if args.port is not None else config.gateway.port
     state_dir = resolve_state_dir(args.state_dir)
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
     try:
         if args.worker is not None:
             urls = msgspec.json.decode(args.point_urls or "{}", type=dict[str, str])
@@ -275,7 +276,8 @@ def _serve(args: argparse.Namespace) -> int:
                 serve_worker(config, state_dir, args.host, port, urls, args.parent_pid, args.worker)
             )
         else:
-            _run(serve(config, state_dir, args.host, port, args.workers))
+            workers = available_cpus() if args.workers == "auto" else args.workers
+            _run(serve(config, state_dir, args.host, port, workers))
     except KeyboardInterrupt:
         pass
     except (OSError, PointStartError) as exc:

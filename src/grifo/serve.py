@@ -281,9 +281,10 @@ async def _wait_ready(
         await asyncio.sleep(0.1)
 
 
-def banner(running: Running, host: str) -> str:
+def banner(running: Running, host: str, workers: int = 1) -> str:
     scheme = "https" if running.gateway.config.tls is not None else "http"
-    lines = [f"grifo gateway on {scheme}://{host}:{running.port}/v1"]
+    processes = f" ({workers} gateway processes)" if workers > 1 else ""
+    lines = [f"grifo gateway on {scheme}://{host}:{running.port}/v1{processes}"]
     for p in running.gateway.points:
         state = "ready" if p.healthy else f"DOWN ({p.reason})"
         lines.append(
@@ -311,7 +312,7 @@ async def serve(
         }
         extra = await start_workers(config, state_dir, host, running.port, urls, workers - 1)
         _settle_heap()
-        print(banner(running, host), flush=True)
+        print(banner(running, host, workers), flush=True)
         await _until(stop, None)
     finally:
         print("grifo: stopping", file=sys.stderr, flush=True)

@@ -10,10 +10,18 @@ from pathlib import Path
 
 
 def serve(
-    config: Path, state: Path, env: Mapping[str, str] | None = None, workers: int = 1
+    config: Path, state: Path, env: Mapping[str, str] | None = None, workers: int | str = 1
 ) -> tuple[subprocess.Popen[str], int]:
     """Start `grifo serve --port 0 [--workers N]` and return it with the port its banner
     names."""
+    proc, port, _ = serve_with_banner(config, state, env, workers)
+    return proc, port
+
+
+def serve_with_banner(
+    config: Path, state: Path, env: Mapping[str, str] | None = None, workers: int | str = 1
+) -> tuple[subprocess.Popen[str], int, str]:
+    """`serve`, and the banner's first line."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -35,6 +43,7 @@ def serve(
         env=None if env is None else dict(env),
     )
     assert proc.stdout is not None
-    match = re.search(r":(\d+)/v1", proc.stdout.readline())
+    line = proc.stdout.readline()
+    match = re.search(r":(\d+)/v1", line)
     assert match, "grifo serve did not start"
-    return proc, int(match.group(1))
+    return proc, int(match.group(1)), line

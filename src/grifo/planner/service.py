@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from grifo.config.model import EngineConfig, PointConfig
-from grifo.point.engines.threads import available_cpus
+from grifo.cpus import available_cpus
 
 CALIBRATION_VERSION = 1
 

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from grifo.cpus import available_cpus
 from grifo.errors import InvalidRequestError
 from grifo.point.engines.base import Generation, SamplingParams
 from grifo.point.engines.chat_template import ChatTemplate
 from grifo.point.engines.llama import ContextLengthError, StopHold, model_params
 from grifo.point.engines.sampling import Candidates, chain
 from grifo.point.engines.slots import beside, choose_slot, shared_prefix
-from grifo.point.engines.threads import StepTimer, ThreadChoices, available_cpus, pick_threads
+from grifo.point.engines.threads import StepTimer, ThreadChoices, pick_threads
 
 Kind = Literal["chat", "completion"]
 

@@ -25,14 +25,6 @@ MARGIN = 0.05
 take CPU that the gateway and other points on the host would use better."""
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity), not all the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def candidates(cpus: int) -> list[int]:
     """Thread counts worth trying on `cpus` CPUs: powers of two below it, and all of them."""
     counts = [1 << i for i in range(cpus.bit_length()) if 1 << i < cpus]
