@@ -21,6 +21,17 @@ def test_the_placement_benchmark_runs() -> None:
     assert module.measure(100, 50) > 0  # median microseconds of 50 decisions over 100 points
 
 
+def test_the_shape_benchmark_runs() -> None:
+    spec = importlib.util.spec_from_file_location("shape_bench", BENCH / "shape.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # Each side's CPU per request over two batches (its own asserts: every request finished).
+    assert module.uvloop.run(module.coroutines(2)) > 0
+    assert module.uvloop.run(module.callbacks(2)) > 0
+
+
 _IMPORT_ALL = """
 import importlib, sys
 failed = []
