@@ -8,25 +8,28 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_the_placement_benchmark_runs() -> None:
-    spec = importlib.util.spec_from_file_location("placement_bench", BENCH / "placement.py")
+def _load(name: str) -> ModuleType:
+    """A benchmark script as a module (its `main` not run)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", BENCH / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_placement_benchmark_runs() -> None:
+    module = _load("placement")
     assert module.measure(100, 50) > 0  # median microseconds of 50 decisions over 100 points
 
 
 def test_the_shape_benchmark_runs() -> None:
-    spec = importlib.util.spec_from_file_location("shape_bench", BENCH / "shape.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("shape")
     # Each side's CPU per request over two batches (its own asserts: every request finished).
     assert module.uvloop.run(module.coroutines(2)) > 0
     assert module.uvloop.run(module.callbacks(2)) > 0
