@@ -10,7 +10,12 @@ and last; gateway numbers are "added" over the mean of the two. LiteLLM is insta
 into bench/.litellm-venv (bounded; if it fails, the reason is printed in its row). Prints a markdown
 table and writes bench/results/compare-<time>.json.
 
+`--python-b PATH` adds both grifo rows again on another interpreter (a virtual environment
+holding grifo's dependencies; this checkout's code runs on it), as `grifo-B` and
+`grifo-audit-off-B`: two builds of Python side by side with the rest.
+
 Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx,grifo-http,grifo-audit-off]
+                               [--python-b PATH]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -299,12 +305,19 @@ class Gateway:
 
 
 def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
-    names = ("nginx", "grifo", "grifo-audit-off", "litellm")
-    mock, (n, g, ga, lt) = args.mock_port, (work / name for name in names)
+    mock, n, lt = args.mock_port, work / "nginx", work / "litellm"
     grifo_yaml = CONFIG.replace(f"port: {GATEWAY_PORT}", f"port: {args.grifo_port}")
     grifo_yaml = grifo_yaml.replace(f"127.0.0.1:{MOCK_PORT}", f"127.0.0.1:{mock}")
     unaudited = grifo_yaml.replace("gateway: {", "gateway: {audit: {enabled: false}, ")
     litellm_env = {"LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    interpreters: list[tuple[str, str, dict[str, str]]] = [(sys.executable, "", {})]
+    if args.python_b:  # this checkout's code on the other interpreter
+        interpreters.append((args.python_b, "-B", {"PYTHONPATH": str(ROOT.parent / "src")}))
+    grifos = [  # each row next to its twin on the other interpreter: measured minutes apart
+        (f"{base}{suffix}", python, {"GRIFO_BENCH_KEY": KEY, **env})
+        for base in ("grifo", "grifo-audit-off")
+        for python, suffix, env in interpreters
+    ]
     return [
         Gateway("nginx", args.nginx_port, "none", "/health", 30,
                 f"nginx -p {n} -c {n}/nginx.conf -e {n}/error.log",
@@ -313,12 +326,12 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
         Gateway("grifo-http", args.grifo_http_port, "none", "/health", 30,
                 f"{sys.executable} {ROOT / 'bare_proxy.py'} {args.grifo_http_port} {mock}",
                 whole_tree=False),
-        Gateway("grifo", args.grifo_port, KEY, "/readyz", 60,
-                f"{sys.executable} -m grifo serve --config {g}/bench.yaml --state-dir {g}/state",
-                {"bench.yaml": grifo_yaml}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
-        Gateway("grifo-audit-off", args.grifo_port, KEY, "/readyz", 60,
-                f"{sys.executable} -m grifo serve --config {ga}/bench.yaml --state-dir {ga}/state",
-                {"bench.yaml": unaudited}, {"GRIFO_BENCH_KEY": KEY}, whole_tree=False),
+        *(Gateway(name, args.grifo_port, KEY, "/readyz", 60,
+                  f"{python} -m grifo serve --config {work / name}/bench.yaml "
+                  f"--state-dir {work / name}/state",
+                  {"bench.yaml": unaudited if "audit-off" in name else grifo_yaml}, env,
+                  whole_tree=False)
+          for name, python, env in grifos),
         Gateway("litellm", args.litellm_port, MASTER_KEY, "/health/liveliness", 120,
                 f"{LITELLM_VENV}/bin/litellm --config {lt}/litellm.yaml --host 127.0.0.1 "
                 f"--port {args.litellm_port} --num_workers 1 --log_config {lt}/log.json",
@@ -423,6 +436,7 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated: nginx,grifo-http,grifo,grifo-audit-off,litellm"
     )
+    parser.add_argument("--python-b", help="also run both grifo rows on this interpreter")
     ports = (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903))
     for name, port in (*ports, ("grifo-http", 18904)):
         parser.add_argument(f"--{name}-port", type=int, default=port)
@@ -451,6 +465,10 @@ def main() -> None:
         stop(mock)
     load.append(os.getloadavg()[0])
     table = report(results, args.seconds, load)
+    if args.python_b:
+        table += f"\nA: {sys.executable} (Python {platform.python_version()}); B: {args.python_b}"
+        version = sh([args.python_b, "-c", "import platform; print(platform.python_version())"], 30)
+        table += f" (Python {version.stdout.strip() or 'unknown'})."
     print(table)
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
