@@ -27,12 +27,45 @@ import redis
 
 from grifo.security.keys import generate_key
 from tests.support.fabric import CHAT
+from tests.support.processes import serve
 from tests.support.stores import POSTGRES_URL, REDIS_URL
 
 LIMIT_MICROS = 100_000
 EACH_MICROS = 8 * 1000
 REQUESTS = 120
 LIMITED_PER_MIN = 20
+
+
+def _gateway_yaml(point_port: int, pg_schema: str, redis_prefix: str) -> str:
+    return f"""
+gateway:
+  health_interval_s: 0.2
+  store: {{postgres_url: "{POSTGRES_URL}", postgres_schema: {pg_schema},
+           redis_url: "{REDIS_URL}", redis_prefix: {redis_prefix}}}
+points:
+  - {{name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,
+     url: "http://127.0.0.1:{point_port}",
+     prices: {{default: {{input_usd_per_1m: 0, output_usd_per_1m: 1000}}}}}}
+tenants:
+  - {{name: acme, budget: {{usd: {LIMIT_MICROS / 1e6}, period: day, mode: strict}}}}
+  - {{name: other, budget: {{usd: 1000, period: month, mode: strict}}}}
+  - {{name: limited, limits: {{requests_per_min: {LIMITED_PER_MIN}}}}}
+keys:
+  - {{id: acme-1, tenant: acme, env: GRIFO_TEST_KEY}}
+  - {{id: other-1, tenant: other, env: GRIFO_TEST_OTHER_KEY}}
+  - {{id: limited-1, tenant: limited, env: GRIFO_TEST_LIMITED_KEY}}
+"""
+
+
+def _point(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+    """A point on the fake engine (it echoes the prompt's words as its tokens)."""
+    point_yaml = tmp_path / "point.yaml"
+    point_yaml.write_text(
+        "points:\n  - {name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,\n"
+        "     engine: {kind: fake, embeddings: fake, token_delay_ms: 3}}\n"
+    )
+    point, line = _start(["point", "--config", str(point_yaml), "--name", "p1", "--port", "0"], env)
+    return point, int(json.loads(line)["port"])
 
 
 def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
@@ -57,39 +90,12 @@ def replicas(
         "GRIFO_TEST_OTHER_KEY": other,
         "GRIFO_TEST_LIMITED_KEY": limited,
     }
-    point_yaml = tmp_path / "point.yaml"
-    point_yaml.write_text(
-        "points:\n  - {name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,\n"
-        "     engine: {kind: fake, embeddings: fake, token_delay_ms: 3}}\n"
-    )
     procs: list[subprocess.Popen[str]] = []
     try:
-        point, line = _start(
-            ["point", "--config", str(point_yaml), "--name", "p1", "--port", "0"], env
-        )
+        point, port = _point(tmp_path, env)
         procs.append(point)
-        port = json.loads(line)["port"]
         gateway_yaml = tmp_path / "gateway.yaml"
-        gateway_yaml.write_text(
-            f"""
-gateway:
-  health_interval_s: 0.2
-  store: {{postgres_url: "{POSTGRES_URL}", postgres_schema: {pg_schema},
-           redis_url: "{REDIS_URL}", redis_prefix: {redis_prefix}}}
-points:
-  - {{name: p1, site: lima, region: sa-west, jurisdiction: PE, tier: edge,
-     url: "http://127.0.0.1:{port}",
-     prices: {{default: {{input_usd_per_1m: 0, output_usd_per_1m: 1000}}}}}}
-tenants:
-  - {{name: acme, budget: {{usd: {LIMIT_MICROS / 1e6}, period: day, mode: strict}}}}
-  - {{name: other, budget: {{usd: 1000, period: month, mode: strict}}}}
-  - {{name: limited, limits: {{requests_per_min: {LIMITED_PER_MIN}}}}}
-keys:
-  - {{id: acme-1, tenant: acme, env: GRIFO_TEST_KEY}}
-  - {{id: other-1, tenant: other, env: GRIFO_TEST_OTHER_KEY}}
-  - {{id: limited-1, tenant: limited, env: GRIFO_TEST_LIMITED_KEY}}
-"""
-        )
+        gateway_yaml.write_text(_gateway_yaml(port, pg_schema, redis_prefix))
         ports = []
         for n in range(3):
             args = ["serve", "--config", str(gateway_yaml), "--port", "0"]
@@ -227,3 +233,63 @@ def test_three_gateways_share_one_budget_and_one_ledger(
     refilled = int((time.monotonic() - started) * LIMITED_PER_MIN / 60) + 1
     assert set(limited_statuses) <= {200, 429}
     assert LIMITED_PER_MIN <= limited_statuses.count(200) <= LIMITED_PER_MIN + refilled
+
+
+WORKER_REQUESTS = 61  # odd: two workers cannot have served the same number
+
+
+def test_workers_of_one_gateway_share_postgres_and_redis(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    """`serve --workers 2` on the shared stores, as a gateway pod given two CPUs runs with
+    `--workers auto`: each worker keeps its own audit log in PostgreSQL, and both write one
+    ledger and spend from one Redis budget."""
+    key = generate_key()
+    env = os.environ | {
+        "GRIFO_TEST_KEY": generate_key(),
+        "GRIFO_TEST_OTHER_KEY": key,
+        "GRIFO_TEST_LIMITED_KEY": generate_key(),
+    }
+    point, point_port = _point(tmp_path, env)
+    try:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(_gateway_yaml(point_port, pg_schema, redis_prefix))
+        gateway, port = serve(config, tmp_path / "state", env, workers=2)
+        try:
+            # A new connection each time: the kernel hands each to either worker.
+            results = [_chat(port, key) for _ in range(WORKER_REQUESTS)]
+        finally:
+            gateway.terminate()
+            assert gateway.wait(30) == 0, "the gateway did not stop cleanly"
+            if gateway.stdout is not None:
+                gateway.stdout.close()
+    finally:
+        point.terminate()
+        point.wait(30)
+        if point.stdout is not None:
+            point.stdout.close()
+    assert [status for status, _ in results] == [200] * WORKER_REQUESTS
+    served = {h["x-request-id"] for _, h in results}
+    billed = sum(int(h["x-grifo-cost-micros"]) for _, h in results)
+    assert billed == WORKER_REQUESTS * EACH_MICROS
+
+    # Stopped: every worker has committed its ledger rows and audit records.
+    with psycopg.connect(POSTGRES_URL) as conn:
+        rows = conn.execute(f"SELECT request_id, cost_micros FROM {pg_schema}.ledger").fetchall()
+        logs = conn.execute(
+            f"SELECT log, count(*), max(seq) + 1 FROM {pg_schema}.audit_records GROUP BY log"
+        ).fetchall()
+    assert sorted(r for r, _ in rows) == sorted(served), "one entry per request, none twice"
+    assert sum(c for _, c in rows) == billed
+    assert len(logs) == 2, f"one audit log per worker: {logs}"
+    assert all(count == size > 0 for _, count, size in logs), "each log whole, from seq 0"
+    assert sum(count for _, count, _ in logs) == WORKER_REQUESTS
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        [counters_key] = list(client.scan_iter(f"{redis_prefix}:b:tenant:other:*"))
+        counters = {k.decode(): int(v) for k, v in client.hgetall(counters_key).items()}
+    finally:
+        client.close()
+    assert counters["sm"] == billed, "Redis's spending equals the ledger's"
+    assert (counters["rm"], counters["rt"]) == (0, 0), "every reservation settled"
