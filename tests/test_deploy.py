@@ -242,6 +242,9 @@ def test_gateway_runs_serve_with_the_asked_flags() -> None:
     assert container["args"][0] == "serve"
     args = _args(container)
     assert (str(args.config), args.port) == ("/etc/grifo/grifo.yaml", 8080)
+    # One process per CPU the pod may use (tests/test_replicas.py: workers on the shared stores).
+    assert args.workers == "auto"
+    assert container["resources"]["limits"]["cpu"] == "2"
     assert _gateway()["spec"]["replicas"] == 3
 
 
