@@ -41,6 +41,7 @@ from grifo.security.tenants import Directory
 from grifo.security.tls import client_context, server_context
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
+from grifo.store.owner import claim
 from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
@@ -303,6 +304,16 @@ async def serve(
     """Run until SIGINT/SIGTERM. With `workers` > 1, more gateway processes share the port
     (SO_REUSEPORT) and the SQLite state; the kernel spreads connections across them."""
     stop = _stop_on_signals()  # before anything is announced: a quick SIGTERM must stop us
+    owner = claim(state_dir)  # a second gateway on this directory stops here
+    try:
+        await _serve_owned(config, state_dir, host, port, workers, stop)
+    finally:
+        os.close(owner)
+
+
+async def _serve_owned(
+    config: GrifoConfig, state_dir: Path, host: str, port: int, workers: int, stop: asyncio.Event
+) -> None:
     running = await start(config, state_dir, host, port, reuse_port=workers > 1)
     extra: list[asyncio.subprocess.Process] = []
     try:
