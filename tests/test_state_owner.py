@@ -3,16 +3,21 @@ first one's spool or audit log, and says what to do instead."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from grifo.store.owner import StateDirInUseError, claim
+from grifo.store.owner import StateDirInUseError, claim, claim_worker
 from tests.support.fabric import topology_yaml
 from tests.support.processes import serve
 
@@ -61,3 +66,61 @@ def test_a_second_gateway_on_a_state_directory_refuses_to_start(tmp_path: Path) 
     assert again.wait(timeout=30) == 0
     if again.stdout is not None:
         again.stdout.close()
+
+
+def test_a_worker_waits_for_its_predecessor_to_let_go_of_its_log(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    held = asyncio.run(claim_worker(state, 1, wait_s=0))
+    try:
+        with pytest.raises(StateDirInUseError, match=rf"worker 1 .*\(pid {os.getpid()}\)"):
+            asyncio.run(claim_worker(state, 1, wait_s=0.3))
+        os.close(asyncio.run(claim_worker(state, 2, wait_s=0)))  # another worker's is free
+
+        async def wait_then_hold() -> tuple[int, float]:
+            fd = await claim_worker(state, 1, wait_s=10)
+            return fd, time.monotonic()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(asyncio.run, wait_then_hold())
+            time.sleep(0.5)
+            assert not waiting.done()
+            released = time.monotonic()
+            os.close(held)
+            fd, got = waiting.result(timeout=5)
+        os.close(fd)
+        assert got >= released
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
+
+
+def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) -> None:
+    """A worker of a gateway killed a moment ago still appends to its audit log: the next
+    gateway's worker of the same number starts once it has let go (here, a lock the test holds
+    in its place)."""
+    config = tmp_path / "grifo.yaml"
+    config.write_text(topology_yaml())
+    state = tmp_path / "state"
+    held = asyncio.run(claim_worker(state, 1, wait_s=0))
+    args = ["serve", "--config", str(config), "--port", "0", "--state-dir", str(state)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grifo", *args, "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 4.0)
+        assert not ready, "the gateway announced itself while worker 1's log was held"
+        os.close(held)
+        ready, _, _ = select.select([proc.stdout], [], [], 60.0)
+        assert ready, "the gateway did not start once the log was let go"
+        assert "(2 gateway processes)" in proc.stdout.readline()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -260,7 +260,7 @@ def _run(coro: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from grifo.serve import serve, serve_worker
+    from grifo.serve import WorkerStartError, serve, serve_worker
     from grifo.store.owner import StateDirInUseError
     from grifo.supervisor import PointStartError
 
@@ -281,7 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
             _run(serve(config, state_dir, args.host, port, workers))
     except KeyboardInterrupt:
         pass
-    except (OSError, PointStartError, StateDirInUseError) as exc:
+    except (OSError, PointStartError, StateDirInUseError, WorkerStartError) as exc:
         print(f"grifo: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0

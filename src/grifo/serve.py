@@ -41,7 +41,7 @@ from grifo.security.tenants import Directory
 from grifo.security.tls import client_context, server_context
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
-from grifo.store.owner import claim
+from grifo.store.owner import claim, claim_worker
 from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
@@ -341,15 +341,23 @@ async def serve_worker(
     worker: int,
 ) -> None:
     stop = _stop_on_signals()
-    running = await start(
-        config, state_dir, host, port, point_urls=point_urls, reuse_port=True, worker=worker
-    )
-    _settle_heap()
-    print("ready", flush=True)
+    own_log = await claim_worker(state_dir, worker)
     try:
-        await _until(stop, parent_pid)
+        running = await start(
+            config, state_dir, host, port, point_urls=point_urls, reuse_port=True, worker=worker
+        )
+        _settle_heap()
+        print("ready", flush=True)
+        try:
+            await _until(stop, parent_pid)
+        finally:
+            await running.stop()
     finally:
-        await running.stop()
+        os.close(own_log)
+
+
+class WorkerStartError(RuntimeError):
+    """A worker of `serve --workers` exited or said something else than "ready"."""
 
 
 async def start_workers(
@@ -387,7 +395,7 @@ async def start_workers(
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         if line.strip() != b"ready":
-            raise RuntimeError("a gateway worker did not start; see its stderr")
+            raise WorkerStartError("a gateway worker did not start; see its stderr")
     return started
 
 
