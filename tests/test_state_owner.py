@@ -124,3 +124,34 @@ def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) ->
         assert proc.wait(timeout=30) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_serve_waits_for_the_workers_of_a_gateway_killed_a_moment_ago(tmp_path: Path) -> None:
+    """Before it replays the spool, a gateway waits for the last one's workers to finish, even
+    one it will not start itself (here, worker 3 of a bigger gateway, held by the test)."""
+    config = tmp_path / "grifo.yaml"
+    config.write_text(topology_yaml())
+    state = tmp_path / "state"
+    held = asyncio.run(claim_worker(state, 3, wait_s=0))
+    args = ["serve", "--config", str(config), "--port", "0", "--state-dir", str(state)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grifo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 4.0)
+        assert not ready, "the gateway started while an earlier worker still ran"
+        os.close(held)
+        ready, _, _ = select.select([proc.stdout], [], [], 60.0)
+        assert ready, "the gateway did not start once the earlier worker let go"
+        assert "grifo gateway on http://127.0.0.1:" in proc.stdout.readline()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(held)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -41,7 +41,7 @@ from grifo.security.tenants import Directory
 from grifo.security.tls import client_context, server_context
 from grifo.service import Gateway
 from grifo.store.ledger import LedgerWriter
-from grifo.store.owner import claim, claim_worker
+from grifo.store.owner import claim, claim_worker, outlive_workers
 from grifo.store.select import StateStore, open_state, redis_url
 from grifo.store.spool import segments
 from grifo.store.sqlite import StateDB
@@ -306,6 +306,7 @@ async def serve(
     stop = _stop_on_signals()  # before anything is announced: a quick SIGTERM must stop us
     owner = claim(state_dir)  # a second gateway on this directory stops here
     try:
+        await outlive_workers(state_dir)  # of a gateway killed a moment ago
         await _serve_owned(config, state_dir, host, port, workers, stop)
     finally:
         os.close(owner)

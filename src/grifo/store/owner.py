@@ -10,7 +10,8 @@ before it touches anything. The kernel lets go of a lock when its process ends, 
 Its workers each append to a log of their own (`<gateway>/<instance>/<worker>`), and each holds a
 lock of its own too: a worker of a gateway that was killed outlives it for a moment (it notices
 within half a second, then lets its requests finish for up to 10 s), still appending to its log,
-so the same worker of the next gateway waits for it to let go.
+so the same worker of the next gateway waits for it to let go, and the next gateway waits for
+all of them before it replays the spool.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ async def claim_worker(state_dir: Path, worker: int, wait_s: float = WORKER_WAIT
             )
         await asyncio.sleep(0.1)
     return fd
+
+
+async def outlive_workers(state_dir: Path, wait_s: float = WORKER_WAIT_S) -> None:
+    """Wait for the workers of an earlier gateway on `state_dir` to finish: the spool they may
+    still write to is replayed at start, and their logs continued."""
+    for path in sorted(state_dir.glob("gateway-worker-*.lock")):
+        number = path.name.removeprefix("gateway-worker-").removesuffix(".lock")
+        if number.isdigit():
+            os.close(await claim_worker(state_dir, int(number), wait_s))
 
 
 def _lock(path: Path) -> int | None:
