@@ -134,7 +134,7 @@ async def child(
     import uvloop  # noqa: F401  (grifo's loop; imported as `grifo serve` does)
     from overhead import CONFIG, KEY
 
-    from grifo import serve
+    from grifo import lifecycle, serve
     from grifo.api.app import GatewayApp
     from grifo.config.load import load_config
     from grifo.http.message import Request, StreamResponse
@@ -174,7 +174,7 @@ async def child(
 
     for _ in range(INSTRUCTION_BATCHES if batches else BATCHES // 2):
         await batch()
-    serve._settle_heap()  # as `grifo serve` does once started
+    lifecycle._settle_heap()  # as `grifo serve` does once started
     result: dict[str, Any] = {}
     if bytecodes:
         result = await counted(batch, BYTECODE_BATCHES)

@@ -273,7 +273,7 @@ def test_report_files_are_written(tmp_path: Path) -> None:
 
 
 def test_the_gateway_never_imports_matplotlib() -> None:
-    code = "import sys, grifo.cli, grifo.serve; assert 'matplotlib' not in sys.modules"
+    code = "import sys, grifo.cli, grifo.lifecycle; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -23,16 +23,16 @@ async def _probe(path: str) -> None:
 
 
 def _install() -> None:
-    import grifo.serve
+    import grifo.lifecycle
 
-    settle = grifo.serve._settle_heap
+    settle = grifo.lifecycle._settle_heap
 
     def settle_and_probe() -> None:
         settle()
         assert PATH is not None
         asyncio.get_running_loop().create_task(_probe(PATH))
 
-    grifo.serve._settle_heap = settle_and_probe
+    grifo.lifecycle._settle_heap = settle_and_probe
 
 
 if PATH:

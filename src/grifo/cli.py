@@ -260,7 +260,7 @@ def _run(coro: object) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from grifo.serve import WorkerStartError, serve, serve_worker
+    from grifo.lifecycle import WorkerStartError, serve, serve_worker
     from grifo.store.owner import StateDirInUseError
     from grifo.supervisor import PointStartError
 
