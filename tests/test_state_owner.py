@@ -94,17 +94,17 @@ def test_a_worker_waits_for_its_predecessor_to_let_go_of_its_log(tmp_path: Path)
             os.close(held)
 
 
-def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) -> None:
-    """A worker of a gateway killed a moment ago still appends to its audit log: the next
-    gateway's worker of the same number starts once it has let go (here, a lock the test holds
-    in its place)."""
+def _banner_once_let_go(tmp_path: Path, held_worker: int, workers: int) -> str:
+    """Start `grifo serve --workers {workers}` while this test holds worker `held_worker`'s
+    lock, as an earlier gateway's worker would: the gateway must not announce itself until the
+    lock is let go, and must then. Its banner's first line."""
     config = tmp_path / "grifo.yaml"
     config.write_text(topology_yaml())
     state = tmp_path / "state"
-    held = asyncio.run(claim_worker(state, 1, wait_s=0))
+    held = asyncio.run(claim_worker(state, held_worker, wait_s=0))
     args = ["serve", "--config", str(config), "--port", "0", "--state-dir", str(state)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "grifo", *args, "--workers", "2"],
+        [sys.executable, "-m", "grifo", *args, "--workers", str(workers)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -112,11 +112,11 @@ def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) ->
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 4.0)
-        assert not ready, "the gateway announced itself while worker 1's log was held"
+        assert not ready, f"the gateway started while worker {held_worker}'s lock was held"
         os.close(held)
         ready, _, _ = select.select([proc.stdout], [], [], 60.0)
-        assert ready, "the gateway did not start once the log was let go"
-        assert "(2 gateway processes)" in proc.stdout.readline()
+        assert ready, "the gateway did not start once the lock was let go"
+        return proc.stdout.readline()
     finally:
         with contextlib.suppress(OSError):
             os.close(held)
@@ -124,34 +124,16 @@ def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) ->
         assert proc.wait(timeout=30) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_serve_waits_for_an_earlier_gateways_worker_to_finish(tmp_path: Path) -> None:
+    """A worker of a gateway killed a moment ago still appends to its audit log: the next
+    gateway's worker of the same number starts once it has let go."""
+    assert "(2 gateway processes)" in _banner_once_let_go(tmp_path, held_worker=1, workers=2)
 
 
 def test_serve_waits_for_the_workers_of_a_gateway_killed_a_moment_ago(tmp_path: Path) -> None:
     """Before it replays the spool, a gateway waits for the last one's workers to finish, even
-    one it will not start itself (here, worker 3 of a bigger gateway, held by the test)."""
-    config = tmp_path / "grifo.yaml"
-    config.write_text(topology_yaml())
-    state = tmp_path / "state"
-    held = asyncio.run(claim_worker(state, 3, wait_s=0))
-    args = ["serve", "--config", str(config), "--port", "0", "--state-dir", str(state)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "grifo", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 4.0)
-        assert not ready, "the gateway started while an earlier worker still ran"
-        os.close(held)
-        ready, _, _ = select.select([proc.stdout], [], [], 60.0)
-        assert ready, "the gateway did not start once the earlier worker let go"
-        assert "grifo gateway on http://127.0.0.1:" in proc.stdout.readline()
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(held)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        if proc.stdout is not None:
-            proc.stdout.close()
+    one it will not start itself (worker 3 of a bigger gateway)."""
+    banner = _banner_once_let_go(tmp_path, held_worker=3, workers=1)
+    assert "grifo gateway on http://127.0.0.1:" in banner
