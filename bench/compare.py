@@ -1,20 +1,22 @@
-"""Gateways side by side in one run: direct, nginx, grifo and LiteLLM proxy, same mock point;
-and grifo's HTTP layer alone (`bare_proxy.py`), the floor under grifo's row. grifo runs twice:
-as configured by default (the `overhead.py` pipeline: key, policy, placement, rate limit,
-ledger, metrics, audit log), and with the audit log off (`grifo-audit-off`: the pipeline the
-performance targets name, which lists no audit log).
+"""Gateways side by side in one run: direct, nginx, grifo, vllm-router (Rust) and LiteLLM
+proxy, same mock point; and grifo's HTTP layer alone (`bare_proxy.py`), the floor under grifo's
+row. grifo runs twice: as configured by default (the `overhead.py` pipeline: key, policy,
+placement, rate limit, ledger, metrics, audit log), and with the audit log off
+(`grifo-audit-off`: the pipeline the performance targets name, which lists no audit log).
 
 Each gateway runs alone on CPU 1 (`taskset`), started just before its tests and stopped after;
 wrk, the mock point and the streaming client share CPU 0. Direct (wrk -> mock) is measured first
-and last; gateway numbers are "added" over the mean of the two. LiteLLM is installed on first use
-into bench/.litellm-venv (bounded; if it fails, the reason is printed in its row). Prints a markdown
-table and writes bench/results/compare-<time>.json.
+and last; gateway numbers are "added" over the mean of the two. LiteLLM and vllm-router are
+installed on first use into bench/.litellm-venv and bench/.vllm-router-venv (bounded; if it
+fails, the reason is printed in the row). Prints a markdown table and writes
+bench/results/compare-<time>.json.
 
 `--python-b PATH` adds both grifo rows again on another interpreter (a virtual environment
 holding grifo's dependencies; this checkout's code runs on it), as `grifo-B` and
 `grifo-audit-off-B`: two builds of Python side by side with the rest.
 
-Usage: python bench/compare.py [--seconds 10] [--skip litellm,nginx,grifo-http,grifo-audit-off]
+Usage: python bench/compare.py [--seconds 10]
+                               [--skip litellm,vllm-router,vllm-router-cache-aware,nginx,...]
                                [--python-b PATH]
 """
 
@@ -46,6 +48,11 @@ from overhead import BODY, CONFIG, GATEWAY_PORT, KEY, LUA, MOCK_PORT, cpu_s
 ROOT = Path(__file__).resolve().parent
 LITELLM_VENV = ROOT / ".litellm-venv"
 LITELLM_PINS = ("litellm[proxy]==1.108.*", "litellm[proxy]")
+ROUTER_VENV = ROOT / ".vllm-router-venv"
+ROUTER_PINS = ("vllm-router==0.1.17", "vllm-router")  # the Rust router the targets name
+# Round-robin is the router at its cheapest (a plain pick, as grifo's one-point bench config
+# needs); cache-aware, its default, keeps a prefix tree of every request's text.
+ROUTER_POLICIES = (("vllm-router", "round_robin"), ("vllm-router-cache-aware", "cache_aware"))
 MASTER_KEY = "sk-bench-master"
 STREAMS = 32
 STREAM_BODY = json.dumps({**json.loads(BODY), "stream": True}).encode()
@@ -254,13 +261,14 @@ def measure(port: int, auth: str, pids: list[int], seconds: int, work: Path) -> 
     return result
 
 
-def ensure_litellm(timeout_s: float = 300) -> Result:
-    """Install litellm[proxy] into bench/.litellm-venv unless there; version and install time."""
-    py, t0, reasons = LITELLM_VENV / "bin" / "python", time.monotonic(), []
-    if not (LITELLM_VENV / "bin" / "litellm").exists():
+def ensure_venv(venv: Path, pins: tuple[str, ...], dist: str, timeout_s: float = 300) -> Result:
+    """Install the first of `pins` that pip can into `venv` unless `dist` is there already (a
+    gateway in its own virtual environment); its version and the install time."""
+    py, t0, reasons = venv / "bin" / "python", time.monotonic(), []
+    if not (venv / "bin" / dist).exists():
         try:
-            sh(["python3", "-m", "venv", str(LITELLM_VENV)], 60, check=True)
-            for spec in LITELLM_PINS:
+            sh(["python3", "-m", "venv", str(venv)], 60, check=True)
+            for spec in pins:
                 left = max(1.0, timeout_s - (time.monotonic() - t0))
                 done = sh([str(py), "-m", "pip", "install", "-q", spec], left)
                 if done.returncode == 0:
@@ -273,9 +281,9 @@ def ensure_litellm(timeout_s: float = 300) -> Result:
         except subprocess.CalledProcessError as exc:
             raise Skip(f"venv creation failed: {exc.stderr}") from exc
     installed_s = time.monotonic() - t0
-    version = sh([str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"], 60)
+    version = sh([str(py), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"], 60)
     if version.returncode != 0:
-        raise Skip(f"litellm not importable: {version.stderr.strip()[-200:]}")
+        raise Skip(f"{dist} not importable: {version.stderr.strip()[-200:]}")
     return {"version": version.stdout.strip(), "install_s": round(installed_s, 1)}
 
 
@@ -332,11 +340,17 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
                   {"bench.yaml": unaudited if "audit-off" in name else grifo_yaml}, env,
                   whole_tree=False)
           for name, python, env in grifos),
+        *(Gateway(name, args.vllm_router_port, "none", "/health", 60,
+                  f"{ROUTER_VENV}/bin/vllm-router --worker-urls http://127.0.0.1:{mock} "
+                  f"--host 127.0.0.1 --port {args.vllm_router_port} --log-level warning "
+                  f"--prometheus-port {args.vllm_router_metrics_port} --policy {policy}",
+                  prepare=lambda: ensure_venv(ROUTER_VENV, ROUTER_PINS, "vllm-router"))
+          for name, policy in ROUTER_POLICIES),
         Gateway("litellm", args.litellm_port, MASTER_KEY, "/health/liveliness", 120,
                 f"{LITELLM_VENV}/bin/litellm --config {lt}/litellm.yaml --host 127.0.0.1 "
                 f"--port {args.litellm_port} --num_workers 1 --log_config {lt}/log.json",
                 {"litellm.yaml": LITELLM_CONF.format(mock=mock), "log.json": LITELLM_LOG},
-                litellm_env, prepare=ensure_litellm),
+                litellm_env, prepare=lambda: ensure_venv(LITELLM_VENV, LITELLM_PINS, "litellm")),
     ]  # fmt: skip
 
 
@@ -434,11 +448,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="per test (default 10)")
     parser.add_argument(
-        "--skip", default="", help="comma-separated: nginx,grifo-http,grifo,grifo-audit-off,litellm"
+        "--skip",
+        default="",
+        help="comma-separated: nginx,grifo-http,grifo,grifo-audit-off,vllm-router,"
+        "vllm-router-cache-aware,litellm",
     )
     parser.add_argument("--python-b", help="also run both grifo rows on this interpreter")
     ports = (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903))
-    for name, port in (*ports, ("grifo-http", 18904)):
+    more = (("grifo-http", 18904), ("vllm-router", 18905), ("vllm-router-metrics", 18906))
+    for name, port in (*ports, *more):
         parser.add_argument(f"--{name}-port", type=int, default=port)
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "curl"):
