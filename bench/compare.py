@@ -454,9 +454,16 @@ def main() -> None:
         "vllm-router-cache-aware,litellm",
     )
     parser.add_argument("--python-b", help="also run both grifo rows on this interpreter")
-    ports = (("mock", 18901), ("grifo", 18900), ("nginx", 18902), ("litellm", 18903))
-    more = (("grifo-http", 18904), ("vllm-router", 18905), ("vllm-router-metrics", 18906))
-    for name, port in (*ports, *more):
+    ports = (
+        ("mock", 18901),
+        ("grifo", 18900),
+        ("nginx", 18902),
+        ("litellm", 18903),
+        ("grifo-http", 18904),
+        ("vllm-router", 18905),
+        ("vllm-router-metrics", 18906),
+    )
+    for name, port in ports:
         parser.add_argument(f"--{name}-port", type=int, default=port)
     args = parser.parse_args()
     for tool in ("wrk", "taskset", "curl"):
