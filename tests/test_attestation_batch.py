@@ -132,3 +132,36 @@ def test_one_request_at_a_time_is_signed_alone_and_leaves_nothing_counted(fabric
         )
     assert gateway.answers.attester.batches - before == 3
     assert gateway.answers.serving == 0
+
+
+def test_metrics_count_records_attestations_and_the_signatures_they_share(
+    fabric: Fabric,
+) -> None:
+    """`/metrics` says how many answers were attested and with how many signatures: as many as
+    the distinct signatures in the tokens the clients received."""
+    client = fabric.client("demo-eu")
+
+    def ask(i: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=CHAT, messages=[{"role": "user", "content": f"counted {i}"}]
+        )
+        return raw.headers["x-grifo-attestation"]
+
+    before = fabric.metrics()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        tokens = list(pool.map(ask, range(48)))
+    tokens += [ask(48), ask(49)]  # alone: a signature each
+    with pytest.raises(openai.NotFoundError):  # refused: a record, no attestation
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    after = fabric.metrics()
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert grew("grifo_attestations_total") == 50
+    assert grew("grifo_attestation_signatures_total") == len({t.split(".")[1] for t in tokens})
+    assert grew("grifo_audit_records_total") == 51
+    assert after['grifo_store_up{store="audit"}'] == 1
+    assert after["grifo_audit_spool_backlog_segments"] == 0

@@ -181,10 +181,36 @@ def test_requests_go_on_while_postgres_is_down(pg_schema: str, tmp_path: Path) -
             )
         assert refused.value.status_code == 503
         assert refused.value.code == "store_unavailable"
+        _wait(lambda: _stores_up(fabric) == (0, 0))  # the outage shows in /metrics
+        _wait(lambda: _backlogs(fabric)[1] >= 1)  # audit records wait in the spool
         relay.restore()
         ids = {r.headers["x-request-id"] for r in [first, *served]}
         _wait(lambda: {e.request_id for e in direct.ledger()} == ids)
+        _wait(lambda: _stores_up(fabric) == (1, 1) and _backlogs(fabric) == (0, 0))
+        appended = fabric.metrics()["grifo_audit_records_total"]
+        assert appended == 22  # 21 served, 1 refused
+        tables = direct.open_audit()
+        try:
+            stored = [row for log in tables.logs() for row in tables.records_from(log, 0)]
+        finally:
+            tables.close()
+        assert len(stored) == appended
     finally:
         fabric.close()
         relay.cut()
         direct.close()
+
+
+def _stores_up(fabric: Fabric) -> tuple[float, float]:
+    """`grifo_store_up` of the ledger and of the audit log."""
+    metrics = fabric.metrics()
+    return metrics['grifo_store_up{store="ledger"}'], metrics['grifo_store_up{store="audit"}']
+
+
+def _backlogs(fabric: Fabric) -> tuple[float, float]:
+    """Spool segments waiting for the database: the ledger's and the audit log's."""
+    metrics = fabric.metrics()
+    return (
+        metrics["grifo_ledger_spool_backlog_segments"],
+        metrics["grifo_audit_spool_backlog_segments"],
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from grifo.audit.record import AuditRecord, decode
 from grifo.config.load import parse_config
@@ -85,6 +86,17 @@ class Fabric:
         """Requests a point has processed, from the point's own load endpoint."""
         with urllib.request.urlopen(f"{self.point_url(name)}/load", timeout=5) as resp:
             return int(json.loads(resp.read())["completed"])
+
+    def metrics(self) -> dict[str, float]:
+        """The gateway's `/metrics` as `{'name{label="value",...}': value}`, labels sorted."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
 
     def quiet(self, timeout_s: float = 15.0) -> None:
         """Wait until no point is running or queueing a request, as this gateway last saw it

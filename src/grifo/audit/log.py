@@ -84,6 +84,7 @@ class AuditLog:
         self._range, prev = _head(open_tables, name)
         self._prev = bytes.fromhex(prev)
         self._checkpointed = self._range.size
+        self._started = self._range.size  # the log continues what earlier runs appended
         self._records: RecordWriter[AuditRow] = RecordWriter(
             lambda: RecordSink(open_tables()), spool_dir, AuditRow, "audit"
         )
@@ -188,8 +189,19 @@ class AuditLog:
         self._checkpointed = size
 
     @property
+    def appended(self) -> int:
+        """Records this process appended (for `/metrics`)."""
+        return self._range.size - self._started
+
+    @property
     def up(self) -> bool:
-        return self._records.up
+        """Whether the database took the last records and checkpoints written to it."""
+        return self._records.up and self._checkpoints.up
+
+    @property
+    def pending_segments(self) -> int:
+        """Spool segments holding records or checkpoints that wait for the database."""
+        return self._records.pending_segments + self._checkpoints.pending_segments
 
     def close(self) -> None:
         self.checkpoint()

@@ -156,7 +156,8 @@ class RecordWriter(Generic[R]):
         except Exception as exc:  # any database or network error: the spool keeps the entries
             if self.up:
                 log.warning(
-                    "ledger database unavailable (%s); entries wait in the spool",
+                    "database unavailable for %s entries (%s); they wait in the spool",
+                    self._spool.kind,
                     type(exc).__name__,
                 )
             self.up = False
@@ -169,7 +170,7 @@ class RecordWriter(Generic[R]):
                     log.debug("closing a broken ledger connection failed", exc_info=True)
             return False
         if not self.up:
-            log.warning("ledger database is back")
+            log.warning("database is back for %s entries", self._spool.kind)
         self.up = True
         self.written += len(entries)
         return True

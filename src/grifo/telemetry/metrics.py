@@ -139,14 +139,36 @@ class GatewayMetrics:
         )
         self.store_up = Gauge(
             "grifo_store_up",
-            "1 if the store answered its last use: `ledger` (the ledger database) or "
-            "`budgets` (where reservations are counted)",
+            "1 if the store answered its last use: `ledger` (the ledger database), `audit` "
+            "(the audit log's records and checkpoints) or `budgets` (where reservations are "
+            "counted)",
             ["store"],
             registry=r,
         )
         self.spool_backlog = Gauge(
             "grifo_ledger_spool_backlog_segments",
             "Spool segments holding ledger entries that wait for the database",
+            registry=r,
+        )
+        self.audit_spool_backlog = Gauge(
+            "grifo_audit_spool_backlog_segments",
+            "Spool segments holding audit records or checkpoints that wait for the database",
+            registry=r,
+        )
+        self.audit_records = Counter(
+            "grifo_audit_records",
+            "Audit records appended: one per request, and one per agent step",
+            registry=r,
+        )
+        self.attestations = Counter(
+            "grifo_attestations",
+            "Answers given a signed x-grifo-attestation (whole answers, and streams at their end)",
+            registry=r,
+        )
+        self.attestation_signatures = Counter(
+            "grifo_attestation_signatures",
+            "Ed25519 signatures made for attestations: the answers of one event-loop turn share "
+            "one (grifo_attestations_total over this is the answers per signature)",
             registry=r,
         )
         self.unchecked = Counter(

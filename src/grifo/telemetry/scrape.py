@@ -1,5 +1,5 @@
 """What `/metrics` shows of a gateway: its own counters plus the state read at scrape time
-(points up, stores up, spool backlog, budgets' burn)."""
+(points up, stores up, spool backlogs, the audit log's counts, budgets' burn)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def scrape(gateway: Gateway) -> bytes:
     metrics.store_up.labels("ledger").set(1 if gateway.ledger.up else 0)
     metrics.spool_backlog.set(gateway.ledger.pending_segments)
     metrics.catch_up(metrics.limits_unchecked, getattr(gateway.limits, "unchecked", 0))
+    if gateway.audit is not None:
+        metrics.store_up.labels("audit").set(1 if gateway.audit.up else 0)
+        metrics.audit_spool_backlog.set(gateway.audit.pending_segments)
+        metrics.catch_up(metrics.audit_records, gateway.audit.appended)
+    attester = gateway.answers.attester
+    if attester is not None:
+        metrics.catch_up(metrics.attestations, attester.signed)
+        metrics.catch_up(metrics.attestation_signatures, attester.batches)
     burns: list[Burn] = []
     if gateway.budgets is not None:
         metrics.store_up.labels("budgets").set(1 if gateway.budgets.store_up else 0)
