@@ -16,14 +16,18 @@ from tests.support.processes import serve
 REQUESTS = 101  # odd: the two workers cannot have served the same number
 
 
-def _served(port: int) -> float:
+def _counts(port: int) -> tuple[float, float, float]:
+    """Chat requests answered, audit records and attestations, as one scrape reports them."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    return sum(
-        float(m.group(1))
-        for m in re.finditer(
-            r'^grifo_requests_total\{endpoint="/v1/chat/completions".*\} (\S+)$', text, re.M
-        )
+
+    def total(series: str) -> float:
+        return sum(float(m.group(1)) for m in re.finditer(rf"^{series} (\S+)$", text, re.M))
+
+    return (
+        total(r'grifo_requests_total\{endpoint="/v1/chat/completions".*\}'),
+        total("grifo_audit_records_total"),
+        total("grifo_attestations_total"),
     )
 
 
@@ -43,8 +47,8 @@ def test_two_workers_share_the_port_and_the_ledger(tmp_path: Path) -> None:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 assert resp.status == 200
         # Whichever worker the kernel hands a scrape to, it reports both workers' counts.
-        seen = {_served(port) for _ in range(20)}
-        assert seen == {REQUESTS}
+        seen = {_counts(port) for _ in range(20)}
+        assert seen == {(REQUESTS, REQUESTS, REQUESTS)}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
