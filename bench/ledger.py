@@ -65,7 +65,7 @@ def baseline_rate(sink: LedgerSink, batch: list[LedgerEntry]) -> float:
 def paced_cpu_us(db: StateDB, spool: Path, rate: int, seconds: float, wait_s: float) -> float:
     """The writer thread's CPU microseconds per entry, entries arriving at `rate` per second."""
     writer = RecordWriter(db.open_ledger, spool, LedgerEntry, "ledger", max_wait_s=wait_s)
-    stat = Path(f"/proc/self/task/{writer._thread.native_id}/stat")
+    stat = Path(f"/proc/self/task/{writer._worker.native_id}/stat")
     ticks = os.sysconf("SC_CLK_TCK")
 
     def cpu_s() -> float:

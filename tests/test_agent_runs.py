@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -298,7 +299,9 @@ def test_chats_opening_with_one_long_prompt_follow_its_point(fabric: Fabric) -> 
     assert chat(grid, "load?") == "lima-edge"
 
 
-def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit() -> None:
+def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit(
+    tmp_path: Path,
+) -> None:
     """A point's limit learns from time per output token; an agent run's time includes its
     tool calls, so it must not count (a chat's does)."""
     import asyncio
@@ -309,13 +312,18 @@ def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit(
     from grifo.exchange import Exchange
     from grifo.metering.answer import Answering
     from grifo.security.keys import Principal
+    from grifo.store.ledger import LedgerWriter
+    from grifo.store.sqlite import StateDB
     from grifo.telemetry.metrics import GatewayMetrics
+
+    ledger = LedgerWriter(StateDB(tmp_path / "grifo.db").open_ledger, tmp_path / "spool")
 
     def learned(endpoint: str) -> float | None:
         point = _point("a", {})
         point.healthy = True
         admission = Admission(AdmissionConfig(initial_limit=8), [point])
-        answering = Answering(GatewayConfig(), None, GatewayMetrics(), None, None, None, admission)  # type: ignore[arg-type]
+        metrics = GatewayMetrics()
+        answering = Answering(GatewayConfig(), ledger, metrics, None, None, None, admission)
 
         async def go() -> None:
             for _ in range(30):
@@ -327,8 +335,11 @@ def test_a_runs_time_with_its_tools_does_not_teach_the_points_concurrency_limit(
         asyncio.run(go())
         return admission.limits["a"].recent_s
 
-    assert learned(PATH) is None  # 2 s for 10 tokens: tool time, not the point's speed
-    assert learned("/v1/chat/completions") is not None
+    try:
+        assert learned(PATH) is None  # 2 s for 10 tokens: tool time, not the point's speed
+        assert learned("/v1/chat/completions") is not None
+    finally:
+        ledger.close()
 
 
 def test_every_step_event_is_recorded_whatever_its_text_says() -> None:

@@ -43,7 +43,7 @@ class BlockedSink:
 
 
 def policy(writer: RecordWriter[LedgerEntry]) -> int:
-    thread_id = writer._thread.native_id
+    thread_id = writer._worker.native_id
     assert thread_id is not None
     return os.sched_getscheduler(thread_id)
 

@@ -36,6 +36,7 @@ from grifo.errors import (
     PermissionDeniedError,
     PointTimeoutError,
     UpstreamError,
+    caused_by,
 )
 from grifo.exchange import Exchange
 from grifo.guardrails import policy as guardrails
@@ -331,7 +332,8 @@ class Gateway:
             )
         except PointTimeoutError:
             if ours and time.monotonic() >= ex.deadline - 0.001:
-                raise DeadlineExceededError(deadline_message(ex)) from None
+                late = DeadlineExceededError(deadline_message(ex))
+                raise caused_by(late, None)  # noqa: B904 (see caused_by)
             raise
         finally:
             if plan.span is not None:

@@ -17,7 +17,12 @@ from typing import Any, cast
 
 import httptools
 
-from grifo.errors import PointProtocolError, PointTimeoutError, PointUnavailableError
+from grifo.errors import (
+    PointProtocolError,
+    PointTimeoutError,
+    PointUnavailableError,
+    caused_by,
+)
 from grifo.http.message import Headers
 from grifo.http.upstream import UpstreamResponse
 
@@ -207,9 +212,8 @@ class ConnectionPool:
                 conn = None  # the point closed an idle connection as we reused it: one fresh try
             except TimeoutError:
                 conn.abort()
-                raise PointTimeoutError(
-                    f"the point did not answer within {head_timeout_s:g} s"
-                ) from None
+                late = PointTimeoutError(f"the point did not answer within {head_timeout_s:g} s")
+                raise caused_by(late, None)  # noqa: B904 (see caused_by)
             except asyncio.CancelledError:
                 conn.abort()
                 raise
@@ -230,13 +234,11 @@ class ConnectionPool:
                     server_hostname=self._server_hostname,
                 )
         except ssl.SSLError as exc:
-            raise PointUnavailableError(
-                f"TLS with the point at {self.host}:{self.port} failed: {exc.reason}"
-            ) from exc
+            message = f"TLS with the point at {self.host}:{self.port} failed: {exc.reason}"
+            raise caused_by(PointUnavailableError(message), exc)  # noqa: B904 (see caused_by)
         except (OSError, TimeoutError) as exc:
-            raise PointUnavailableError(
-                f"cannot connect to the point at {self.host}:{self.port}"
-            ) from exc
+            message = f"cannot connect to the point at {self.host}:{self.port}"
+            raise caused_by(PointUnavailableError(message), exc)  # noqa: B904 (see caused_by)
         self._all.add(conn)
         return conn
 

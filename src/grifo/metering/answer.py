@@ -4,8 +4,7 @@ budget settlement, rate-limit correction, audit record, metrics) and add grifo's
 from __future__ import annotations
 
 import time
-import types
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable
 
 from grifo.admission.budgets import Budgets
 from grifo.admission.ratelimit import Limiter
@@ -22,6 +21,7 @@ from grifo.http.upstream import UpstreamResponse
 from grifo.metering.pricing import cost_micros
 from grifo.metering.relay import StreamRelay
 from grifo.metering.steps import record_whole_run, step_recorder
+from grifo.metering.turns import next_turn, now
 from grifo.metering.usage import Usage, usage_of, with_cost
 from grifo.store.ledger import LedgerWriter
 from grifo.store.records import Amount, LedgerEntry
@@ -33,19 +33,6 @@ from grifo.wire.requests import AGENT_RUNS_PATH
 # Endpoints whose time per output token is the point's own speed (an agent run's includes
 # its tools' time, an embedding has no output tokens).
 _LEARNS_FROM = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
-@types.coroutine
-def _next_turn() -> Generator[None, None, None]:
-    """Awaited, it lets the loop run one turn: `asyncio.sleep(0)` without `sleep`'s own
-    coroutine around it."""
-    yield
-
-
-@types.coroutine
-def _now() -> Generator[None, None, None]:
-    """Awaited, it finishes at once."""
-    yield from ()
 
 
 class Answering:
@@ -75,7 +62,7 @@ class Answering:
         request (bench/README.md: more req/s at load for one more loop turn of latency). A lone
         request has no one to wait for. To await (a plain call: one coroutine fewer a
         request's every resumption goes through)."""
-        return _next_turn() if self.serving > 1 else _now()
+        return next_turn() if self.serving > 1 else now()
 
     async def whole(self, ex: Exchange, answer: Answer) -> Response:
         assert ex.point is not None
@@ -138,66 +125,11 @@ class Answering:
         assert ex.point is not None
         answered_ns = time.monotonic_ns()
         point = ex.point
-
-        def point_outcome(ok: bool) -> None:
-            if ok:
-                point.succeeded()
-            else:
-                point.failed(time.monotonic(), self.config.ejection)
-
-        def meter(usage: Usage, status: str, source: str) -> int:
-            ex.point_receipt = relay.point_receipt  # the point sends it before its usage
-            ex.first_token_ns = relay.first_output_ns or 0
-            return self.meter(ex, usage, status, source)
-
-        async def attestation() -> str | None:
-            """The stream's attestation, signed with the other answers of its loop turn."""
-            if ex.claims is None or self.attester is None:
-                return None
-            ex.attestation = await self.attester.attest(ex.claims)
-            return ex.attestation
-
-        relay = StreamRelay(response, include_usage, meter, point_outcome, attestation)
+        ending = _StreamEnding(self, ex, response, include_usage)
+        relay = ending.relay
         relay.prompt_tokens = relay.prompt_tokens or ex.prompt_estimate
         if ex.endpoint == AGENT_RUNS_PATH:
             relay.on_step = step_recorder(self.audit, self.metrics, ex, point)
-        done_early = False
-
-        def at_done() -> None:
-            """Off the point's in-flight count at `[DONE]` (a client may send its next request
-            as soon as it reads it); its connection is in use until the stream closes."""
-            nonlocal done_early
-            done_early = True
-            point.left()
-            point.closing_streams += 1
-
-        relay.on_end = at_done
-
-        async def on_close(completed: bool) -> None:
-            ex.cancel_deadline()
-            relay.detach()  # `meter` above refers to the relay: no cycle left behind
-            if done_early:
-                point.closing_streams -= 1
-            else:
-                point.left()
-            if relay.cost is None:  # the usage event never came: bill what was produced
-                # A client may close as soon as it reads `[DONE]`, before the point's end.
-                status = "ok" if completed or relay.ended else "client_closed"
-                status = "point_failed" if relay.broken else status
-                status = "deadline_exceeded" if ex.deadline_hit else status
-                ex.first_token_ns = relay.first_output_ns or 0
-                # The stream is over: no one is left to hand an attestation to, so none is
-                # signed (its claims stay unused).
-                self.meter(ex, relay.usage_so_far(), status, "estimated")
-            latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
-            first = relay.first_event_ns
-            ttft_s = None if first is None else (first - ex.received_ns) / 1e9
-            code = 200 if completed else 499
-            produced = relay.usage_so_far().completion_tokens
-            self.metrics.observe(
-                ex.endpoint, point.name, ex.model, code, (latency_s, ttft_s), produced
-            )
-
         head_cost = cost_micros(point.price(ex.model), 0, relay.prompt_tokens, 0, 0)
         headers = _point_headers(point, head_cost)
         if ex.endpoint == AGENT_RUNS_PATH:  # a run's cost is known at its end only: usage event
@@ -205,7 +137,7 @@ class Answering:
         _request_headers(ex, headers)
         headers.append(self.overhead(ex, answered_ns))
         return StreamResponse(
-            200, relay.body(), headers=headers, on_close=on_close, pipe=relay.pipe
+            200, relay.body(), headers=headers, on_close=ending.on_close, pipe=relay.pipe
         )
 
     def meter(self, ex: Exchange, usage: Usage, status: str, source: str) -> int:
@@ -306,6 +238,82 @@ class Answering:
             self.budgets.release(ex.reservation)
         if ex.lease is not None and self.limits is not None:
             self.limits.done(ex.lease, 0)
+
+
+class _StreamEnding:
+    """A stream's callbacks: from its relay (the point's outcome, metering once, the
+    attestation, `[DONE]`) and from the client's connection (the stream closed).
+
+    Methods of an object rather than closures in `Answering.stream`: compiled with mypyc
+    (`make compiled`), closures and the environment they share refer to each other, and the
+    collector would have to free every stream's objects. The relay holds these methods and this
+    object holds the relay: `on_close` lets go of them (`StreamRelay.detach`)."""
+
+    def __init__(
+        self, answering: Answering, ex: Exchange, response: UpstreamResponse, include_usage: bool
+    ) -> None:
+        assert ex.point is not None
+        self.answering = answering
+        self.ex = ex
+        self.point = ex.point
+        self.done_early = False
+        self.relay = StreamRelay(
+            response, include_usage, self.meter, self.point_outcome, self.attestation
+        )
+        self.relay.on_end = self.at_done
+
+    def point_outcome(self, ok: bool) -> None:
+        if ok:
+            self.point.succeeded()
+        else:
+            self.point.failed(time.monotonic(), self.answering.config.ejection)
+
+    def meter(self, usage: Usage, status: str, source: str) -> int:
+        ex = self.ex
+        ex.point_receipt = self.relay.point_receipt  # the point sends it before its usage
+        ex.first_token_ns = self.relay.first_output_ns or 0
+        return self.answering.meter(ex, usage, status, source)
+
+    async def attestation(self) -> str | None:
+        """The stream's attestation, signed with the other answers of its loop turn."""
+        ex, attester = self.ex, self.answering.attester
+        if ex.claims is None or attester is None:
+            return None
+        ex.attestation = await attester.attest(ex.claims)
+        return ex.attestation
+
+    def at_done(self) -> None:
+        """Off the point's in-flight count at `[DONE]` (a client may send its next request
+        as soon as it reads it); its connection is in use until the stream closes."""
+        self.done_early = True
+        self.point.left()
+        self.point.closing_streams += 1
+
+    async def on_close(self, completed: bool) -> None:
+        ex, relay, point = self.ex, self.relay, self.point
+        ex.cancel_deadline()
+        relay.detach()
+        if self.done_early:
+            point.closing_streams -= 1
+        else:
+            point.left()
+        if relay.cost is None:  # the usage event never came: bill what was produced
+            # A client may close as soon as it reads `[DONE]`, before the point's end.
+            status = "ok" if completed or relay.ended else "client_closed"
+            status = "point_failed" if relay.broken else status
+            status = "deadline_exceeded" if ex.deadline_hit else status
+            ex.first_token_ns = relay.first_output_ns or 0
+            # The stream is over: no one is left to hand an attestation to, so none is
+            # signed (its claims stay unused).
+            self.answering.meter(ex, relay.usage_so_far(), status, "estimated")
+        latency_s = (time.monotonic_ns() - ex.received_ns) / 1e9
+        first = relay.first_event_ns
+        ttft_s = None if first is None else (first - ex.received_ns) / 1e9
+        code = 200 if completed else 499
+        produced = relay.usage_so_far().completion_tokens
+        self.answering.metrics.observe(
+            ex.endpoint, point.name, ex.model, code, (latency_s, ttft_s), produced
+        )
 
 
 def _point_headers(point: PointState, cost: int) -> Headers:

@@ -55,14 +55,16 @@ class StreamRelay:
         self.run_usage: Usage | None = None  # an agent run's tokens up to its last step
         self.on_step: Callable[[bytes], None] | None = None  # an agent run's step events
         self.ended = False  # the point's `[DONE]` passed: the client has had the whole answer
-        self.on_end: Callable[[], None] = lambda: None  # called once, when `[DONE]` passes
+        self.on_end: Callable[[], None] = _nothing  # called once, when `[DONE]` passes
 
     def detach(self) -> None:
-        """Let go of the metering callback once the stream is done: it is the answer's
-        closure, which refers back to this relay, and the cycle would leave the stream's
-        objects to the garbage collector (a pause of milliseconds under load) instead of
-        freeing them at once."""
+        """Let go of the answer's callbacks once the stream is done: their object holds this
+        relay, and the cycle would leave the stream's objects to the garbage collector (a
+        pause of milliseconds under load) instead of freeing them at once."""
         self._meter = _detached
+        self._point_outcome = _ignored
+        self._attestation = None
+        self.on_end = _nothing
 
     def usage_so_far(self) -> Usage:
         """The point's usage if it came; else an agent run's usage up to its last step; else
@@ -172,6 +174,14 @@ class StreamRelay:
 
 def _detached(usage: Usage, status: str, source: str) -> int:
     raise RuntimeError("a stream is metered once: its relay was detached")
+
+
+def _ignored(ok: bool) -> None:
+    """A detached relay's point outcome: nothing is relayed once the stream is done."""
+
+
+def _nothing() -> None:
+    return None
 
 
 class _Push:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from grifo.errors import InvalidRequestError, PermissionDeniedError
+from grifo.errors import InvalidRequestError, PermissionDeniedError, caused_by
 from grifo.jurisdictions import UnknownJurisdictionError, expand
 from grifo.security.keys import Principal
 
@@ -35,7 +35,8 @@ def allowed_set(
     try:
         narrowed = expand(codes, blocs)
     except UnknownJurisdictionError as exc:
-        raise InvalidRequestError(str(exc), param="x-grifo-allowed-jurisdictions") from None
+        error = InvalidRequestError(str(exc), param="x-grifo-allowed-jurisdictions")
+        raise caused_by(error, None)  # noqa: B904 (see caused_by)
     if tenant_allowed is None:
         return narrowed
     result = narrowed & tenant_allowed

@@ -93,8 +93,8 @@ class RecordWriter(Generic[R]):
         self.replayed = 0  # entries committed from spool segments rather than from the queue
         self.up = True
         self.pending_segments = 0
-        self._thread = threading.Thread(target=self._run, name="grifo-ledger", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="grifo-ledger", daemon=True)
+        self._worker.start()
 
     def record(self, entry: R) -> None:
         closed = self._spool.append(entry)
@@ -107,7 +107,7 @@ class RecordWriter(Generic[R]):
     def close(self, timeout_s: float = 10.0) -> None:
         self._queue.put(_Segment(self._spool.close()))
         self._queue.put(None)
-        self._thread.join(timeout_s)
+        self._worker.join(timeout_s)
 
     def _run(self) -> None:
         dirty = False  # an entry since the last segment marker did not reach the database
