@@ -13,11 +13,13 @@ bench/results/compare-<time>.json.
 
 `--python-b PATH` adds both grifo rows again on another interpreter (a virtual environment
 holding grifo's dependencies; this checkout's code runs on it), as `grifo-B` and
-`grifo-audit-off-B`: two builds of Python side by side with the rest.
+`grifo-audit-off-B`: two builds of Python side by side with the rest. `--compiled` adds them
+again on the request path compiled with mypyc (`make compiled` first), as `grifo-compiled` and
+`grifo-audit-off-compiled`.
 
 Usage: python bench/compare.py [--seconds 10]
                                [--skip litellm,vllm-router,vllm-router-cache-aware,nginx,...]
-                               [--python-b PATH]
+                               [--python-b PATH] [--compiled]
 """
 
 from __future__ import annotations
@@ -321,6 +323,8 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
     interpreters: list[tuple[str, str, dict[str, str]]] = [(sys.executable, "", {})]
     if args.python_b:  # this checkout's code on the other interpreter
         interpreters.append((args.python_b, "-B", {"PYTHONPATH": str(ROOT.parent / "src")}))
+    if args.compiled:  # this checkout's code, compiled by `make compiled`
+        interpreters.append((sys.executable, "-compiled", {"PYTHONPATH": str(COMPILED)}))
     grifos = [  # each row next to its twin on the other interpreter: measured minutes apart
         (f"{base}{suffix}", python, {"GRIFO_BENCH_KEY": KEY, **env})
         for base in ("grifo", "grifo-audit-off")
@@ -352,6 +356,24 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
                 {"litellm.yaml": LITELLM_CONF.format(mock=mock), "log.json": LITELLM_LOG},
                 litellm_env, prepare=lambda: ensure_venv(LITELLM_VENV, LITELLM_PINS, "litellm")),
     ]  # fmt: skip
+
+
+COMPILED = ROOT.parent / "build" / "compiled" / "src"  # `make compiled`
+
+
+def compiled_build_problem() -> str | None:
+    """Why the compiled build cannot stand for this checkout's code, if it cannot."""
+    built = COMPILED.parent / "mypyc.log"
+    if not built.is_file():
+        return f"no compiled build at {COMPILED}: run `make compiled` first"
+    changed = [
+        path
+        for path in (ROOT.parent / "src" / "grifo").rglob("*.py")
+        if path.stat().st_mtime > built.stat().st_mtime
+    ]
+    if changed:
+        return f"the compiled build is older than {changed[0]}: run `make compiled` again"
+    return None
 
 
 def run_gateway(gw: Gateway, seconds: int, work: Path) -> Result:
@@ -454,6 +476,9 @@ def main() -> None:
         "vllm-router-cache-aware,litellm",
     )
     parser.add_argument("--python-b", help="also run both grifo rows on this interpreter")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also run both grifo rows compiled (make compiled)"
+    )
     ports = (
         ("mock", 18901),
         ("grifo", 18900),
@@ -466,6 +491,8 @@ def main() -> None:
     for name, port in ports:
         parser.add_argument(f"--{name}-port", type=int, default=port)
     args = parser.parse_args()
+    if args.compiled and (problem := compiled_build_problem()):
+        sys.exit(problem)
     for tool in ("wrk", "taskset", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install {tool}")
