@@ -15,7 +15,7 @@ bench/results/compare-<time>.json.
 holding grifo's dependencies; this checkout's code runs on it), as `grifo-B` and
 `grifo-audit-off-B`: two builds of Python side by side with the rest. `--compiled` adds them
 again on the request path compiled with mypyc (`make compiled` first), as `grifo-compiled` and
-`grifo-audit-off-compiled`.
+`grifo-audit-off-compiled`; with `--python-b` too, also on that interpreter (`-B-compiled`).
 
 Usage: python bench/compare.py [--seconds 10]
                                [--skip litellm,vllm-router,vllm-router-cache-aware,nginx,...]
@@ -325,6 +325,8 @@ def gateways(args: argparse.Namespace, work: Path) -> list[Gateway]:
         interpreters.append((args.python_b, "-B", {"PYTHONPATH": str(ROOT.parent / "src")}))
     if args.compiled:  # this checkout's code, compiled by `make compiled`
         interpreters.append((sys.executable, "-compiled", {"PYTHONPATH": str(COMPILED)}))
+        if args.python_b:  # the same extension modules: one CPython ABI for all 3.11 builds
+            interpreters.append((args.python_b, "-B-compiled", {"PYTHONPATH": str(COMPILED)}))
     grifos = [  # each row next to its twin on the other interpreter: measured minutes apart
         (f"{base}{suffix}", python, {"GRIFO_BENCH_KEY": KEY, **env})
         for base in ("grifo", "grifo-audit-off")
