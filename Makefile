@@ -35,7 +35,8 @@ compiled: $(STAMP)
 	rm -rf $(COMPILED) && mkdir -p $(COMPILED)/src
 	cp -r src/grifo $(COMPILED)/src/
 	find $(COMPILED)/src -name __pycache__ -prune -exec rm -rf {} +
-	cd $(COMPILED)/src && $(CURDIR)/$(BIN)/mypyc $(COMPILED_MODULES) > ../mypyc.log 2>&1 \
+	cd $(COMPILED)/src && $(CURDIR)/$(BIN)/mypyc --config-file $(CURDIR)/pyproject.toml \
+	  $(COMPILED_MODULES) > ../mypyc.log 2>&1 \
 	  || (tail -40 ../mypyc.log; exit 1)
 
 # The suite again, against the compiled build: mypyc changes what some Python means (see

